@@ -1,0 +1,189 @@
+"""Recipes: typed configuration for training and export, loaded from YAML and validated key by key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe with an unknown key or a value of the wrong type; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    image_size: tuple[int, int] = (256, 256)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    weights: str | None = None  # a checkpoint file; None: torch hub cache, then download
+    pretrained: bool = True  # false must be said explicitly to train on random features
+    cls_input: str = "adapted"  # "adapted" (paper) or "backbone" (journal: cls conv sees non-adapted features)
+    adaptor_channels: int | None = None  # None: same as the backbone's feature channels
+    seg_hidden: int = 1024
+    cls_hidden: int = 128
+    cls_kernel: int = 5
+
+
+@dataclass
+class NoiseConfig:
+    kind: str = "fixed"  # "fixed": N(0, sigma^2) as in the paper; "adaptive": sigma * per-channel feature std
+    sigma: float = 0.015
+    perlin_threshold: float = 0.2  # 0.2 MVTec AD; 0.6 for thin, small defects (VisA, KSDD2)
+    empty_prob: float = 0.5  # probability that a sample gets no synthetic anomaly
+
+
+@dataclass
+class TrainConfig:
+    setting: str = "unsupervised"  # "unsupervised" or "supervised"
+    epochs: int = 300
+    batch_size: int = 32
+    lr_adaptor: float = 1e-4
+    lr_heads: float = 2e-4
+    weight_decay: float = 1e-5
+    lr_milestones: tuple[float, ...] = (0.8, 0.9)  # fractions of the epochs
+    lr_gamma: float = 0.4
+    seed: int = 0
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; the backbone and eval stay fp32)
+    channels_last: bool = False
+    cache_features: bool = True
+    feature_crop: int | None = None  # train the heads on random crops of the feature map (None: full map)
+    clip_grad_norm: float | None = None  # None: 1.0 when supervised (paper), off when unsupervised
+    flip_augment: bool = True  # supervised only: defective images also seen flipped (x4)
+    eval_every: int = 0  # epochs between evaluations on the test split (0: only at the end)
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+_CHOICES = {
+    "model.cls_input": ("adapted", "backbone"),
+    "noise.kind": ("fixed", "adaptive"),
+    "train.setting": ("unsupervised", "supervised"),
+    "train.precision": ("fp32", "bf16"),
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin is not None and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{key}': expected a mapping, got {value!r}")
+        return _build(hint, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"recipe key '{key}': expected a list, got {value!r}")
+        elem = args[0]
+        items = tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+        if args[-1] is not Ellipsis and len(items) != len(args):
+            raise RecipeError(f"recipe key '{key}': expected {len(args)} values, got {len(items)}")
+        return items
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"recipe key '{key}': expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"recipe key '{key}': expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"recipe key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"recipe key '{key}': expected a string, got {value!r}")
+        allowed = _CHOICES.get(key)
+        if allowed and value not in allowed:
+            raise RecipeError(f"recipe key '{key}': {value!r} is not one of {', '.join(allowed)}")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            full = f"{prefix}.{key}" if prefix else key
+            raise RecipeError(f"unknown recipe key '{full}' (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        full = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], full)
+    return cls(**kwargs)
+
+
+def recipe_from_dict(values: dict[str, Any]) -> Recipe:
+    if not isinstance(values, dict):
+        raise RecipeError("a recipe must be a YAML mapping at the top level")
+    return _build(Recipe, values, "")
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+    try:
+        recipe = recipe_from_dict(values)
+        return apply_overrides(recipe, overrides or {})
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """Overrides as {'train.epochs': 10, ...}; values are validated like recipe values."""
+    values = recipe.to_dict()
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = values
+        for part in parts[:-1]:
+            if part not in node or not isinstance(node[part], dict):
+                raise RecipeError(f"unknown recipe key '{dotted}'")
+            node = node[part]
+        if parts[-1] not in node:
+            raise RecipeError(f"unknown recipe key '{dotted}'")
+        node[parts[-1]] = value
+    return recipe_from_dict(values)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.epochs=10' -> ('train.epochs', 10); the value is parsed as YAML (numbers, true, null, lists)."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=10")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)

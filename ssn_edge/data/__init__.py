@@ -1,0 +1,28 @@
+"""Datasets: discovery (MVTec AD folders, CSV manifests) and decoding into arrays. Torch-free."""
+
+from .arrays import ArraySet, load_arrays
+from .samples import (
+    SPLITS,
+    DatasetError,
+    Sample,
+    load_dataset,
+    load_manifest,
+    load_mvtec,
+    require_nonempty,
+    select,
+    summary,
+)
+
+__all__ = [
+    "SPLITS",
+    "ArraySet",
+    "DatasetError",
+    "Sample",
+    "load_arrays",
+    "load_dataset",
+    "load_manifest",
+    "load_mvtec",
+    "require_nonempty",
+    "select",
+    "summary",
+]

@@ -1,0 +1,29 @@
+"""Feature-space anomalies: Gaussian noise added to the adapted features inside a Perlin mask (spec 2).
+
+P = A + eps * M_a. "fixed" is the paper's eps ~ N(0, sigma^2); "adaptive" scales sigma by each channel's
+spread in the current batch, so a backbone with larger features (ResNet18 vs WRN50) gets noise of the same
+relative size without hand-tuning.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ssn_edge.config import NoiseConfig
+
+
+def sample_noise(features: Tensor, cfg: NoiseConfig) -> Tensor:
+    """eps with the shape of `features` (B, C, h, w)."""
+    eps = torch.randn_like(features, dtype=torch.float32)
+    if cfg.kind == "fixed":
+        return eps * cfg.sigma
+    if cfg.kind == "adaptive":
+        std = features.detach().float().std(dim=(0, 2, 3), keepdim=True)
+        return eps * (cfg.sigma * std)
+    raise ValueError(f"unknown noise kind {cfg.kind!r}")
+
+
+def apply_noise(features: Tensor, eps: Tensor, mask: Tensor) -> Tensor:
+    """P = A + eps * M_a, with M_a (B, 1, h, w) broadcast over channels."""
+    return features + (eps * mask).to(features.dtype)

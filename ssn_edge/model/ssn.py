@@ -1,0 +1,134 @@
+"""SuperSimpleNet (spec 1): frozen backbone -> upscale + local context -> adaptor -> segmentation and
+classification heads. The inference graph is exactly this module; noise and losses live in training."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssn_edge.config import ModelConfig
+from ssn_edge.model.backbones import BACKBONES, build_backbone
+
+
+class FeatureExtractor(nn.Module):
+    """Backbone layer2 + layer3, both resized to 2x layer2's size, concatenated, 3x3 average (local context)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # A random backbone (pretrained: false) must be the same one when eval or export rebuild the model,
+        # so its initialisation draws from a fixed seed, not from the training seed's stream.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.trunk = build_backbone(cfg.backbone, weights=cfg.weights, pretrained=cfg.pretrained)
+        self.channels = sum(BACKBONES[cfg.backbone].feature_channels)
+        self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
+
+    def raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The backbone's layer2 and layer3 maps: what the training cache stores (8x smaller than merged)."""
+        with torch.no_grad():
+            return self.trunk(x)
+
+    def merge(self, l2: Tensor, l3: Tensor) -> Tensor:
+        size = (l2.shape[-2] * 2, l2.shape[-1] * 2)
+        # align_corners=True as in the official code.
+        up2 = F.interpolate(l2, size=size, mode="bilinear", align_corners=True)
+        up3 = F.interpolate(l3, size=size, mode="bilinear", align_corners=True)
+        return self.pool(torch.cat([up2, up3], dim=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.merge(*self.raw(x))
+
+
+class SegmentationHead(nn.Module):
+    """Conv1x1(C -> 1024) -> BN -> LeakyReLU(0.2) -> Conv1x1(1024 -> 1): per-location anomaly logits M_o."""
+
+    def __init__(self, channels: int, hidden: int = 1024):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1),
+            nn.BatchNorm2d(hidden),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(hidden, 1, 1, bias=False),
+        )
+
+    def forward(self, adapted: Tensor) -> Tensor:
+        return self.net(adapted)
+
+
+class ClassificationHead(nn.Module):
+    """concat(features, M_o) -> Conv kxk -> BN -> ReLU; global max + avg of that and of M_o -> Linear -> score logit."""
+
+    def __init__(self, channels: int, hidden: int = 128, kernel: int = 5):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels + 1, hidden, kernel, padding=kernel // 2),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(),
+        )
+        self.fc = nn.Linear(2 * hidden + 2, 1)
+
+    def forward(self, features: Tensor, map_logits: Tensor) -> Tensor:
+        x = self.conv(torch.cat([features, map_logits], dim=1))
+        pooled = torch.cat(
+            [
+                x.amax(dim=(2, 3)),
+                x.mean(dim=(2, 3)),
+                map_logits.amax(dim=(2, 3)),
+                map_logits.mean(dim=(2, 3)),
+            ],
+            dim=1,
+        )
+        return self.fc(pooled.float()).squeeze(1)
+
+
+class SSNHeads(nn.Module):
+    """Everything SSN trains: adaptor, segmentation head, classification head."""
+
+    def __init__(self, channels: int, cfg: ModelConfig):
+        super().__init__()
+        width = cfg.adaptor_channels or channels
+        self.cls_input = cfg.cls_input
+        self.adaptor = nn.Conv2d(channels, width, 1)
+        self.segmentation = SegmentationHead(width, cfg.seg_hidden)
+        cls_channels = channels if cfg.cls_input == "backbone" else width
+        self.classification = ClassificationHead(cls_channels, cfg.cls_hidden, cfg.cls_kernel)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def decide(self, adapted: Tensor, cls_features: Tensor, detach_map: bool = False) -> tuple[Tensor, Tensor]:
+        """Map logits (B, 1, h, w) and score logits (B,) from (possibly noised) adapted features.
+
+        detach_map: the unsupervised stop-grad, so the classification loss cannot bend the map.
+        """
+        map_logits = self.segmentation(adapted)
+        cls_map = map_logits.detach() if detach_map else map_logits
+        score = self.classification(cls_features, cls_map)
+        return map_logits, score
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        adapted = self.adaptor(features)
+        cls_features = features if self.cls_input == "backbone" else adapted
+        return self.decide(adapted, cls_features)
+
+
+class SuperSimpleNet(nn.Module):
+    """Inference graph: image (B, 3, H, W) normalised -> (map logits (B, 1, H/4, W/4), score logits (B,))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.features = FeatureExtractor(cfg)
+        self.heads = SSNHeads(self.features.channels, cfg)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.features(x))

@@ -1,0 +1,122 @@
+"""Image reading and input preparation, shared by training, evaluation and the edge runtime.
+
+One implementation on purpose: the exported graph starts at the normalised tensor, so the pixels a
+deployed model sees are made by exactly the code that made them during training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+_JPEG_SUFFIXES = {".jpg", ".jpeg"}
+
+
+class ImageError(ValueError):
+    """An image or mask file that cannot be used; the message names the file and the problem."""
+
+
+def _read_bytes(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise ImageError(f"{path}: file not found")
+    if not path.is_file():
+        raise ImageError(f"{path}: not a file")
+    data = path.read_bytes()
+    if not data:
+        raise ImageError(f"{path}: file is empty")
+    suffix = path.suffix.lower()
+    # OpenCV decodes a truncated JPEG/PNG into a partly grey image and only warns on stderr; a defect
+    # detector trained or calibrated on that would learn the grey block as "normal", so refuse it.
+    if suffix in _JPEG_SUFFIXES and b"\xff\xd9" not in data[-64:]:
+        raise ImageError(f"{path}: truncated JPEG (no end-of-image marker)")
+    if suffix == ".png" and b"IEND" not in data[-32:]:
+        raise ImageError(f"{path}: truncated PNG (no IEND chunk)")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _decode(path: Path) -> np.ndarray:
+    img = cv2.imdecode(_read_bytes(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageError(f"{path}: not a readable image (unknown format or corrupt data)")
+    return img
+
+
+def _to_unit_float(img: np.ndarray, path: Path) -> np.ndarray:
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    if img.dtype == np.uint16:
+        return img.astype(np.float32) / 65535.0
+    if img.dtype in (np.float32, np.float64):
+        return np.clip(img.astype(np.float32), 0.0, 1.0)
+    raise ImageError(f"{path}: unsupported pixel type {img.dtype}")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as float32 RGB in [0, 1], shape (H, W, 3).
+
+    8- and 16-bit, grayscale (replicated to 3 channels, as the backbone expects) and RGBA (alpha
+    dropped) are accepted; any other channel count is refused.
+    """
+    path = Path(path)
+    img = _decode(path)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    elif img.ndim == 3 and img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    elif img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    else:
+        channels = img.shape[2] if img.ndim == 3 else img.ndim
+        raise ImageError(
+            f"{path}: image has {channels} channels; expected 1 (grayscale), 3 (colour) or 4 (colour + alpha)"
+        )
+    return _to_unit_float(img, path)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a defect mask as bool (H, W): any non-zero pixel in any channel is defect."""
+    path = Path(path)
+    mask = _decode(path)
+    if mask.ndim == 3:
+        mask = mask.max(axis=2)
+    return mask > 0
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a bool mask to (H, W) with nearest neighbour so it stays binary."""
+    h, w = size
+    if mask.shape == (h, w):
+        return mask
+    return cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an (H, W, 3) float image to size=(H, W). Area filter when shrinking (no aliasing)."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    shrinking = h < image.shape[0] or w < image.shape[1]
+    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (w, h), interpolation=interp)
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float RGB in [0, 1] -> (3, H, W) float32, ImageNet mean/std."""
+    return np.ascontiguousarray(((image - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1), dtype=np.float32)
+
+
+def prepare(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Model input for one image: resize to size=(H, W), normalise, channels first."""
+    return normalize(resize_image(image, size))
+
+
+def prepare_batch(images: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    return np.stack([prepare(img, size) for img in images])

@@ -1,0 +1,316 @@
+"""SSN training (spec 2): feature duplication, Perlin-masked noise, truncated L1 + focal losses, AdamW groups,
+MultiStep schedule; unsupervised and supervised. The frozen backbone's features are cached when no
+augmentation changes them, so an epoch costs only the adaptor and heads."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from ssn_edge.checkpoint import load_checkpoint, save_checkpoint
+from ssn_edge.config import Recipe, recipe_from_dict
+from ssn_edge.data import ArraySet
+from ssn_edge.evaluate import evaluate_model
+from ssn_edge.model.backbones import weights_fingerprint
+from ssn_edge.model.losses import ssn_loss
+from ssn_edge.model.noise import apply_noise, sample_noise
+from ssn_edge.model.perlin import perlin_masks
+from ssn_edge.model.ssn import SuperSimpleNet
+
+log = logging.getLogger("ssn_edge")
+
+# Flip views used to augment defective images in supervised training: (flip height, flip width).
+VIEWS: tuple[tuple[bool, bool], ...] = ((False, False), (False, True), (True, False), (True, True))
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def _flip(x: Tensor, view: tuple[bool, bool]) -> Tensor:
+    dims = [d for d, on in zip((-2, -1), view) if on]
+    return torch.flip(x, dims) if dims else x
+
+
+@dataclass
+class TrainItems:
+    """What an epoch iterates over: (image index, flip view) pairs, split into normal and defective."""
+
+    normal: np.ndarray  # (n, 2) int
+    defective: np.ndarray  # (m, 2) int
+
+    @property
+    def all(self) -> np.ndarray:
+        return np.concatenate([self.normal, self.defective]) if len(self.defective) else self.normal
+
+
+def make_items(arrays: ArraySet, recipe: Recipe) -> TrainItems:
+    good = np.flatnonzero(arrays.labels == 0)
+    bad = np.flatnonzero(arrays.labels == 1)
+    if recipe.train.setting == "unsupervised":
+        if len(bad):
+            log.warning("unsupervised setting: %d defective training images are ignored", len(bad))
+        bad = bad[:0]
+    elif not len(bad):
+        raise ValueError("supervised setting needs defective images in the training split; none found")
+    views = range(len(VIEWS)) if (recipe.train.setting == "supervised" and recipe.train.flip_augment) else [0]
+    normal = np.stack([good, np.zeros_like(good)], axis=1)
+    defective = np.array([(i, v) for i in bad for v in views], dtype=np.int64).reshape(-1, 2)
+    return TrainItems(normal, defective)
+
+
+class FeatureSource:
+    """Backbone (layer2, layer3) maps for training items: computed once and cached, or on every step."""
+
+    def __init__(self, model: SuperSimpleNet, arrays: ArraySet, items: np.ndarray, cache: bool, batch: int = 16):
+        self.model = model
+        self.arrays = arrays
+        self.cache: dict[tuple[int, int], tuple[Tensor, Tensor]] | None = None
+        if cache:
+            self.cache = {}
+            for start in tqdm(range(0, len(items), batch), desc="caching backbone features", leave=False):
+                chunk = items[start : start + batch]
+                l2, l3 = self._compute(chunk)
+                for k, (i, v) in enumerate(chunk):
+                    self.cache[(int(i), int(v))] = (l2[k].clone(), l3[k].clone())
+
+    def _compute(self, chunk: np.ndarray) -> tuple[Tensor, Tensor]:
+        x = torch.stack([_flip(torch.from_numpy(self.arrays.images[i]), VIEWS[v]) for i, v in chunk])
+        return self.model.features.raw(x)
+
+    def get(self, chunk: np.ndarray) -> tuple[Tensor, Tensor]:
+        if self.cache is None:
+            return self._compute(chunk)
+        pairs = [self.cache[(int(i), int(v))] for i, v in chunk]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def feature_masks(arrays: ArraySet, chunk: np.ndarray, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Ground-truth masks at feature size (bilinear, then > 0.5, as in the paper) and per-sample validity."""
+    masks = torch.stack(
+        [_flip(torch.from_numpy(arrays.masks[i]).float()[None], VIEWS[v]) for i, v in chunk]
+    )
+    small = F.interpolate(masks, size=size, mode="bilinear", align_corners=False) > 0.5
+    valid = torch.from_numpy(arrays.mask_valid[chunk[:, 0]].copy())
+    return small.float(), valid
+
+
+def build_optimizer(model: SuperSimpleNet, recipe: Recipe) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    t = recipe.train
+    heads = model.heads
+    head_params = [p for n, p in heads.named_parameters() if not n.startswith("adaptor.")]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": heads.adaptor.parameters(), "lr": t.lr_adaptor},
+            {"params": head_params, "lr": t.lr_heads, "weight_decay": t.weight_decay},
+        ]
+    )
+    milestones = sorted({max(1, int(round(f * t.epochs))) for f in t.lr_milestones})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=t.lr_gamma)
+    return optimizer, scheduler
+
+
+def _restart_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.MultiStepLR, epoch: int) -> None:
+    """Put the schedule of *this* recipe at `epoch`: a resumed run may have been given more epochs, which
+    moves the milestones, so the saved scheduler state is not reused."""
+    passed = sum(count for m, count in scheduler.milestones.items() if m <= epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * scheduler.gamma**passed
+    scheduler.last_epoch = epoch
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _random_crop(tensors: list[Tensor], crop: int | None, rng: np.random.Generator) -> list[Tensor]:
+    if not crop:
+        return tensors
+    h, w = tensors[0].shape[-2:]
+    ch, cw = min(crop, h), min(crop, w)
+    y = int(rng.integers(0, h - ch + 1))
+    x = int(rng.integers(0, w - cw + 1))
+    return [t[..., y : y + ch, x : x + cw] for t in tensors]
+
+
+def train_step(
+    model: SuperSimpleNet,
+    recipe: Recipe,
+    l2: Tensor,
+    l3: Tensor,
+    gt: Tensor,
+    mask_valid: Tensor,
+    rng: np.random.Generator,
+) -> tuple[Tensor, dict[str, float]]:
+    """One forward pass with synthetic anomalies; returns the loss and its parts."""
+    t, n = recipe.train, recipe.noise
+    supervised = t.setting == "supervised"
+    feats = model.features.merge(l2, l3)
+    feats, gt = _random_crop([feats, gt], t.feature_crop, rng)
+    if t.channels_last:
+        feats = feats.contiguous(memory_format=torch.channels_last)
+    adapted = model.heads.adaptor(feats)
+
+    # Feature duplication: both copies get independent Perlin masks and noise (spec 2).
+    adapted = torch.cat([adapted, adapted])
+    feats2 = torch.cat([feats, feats])
+    gt = torch.cat([gt, gt])
+    mask_valid = torch.cat([mask_valid, mask_valid])
+    size = tuple(adapted.shape[-2:])
+    perlin = torch.from_numpy(perlin_masks(len(adapted), size, rng, n.perlin_threshold, n.empty_prob))[:, None]
+    synthetic = perlin.float() * (1 - gt)  # noise only outside real defects
+    eps = sample_noise(adapted, n)
+    noised = apply_noise(adapted, eps, synthetic)
+    if model.heads.cls_input == "backbone":
+        cls_features = apply_noise(feats2, sample_noise(feats2, n), synthetic)
+    else:
+        cls_features = noised
+
+    target = torch.clamp(synthetic + gt, max=1.0)
+    # A defective image with no usable mask: its pixels are unknown except where we put noise ourselves.
+    pixel_valid = mask_valid[:, None, None, None] | (synthetic > 0)
+    label = ((target.flatten(1).amax(1) > 0) | ~mask_valid).float()  # ~mask_valid: defective, mask unknown
+
+    map_logits, score = model.heads.decide(noised, cls_features, detach_map=not supervised)
+    return ssn_loss(map_logits, score, target, label, pixel_valid)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _autocast(recipe: Recipe):
+    if recipe.train.precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(
+    recipe: Recipe,
+    train_arrays: ArraySet,
+    out_dir: Path,
+    test_arrays: ArraySet | None = None,
+    resume: Path | None = None,
+    progress: bool = True,
+    epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    t = recipe.train
+    rng = seed_everything(t.seed)
+    model = SuperSimpleNet(recipe.model)
+    optimizer, scheduler = build_optimizer(model, recipe)
+    start_epoch, history = 0, []
+    if resume is not None:
+        state = load_checkpoint(resume)
+        model.heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+        _restart_schedule(optimizer, scheduler, start_epoch)
+        history = list(state.get("history", []))
+        torch.set_rng_state(state["rng"]["torch"])
+        rng.bit_generator.state = state["rng"]["numpy"]
+        log.info("resumed from %s at epoch %d", resume, start_epoch)
+    if t.channels_last:
+        model.heads.to(memory_format=torch.channels_last)
+
+    items = make_items(train_arrays, recipe)
+    source = FeatureSource(model, train_arrays, items.all, cache=t.cache_features)
+    supervised = t.setting == "supervised"
+    clip = t.clip_grad_norm if t.clip_grad_norm is not None else (1.0 if supervised else None)
+    half = max(1, t.batch_size // 2)
+    backbone = {
+        "name": recipe.model.backbone,
+        "weights_source": getattr(model.features.trunk, "weights_source", "unknown"),
+        "fingerprint": weights_fingerprint(model.features.trunk),
+    }
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoint.pt"
+
+    model.heads.train()
+    bar = tqdm(range(start_epoch, t.epochs), desc="train", disable=not progress, initial=start_epoch, total=t.epochs)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        if supervised:
+            order = rng.permutation(len(items.normal))
+            batches = [
+                np.concatenate([items.normal[order[s : s + half]], items.defective[rng.integers(0, len(items.defective), half)]])
+                for s in range(0, len(order), half)
+            ]
+        else:
+            order = rng.permutation(len(items.normal))
+            batches = [items.normal[order[s : s + t.batch_size]] for s in range(0, len(order), t.batch_size)]
+        losses = []
+        for chunk in batches:
+            l2, l3 = source.get(chunk)
+            gt, valid = feature_masks(train_arrays, chunk, (l2.shape[-2] * 2, l2.shape[-1] * 2))
+            with _autocast(recipe):
+                loss, parts = train_step(model, recipe, l2, l3, gt, valid, rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.heads.parameters(), clip)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        scheduler.step()
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_s": time.perf_counter() - t0}
+        if test_arrays is not None and t.eval_every and (epoch + 1) % t.eval_every == 0 and epoch + 1 < t.epochs:
+            record.update(evaluate_model(model, test_arrays))
+            model.heads.train()
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.2f}" for k, v in record.items() if k != "epoch"))
+        history.append(record)
+        if epoch_callback:
+            epoch_callback(epoch + 1, record)
+        save_checkpoint(
+            ckpt_path,
+            {
+                "recipe": recipe.to_dict(),
+                "heads": model.heads.state_dict(),
+                "backbone": backbone,
+                "epoch": epoch + 1,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state},
+                "history": history,
+            },
+        )
+    metrics: dict[str, float] = {}
+    if test_arrays is not None:
+        metrics = evaluate_model(model, test_arrays)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+    return TrainResult(ckpt_path, history, metrics)
+
+
+def model_from_checkpoint(path: Path, weights: str | None = None) -> tuple[SuperSimpleNet, Recipe, dict]:
+    """Rebuild the trained model; the backbone is reloaded and must match the one it was trained with."""
+    state = load_checkpoint(path)
+    recipe = recipe_from_dict(state["recipe"])
+    if weights is not None:
+        recipe.model.weights = weights
+    model = SuperSimpleNet(recipe.model)
+    model.heads.load_state_dict(state["heads"])
+    found = weights_fingerprint(model.features.trunk)
+    expected = state["backbone"].get("fingerprint")
+    if expected and found != expected:
+        raise ValueError(
+            f"{path}: backbone weights differ from the ones it was trained with "
+            f"(fingerprint {found}, expected {expected}, trained with {state['backbone'].get('weights_source')}); "
+            "pass the same weights file with --weights"
+        )
+    model.eval()
+    return model, recipe, state

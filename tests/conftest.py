@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny synthetic dataset and a tiny trained checkpoint (seconds on 2 cores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test saying what is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the shared data/weights folder is not beside this checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    from ssn_edge.synthetic import SyntheticSpec, make_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return make_dataset(root, SyntheticSpec(size=64, n_train=8, n_test_good=4, n_test_defect_per_type=2))
+
+
+def tiny_recipe_dict(data: Path) -> dict:
+    """A random-weight ResNet18 SSN at 64x64 with slim heads: the same graph shape as production, 1000x cheaper."""
+    return {
+        "name": "tiny",
+        "data": {"path": str(data), "image_size": [64, 64]},
+        "model": {"backbone": "resnet18", "pretrained": False, "seg_hidden": 32, "cls_hidden": 8},
+        "train": {"epochs": 1, "batch_size": 4, "seed": 0},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_dataset) -> Path:
+    from ssn_edge.config import recipe_from_dict
+    from ssn_edge.jobs import train_job
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    result = train_job(recipe_from_dict(tiny_recipe_dict(tiny_dataset)), out, progress=False)
+    return result.checkpoint
