@@ -100,5 +100,166 @@ def evaluate(checkpoint, data_path, split, weights, out_file) -> None:
     click.echo(f"metrics: {out}")
 
 
+@main.command("predict")
+@click.argument("bundle", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--precision", default="int8", show_default=True, help="fp32 | bf16 | fp16 | int8 | int8_acc")
+@click.option("--out", "out_dir", default="runs/predict", show_default=True, type=click.Path(file_okay=False))
+@click.option("--overlays", is_flag=True, help="Also write heatmap overlays to OUT/overlays/.")
+@click.option("--device", default="CPU", show_default=True)
+def predict(bundle, images, precision, out_dir, overlays, device) -> None:
+    """Score IMAGES (files or folders) with a bundle; writes predictions.json/.csv to --out."""
+    from ssn_edge.runtime.predict import predict_paths
+
+    preds = predict_paths(bundle, list(images), Path(out_dir), precision=precision, overlays=overlays, device=device)
+    width = min(60, max(len(str(p.path)) for p in preds))
+    click.echo(f"{'image':<{width}}  {'score':>7}  {'decision':<8}  {'map max':>8}  {'ms':>7}")
+    for p in preds:
+        name = str(p.path)
+        if len(name) > width:
+            name = "..." + name[-(width - 3):]
+        click.echo(f"{name:<{width}}  {p.score:7.4f}  {'DEFECT' if p.decision else 'ok':<8}  {p.map_max:8.3f}  {p.latency_ms:7.1f}")
+    n_bad = sum(p.decision for p in preds)
+    click.echo(f"{len(preds)} images, {n_bad} defective; results: {Path(out_dir) / 'predictions.json'}")
+
+
+@main.command("bench")
+@click.argument("bundle", type=click.Path())
+@click.option("--precision", "precisions", multiple=True, help="Repeatable; default: all in the bundle (+ bf16 where the CPU has it).")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0))
+@click.option("--seconds", "throughput_seconds", default=5.0, show_default=True, type=float, help="Throughput window per precision (0: skip).")
+@click.option("--peak/--no-peak", default=False, show_default=True, help="Also measure this CPU's 3x3-conv peak (f32, int8) and the achieved/peak ratio.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write all records to this file.")
+@click.option("--device", default="CPU", show_default=True)
+def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file, device) -> None:
+    """Latency (batch 1), throughput, MACs and GOPS of a bundle per precision on this machine."""
+    from ssn_edge.runtime.bench import bench_bundle, conv_peak, peak_ratio
+
+    records = bench_bundle(bundle, list(precisions) or None, warmup, runs, throughput_seconds, device)
+    peaks: dict = {}
+    if peak:
+        kinds = ["f32", "int8"] + (["bf16"] if any(r["inference_precision_hint"] == "bf16" for r in records) else [])
+        for kind in kinds:
+            try:
+                peaks[kind] = conv_peak(kind, warmup=warmup, runs=runs, device=device)
+            except ValueError as exc:  # e.g. no nncf on a runtime-only install: report, keep the rest
+                click.echo(f"note: no {kind} peak: {exc}", err=True)
+    click.echo(f"{'precision':<9} {'hint':<5} {'median ms':>9} {'p10-p90 ms':>15} {'img/s':>8} {'GOPS':>8}" + (f" {'% peak':>7}" if peaks else ""))
+    for r in records:
+        tput = f"{r['throughput_ips']:8.1f}" if r["throughput_ips"] is not None else f"{'-':>8}"
+        spread = f"{r['latency_p10_ms']:.2f}-{r['latency_p90_ms']:.2f}"
+        line = f"{r['precision']:<9} {r['inference_precision_hint']:<5} {r['latency_ms']:9.2f} {spread:>15} {tput} {r['gops']:8.1f}"
+        if peaks:
+            ratio = peak_ratio(r, peaks)
+            r["peak_ratio"] = ratio
+            line += f" {ratio * 100:6.1f}%" if ratio is not None else f" {'-':>7}"
+        click.echo(line)
+    for kind, p in peaks.items():
+        click.echo(f"peak {kind:<5} {p['model']}: {p['latency_ms']:.2f} ms, {p['gops']:.1f} GOPS")
+    if records:
+        click.echo(f"MACs (batch 1): {records[0]['macs'] / 1e9:.3f} G; cpu: {records[0]['cpu']}")
+    if json_file:
+        out = Path(json_file)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"results": records, "peaks": list(peaks.values())}, indent=2) + "\n")
+        click.echo(f"results: {out}")
+
+
+@main.command("export")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="checkpoint.pt from `ssn-edge train`.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Bundle directory (default: 'bundle' beside the checkpoint).")
+@click.option("--fp16", is_flag=True, help="Also an FP16-weights model.")
+@click.option("--int8", is_flag=True, help="Also an INT8 model (NNCF post-training quantization).")
+@click.option("--int8-acc", "int8_acc", is_flag=True, help="Also an accuracy-controlled INT8 model (NNCF, reverts layers until --max-drop holds).")
+@click.option("--max-drop", default=0.5, show_default=True, type=float, help="--int8-acc: largest drop of --acc-metric, in percentage points.")
+@click.option("--acc-metric", default="image_auroc", show_default=True, type=click.Choice(["image_auroc", "image_ap", "pixel_ap", "pixel_aupro"]))
+@click.option("--calibration", "calibration_yaml", type=click.Path(dir_okay=False), help="Calibration definition, e.g. calibration/mvtec_bottle.yaml.")
+@click.option("--calibration-folder", type=click.Path(file_okay=False), help="Calibrate on images under this folder (recursive).")
+@click.option("--calibration-manifest", type=click.Path(dir_okay=False), help="Calibrate on the train/label-0 rows of this manifest CSV.")
+@click.option("--calibration-size", type=int, help="Number of calibration images (1..1000; default 128).")
+@click.option("--data", "data_path", type=click.Path(), help="Threshold/validation data (val split, else test); default: the recipe's data.path.")
+@click.option("--weights", help="Backbone weights file, if not where training found it.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
+def export(checkpoint, out_dir, fp16, int8, int8_acc, max_drop, acc_metric, calibration_yaml, calibration_folder,
+           calibration_manifest, calibration_size, data_path, weights, overwrite) -> None:
+    """Export a checkpoint to an OpenVINO bundle: FP32 always, FP16/INT8/accuracy-controlled INT8 on request."""
+    import dataclasses
+
+    from ssn_edge.calibration import CalibrationSpec, load_calibration_spec
+    from ssn_edge.export import export_bundle
+
+    given = [o for o, v in (("--calibration", calibration_yaml), ("--calibration-folder", calibration_folder),
+                            ("--calibration-manifest", calibration_manifest)) if v]
+    if len(given) > 1:
+        raise click.UsageError(f"{' and '.join(given)}: give one calibration source")
+    if (given or calibration_size is not None) and not (int8 or int8_acc):
+        raise click.UsageError("calibration options only apply with --int8 or --int8-acc")
+    spec = None
+    if int8 or int8_acc:
+        if calibration_yaml:
+            spec = load_calibration_spec(calibration_yaml)
+        elif calibration_folder:
+            spec = CalibrationSpec(source="folder", path=calibration_folder)
+        elif calibration_manifest:
+            spec = CalibrationSpec(source="manifest", path=calibration_manifest)
+        else:
+            spec = CalibrationSpec()
+        if calibration_size is not None:
+            spec = dataclasses.replace(spec, size=calibration_size)
+    out = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / "bundle"
+    bundle = export_bundle(
+        Path(checkpoint), out, fp16=fp16, int8=int8, int8_acc=int8_acc, calibration=spec, max_drop=max_drop,
+        acc_metric=acc_metric, weights=weights, overwrite=overwrite, threshold_data=data_path,
+    )
+    click.echo(f"bundle: {bundle.path}")
+    click.echo(f"  {'precision':<10} {'weights':<8} {'size MB':>9}")
+    for precision in bundle.precisions:
+        entry = bundle.metadata["models"][precision]
+        size = sum((bundle.path / entry[k]).stat().st_size for k in ("xml", "bin")) / 1e6
+        click.echo(f"  {precision:<10} {entry['weights_precision']:<8} {size:>9.2f}")
+    th = bundle.metadata["thresholds"]
+    click.echo(f"thresholds ({th['source']} split): image {th['image']:.4f}, pixel {th['pixel']:.4f}")
+
+
+@main.command("report")
+@click.argument("bundle", type=click.Path())
+@click.option("--data", "data_path", type=click.Path(), help="Dataset; default: the bundle recipe's data.path.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="The checkpoint the bundle came from: adds PyTorch FP32 as the reference.")
+@click.option("--weights", help="Backbone weights file for --checkpoint, if not where training found it.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Report folder (default: <bundle>_report beside the bundle).")
+@click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1), help="Timed batch-1 runs per variant.")
+@click.option("--seconds", "throughput_seconds", default=2.0, show_default=True, type=float, help="Throughput window per variant (0: skip).")
+def report(bundle, data_path, split, checkpoint, weights, out_dir, runs, throughput_seconds) -> None:
+    """Accuracy/speed report of every precision of a bundle vs FP32: report.json + a self-contained report.html."""
+    from ssn_edge.report import build_report
+
+    result = build_report(bundle, data_path, split, checkpoint, out_dir, runs=runs, weights=weights,
+                          throughput_seconds=throughput_seconds)
+    click.echo(f"{'runtime':<8} {'precision':<9} {'img AUROC':>9} {'px AUPRO':>9} {'max dscore':>10} {'flips':>5} {'ms':>8}")
+    for r in result["records"]:
+        def num(key: str, fmt: str) -> str:
+            return format(r[key], fmt) if r.get(key) is not None else "-"
+
+        click.echo(f"{r['runtime']:<8} {r['precision']:<9} {num('image_auroc', '.2f'):>9} {num('pixel_aupro', '.2f'):>9} "
+                   f"{num('score_max_abs_diff', '.2e'):>10} {r['flips']:>5} {num('latency_ms', '.2f'):>8}")
+    for w in result["warnings"]:
+        click.echo(w)
+    click.echo(f"reference: {result['reference']}")
+    click.echo(f"report: {result['report_html']}")
+
+
+@main.command("demo")
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--weights", help="ResNet18 weights file (torchvision state_dict); default: torch hub cache, then download.")
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Training epochs (default: the demo's).")
+def demo(out_dir, weights, epochs) -> None:
+    """Procedural defects -> quick ResNet18 SSN -> FP32 + INT8 bundle -> report.html, in a few minutes."""
+    from ssn_edge.demo import DEMO_EPOCHS, run_demo
+
+    run_demo(out_dir, epochs or DEMO_EPOCHS, weights, echo=click.echo)
+
+
 if __name__ == "__main__":
     main()

@@ -55,6 +55,7 @@ class TrainConfig:
     channels_last: bool = False
     cache_features: bool = True
     feature_crop: int | None = None  # train the heads on random crops of the feature map (None: full map)
+    crop_epochs: int | None = None  # crops only in the first N epochs, full maps after (None: crops throughout)
     clip_grad_norm: float | None = None  # None: 1.0 when supervised (paper), off when unsupervised
     flip_augment: bool = True  # supervised only: defective images also seen flipped (x4)
     eval_every: int = 0  # epochs between evaluations on the test split (0: only at the end)
@@ -117,6 +118,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise RecipeError(f"recipe key '{key}': expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string: accept what a person means
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"recipe key '{key}': expected a number, got {value!r}")
         return float(value)

@@ -153,12 +153,13 @@ def train_step(
     gt: Tensor,
     mask_valid: Tensor,
     rng: np.random.Generator,
+    crop: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """One forward pass with synthetic anomalies; returns the loss and its parts."""
+    """One forward pass with synthetic anomalies on (a crop of) the feature map; returns the loss and its parts."""
     t, n = recipe.train, recipe.noise
     supervised = t.setting == "supervised"
     feats = model.features.merge(l2, l3)
-    feats, gt = _random_crop([feats, gt], t.feature_crop, rng)
+    feats, gt = _random_crop([feats, gt], crop, rng)
     if t.channels_last:
         feats = feats.contiguous(memory_format=torch.channels_last)
     adapted = model.heads.adaptor(feats)
@@ -253,12 +254,15 @@ def train(
         else:
             order = rng.permutation(len(items.normal))
             batches = [items.normal[order[s : s + t.batch_size]] for s in range(0, len(order), t.batch_size)]
+        # Crops make early epochs 4x cheaper; the last ones see whole maps, so the classification head's global
+        # max/avg pooling is tuned on the statistics it meets at inference.
+        crop = t.feature_crop if (t.crop_epochs is None or epoch < t.crop_epochs) else None
         losses = []
         for chunk in batches:
             l2, l3 = source.get(chunk)
             gt, valid = feature_masks(train_arrays, chunk, (l2.shape[-2] * 2, l2.shape[-1] * 2))
             with _autocast(recipe):
-                loss, parts = train_step(model, recipe, l2, l3, gt, valid, rng)
+                loss, parts = train_step(model, recipe, l2, l3, gt, valid, rng, crop)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip:

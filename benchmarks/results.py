@@ -1,0 +1,40 @@
+"""Writing measurements to benchmarks/results/*.json: flat records, one per measurement (see DEVELOPERS.md).
+
+A record re-measured replaces the old one with the same identity, so results files hold the latest run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IDENTITY = ("dataset", "backbone", "setting", "variant", "runtime", "precision", "seed", "ratio_of")
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def record_results(name: str, records: Iterable[dict[str, Any]]) -> Path:
+    path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
+    new = list(records)
+    keys = {tuple(r.get(k) for k in IDENTITY) for r in new}
+    kept = [r for r in existing if tuple(r.get(k) for k in IDENTITY) not in keys]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(kept + new, fh, indent=2)
+    os.replace(tmp, path)
+    return path

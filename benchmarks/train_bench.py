@@ -1,0 +1,131 @@
+"""Training benchmarks (issue 2): accuracy after a CPU-sized schedule, and the feature-cache speed-up.
+
+  python benchmarks/train_bench.py accuracy --recipe recipes/mvtec_resnet18_cpu.yaml --dataset mvtec_bottle
+  python benchmarks/train_bench.py cache-ratio --recipe recipes/mvtec_resnet18_cpu.yaml --dataset mvtec_bottle
+
+Writes records to benchmarks/results/training.json; checkpoints go to runs/bench/<dataset>_<setting>_<seed>/.
+Reads data from ../shared and says so (exit 0) when it is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import command_line, peak_rss_mb, record_results  # noqa: E402
+from ssn_edge.config import load_recipe, parse_override  # noqa: E402
+
+
+def _recipe(args):
+    overrides = dict(parse_override(s) for s in args.set)
+    if args.epochs is not None:
+        overrides["train.epochs"] = args.epochs
+    overrides["train.seed"] = args.seed
+    recipe = load_recipe(args.recipe, overrides)
+    data = Path(recipe.data.path)
+    if not data.is_absolute():
+        data = (ROOT / data).resolve()
+    if not data.exists():
+        print(f"skipped: {data} is absent (the shared data folder is not beside this checkout)")
+        sys.exit(0)
+    recipe.data.path = str(data)
+    if recipe.model.weights and not Path(recipe.model.weights).is_absolute():
+        recipe.model.weights = str((ROOT / recipe.model.weights).resolve())
+    return recipe
+
+
+def _base(recipe, args) -> dict:
+    return {
+        "dataset": args.dataset,
+        "backbone": recipe.model.backbone,
+        "setting": recipe.train.setting,
+        "seed": recipe.train.seed,
+        "command": command_line(),
+    }
+
+
+def accuracy(args) -> None:
+    from ssn_edge.jobs import train_job
+
+    recipe = _recipe(args)
+    out = ROOT / "runs" / "bench" / f"{args.dataset}_{recipe.train.setting}_{args.variant}_s{recipe.train.seed}"
+    t0 = time.perf_counter()
+    result = train_job(recipe, out, progress=not args.quiet)
+    train_s = time.perf_counter() - t0
+    epoch_s = [h["epoch_s"] for h in result.history]
+    rec = {
+        **_base(recipe, args),
+        "variant": args.variant,
+        "runtime": "torch",
+        "precision": "fp32",
+        "train_precision": recipe.train.precision,
+        "epochs": recipe.train.epochs,
+        "train_s": round(train_s, 1),
+        "epoch_s_median": round(sorted(epoch_s)[len(epoch_s) // 2], 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "checkpoint": str(result.checkpoint.relative_to(ROOT)),
+        **{k: round(v, 3) for k, v in result.metrics.items() if k != "image_threshold"},
+    }
+    print(record_results("training", [rec]))
+    print({k: rec[k] for k in ("image_auroc", "pixel_aupro", "train_s", "epochs") if k in rec})
+
+
+def cache_ratio(args) -> None:
+    """One epoch without and one with the cache, same process, same recipe: the ratio is the speed-up."""
+    import numpy as np
+    import torch
+
+    from ssn_edge.jobs import split_arrays
+    from ssn_edge.train import train
+
+    recipe = _recipe(args)
+    recipe.train.epochs = 1
+    arrays = split_arrays(recipe.data.path, "train", tuple(recipe.data.image_size), progress=False)
+    times = {}
+    for cached in (False, True, False, True):  # interleaved, second pass kept: warm caches, fair order
+        recipe.train.cache_features = cached
+        t0 = time.perf_counter()
+        res = train(recipe, arrays, ROOT / "runs" / "bench" / "cache_ratio", progress=False)
+        total = time.perf_counter() - t0
+        times[cached] = (res.history[-1]["epoch_s"], total)
+        torch.manual_seed(0)
+    uncached, cached_ = times[False][0], times[True][0]
+    rec = {
+        **_base(recipe, args),
+        "variant": "feature_cache",
+        "runtime": "torch",
+        "train_precision": recipe.train.precision,
+        "ratio": round(uncached / cached_, 3),
+        "ratio_of": "uncached_vs_cached_epoch",
+        "epoch_s_uncached": round(uncached, 2),
+        "epoch_s_cached": round(cached_, 2),
+        "cache_build_s": round(times[True][1] - cached_, 2),
+        "n_images": int(len(arrays.labels)),
+    }
+    print(record_results("training", [rec]))
+    print(rec)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["accuracy", "cache-ratio"])
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--dataset", required=True, help="name for the records, e.g. mvtec_bottle, magnetic_tile")
+    p.add_argument("--variant", default="paper_heads")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    {"accuracy": accuracy, "cache-ratio": cache_ratio}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

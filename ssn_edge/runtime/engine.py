@@ -1,0 +1,290 @@
+"""OpenVINO inference on a bundle: compile one precision, run images through it, return scores and maps.
+
+Torch-free (OpenVINO, NumPy, OpenCV). The inference precision is always set explicitly and read back:
+on a CPU with native BF16 (AVX512-BF16 / AMX), OpenVINO's default for an "FP32" model is to execute it in
+bf16, so a model called fp32 would silently not run in fp32. Here "fp32" means f32 and "bf16" is asked for
+by name, and `Engine.inference_precision` reports what the compiled model actually uses.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import openvino as ov
+
+from ssn_edge.runtime.bundle import Bundle, BundleError, load_bundle
+from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
+from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageError, prepare
+
+# Runtime precision name -> INFERENCE_PRECISION_HINT. fp16 IRs store f16 weights but execute in f32 on CPU
+# (what the accuracy of the export was checked at); int8 IRs run their quantized layers in int8 regardless of
+# the hint, the rest in f32. "bf16" is not a file: it is the fp32 IR executed with a bf16 hint.
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f32", "int8": "f32", "int8_acc": "f32"}
+# The bundle model each runtime precision loads.
+PRECISION_MODELS = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp16", "int8": "int8", "int8_acc": "int8_acc"}
+MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+
+_core: ov.Core | None = None
+_core_lock = threading.Lock()
+
+
+def get_core() -> ov.Core:
+    """One process-wide OpenVINO Core (creating one costs plugin discovery each time)."""
+    global _core
+    with _core_lock:
+        if _core is None:
+            _core = ov.Core()
+        return _core
+
+
+def device_supports_bf16(device: str = "CPU", core: ov.Core | None = None) -> bool:
+    """True when the device executes bf16 natively (OPTIMIZATION_CAPABILITIES lists BF16)."""
+    core = core or get_core()
+    try:
+        caps = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
+    except RuntimeError:
+        return False
+    return "BF16" in [str(c).upper() for c in caps]
+
+
+def type_name(value: Any) -> str:
+    """An ov.Type (or its string) as OpenVINO's short name: 'f32', 'bf16', 'f16'..."""
+    if isinstance(value, ov.Type):
+        return value.get_type_name()
+    return str(value)
+
+
+def check_precision(bundle: Bundle, precision: str) -> str:
+    """The bundle model name behind a runtime precision; one-line error for an unknown or absent one."""
+    if precision not in PRECISION_HINTS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_HINTS)}")
+    model = PRECISION_MODELS[precision]
+    if model not in bundle.metadata["models"]:
+        have = list(bundle.precisions)
+        if "fp32" in have:
+            have.append("bf16")
+        raise BundleError(f"{bundle.path}: no {model} model in this bundle for precision {precision!r} (has: {', '.join(have)})")
+    return model
+
+
+def _check_normalization(bundle: Bundle) -> None:
+    """The runtime prepares inputs with ImageNet mean/std; refuse a bundle that says it was trained otherwise."""
+    norm = bundle.metadata.get("normalization")
+    if not isinstance(norm, dict):
+        return
+    for key, expected in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        if key in norm:
+            try:
+                ok = np.allclose(np.asarray(norm[key], dtype=np.float32), expected, atol=1e-4)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise BundleError(
+                    f"{bundle.path}: input normalization {key} {norm[key]} is not the ImageNet {key} this runtime applies"
+                )
+
+
+@dataclass(eq=False)
+class Prediction:
+    path: str | None
+    score: float  # sigmoid of the score logit, in [0, 1]
+    decision: bool  # True = defective (score >= the bundle's image threshold)
+    anomaly_map: np.ndarray = field(repr=False)  # (H, W) float32 logits at the original image size
+    latency_ms: float  # preprocess + inference + postprocess for this image
+
+    @property
+    def map_max(self) -> float:
+        return float(self.anomaly_map.max()) if self.anomaly_map.size else float("nan")
+
+    def record(self) -> dict[str, Any]:
+        """JSON/CSV-ready fields (the map itself left out)."""
+        return {
+            "path": self.path,
+            "score": float(self.score),
+            "decision": bool(self.decision),
+            "latency_ms": float(self.latency_ms),
+            "map_max": self.map_max,
+        }
+
+
+class Engine:
+    """One compiled precision of a bundle.
+
+    bundle: a Bundle or a bundle path (loaded and checksum-verified). precision: fp32 | bf16 | fp16 | int8 |
+    int8_acc. mode: "latency" (one image at a time as fast as possible) or "throughput" (parallel streams).
+    num_requests: optional cap for PERFORMANCE_HINT_NUM_REQUESTS.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | Path,
+        precision: str = "int8",
+        device: str = "CPU",
+        mode: str = "latency",
+        num_requests: int | None = None,
+        core: ov.Core | None = None,
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose latency or throughput")
+        model_name = check_precision(self.bundle, precision)
+        self.core = core or get_core()
+        self.precision = precision
+        self.device = device
+        self.mode = mode
+        self.precision_hint = PRECISION_HINTS[precision]
+        if self.precision_hint == "bf16" and not device_supports_bf16(device, self.core):
+            raise ValueError(f"precision 'bf16' needs a {device} with native BF16 (OPTIMIZATION_CAPABILITIES lacks it)")
+        _check_normalization(self.bundle)
+        self.model_path = self.bundle.model_path(model_name)
+        self.weights_path = self.bundle.path / self.bundle.metadata["models"][model_name]["bin"]
+        self.input_size = self.bundle.input_size
+        outputs = self.bundle.metadata.get("outputs", {})
+        self.map_name = outputs.get("map", {}).get("name", "map")
+        self.score_name = outputs.get("score", {}).get("name", "score")
+        post = self.bundle.metadata.get("postprocess", {})
+        self.blur_sigma = float(post.get("blur_sigma", BLUR_SIGMA))
+        self.blur_kernel = int(post.get("blur_kernel", BLUR_KERNEL))
+        self.image_threshold = self.bundle.image_threshold
+        self.pixel_threshold = self.bundle.pixel_threshold
+
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.precision_hint, "PERFORMANCE_HINT": MODES[mode]}
+        if num_requests is not None:
+            if num_requests < 1:
+                raise ValueError(f"num_requests must be >= 1, got {num_requests}")
+            config["PERFORMANCE_HINT_NUM_REQUESTS"] = int(num_requests)
+        try:
+            self.model = self.core.read_model(str(self.model_path), str(self.weights_path))
+            self.compiled = self.core.compile_model(self.model, device, config)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"{self.model_path}: OpenVINO cannot load this model on {device}: {first}") from None
+        self.config = config
+        names = {name for out in self.compiled.outputs for name in out.get_names()}
+        for name in (self.map_name, self.score_name):
+            if name not in names:
+                raise BundleError(f"{self.model_path}: model has no output named {name!r} (has: {', '.join(sorted(names))})")
+        self.inference_precision = type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.optimal_requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"Engine({self.bundle.path}, precision={self.precision}, device={self.device}, mode={self.mode}, "
+            f"inference_precision={self.inference_precision})"
+        )
+
+    # -- raw inference -------------------------------------------------------------------------------
+
+    def _check_batch(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch)
+        h, w = self.input_size
+        if batch.ndim != 4 or batch.shape[1:] != (3, h, w):
+            raise ValueError(f"model input must be (N, 3, {h}, {w}); got shape {tuple(batch.shape)}")
+        return np.ascontiguousarray(batch, dtype=np.float32)
+
+    def _outputs(self, request: ov.InferRequest) -> tuple[np.ndarray, np.ndarray]:
+        raw = np.array(request.get_tensor(self.map_name).data, dtype=np.float32, copy=True)
+        score = np.array(request.get_tensor(self.score_name).data, dtype=np.float32, copy=True)
+        if raw.ndim == 4:
+            raw = raw[:, 0]
+        return raw, score.reshape(raw.shape[0])
+
+    def infer_raw(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Prepared (N, 3, H, W) float32 -> (raw maps (N, h, w) logits, score logits (N,)). Synchronous."""
+        batch = self._check_batch(batch)
+        with self._lock:
+            self._request.infer({0: batch})
+            return self._outputs(self._request)
+
+    # -- images -> predictions -----------------------------------------------------------------------
+
+    def _check_image(self, image: np.ndarray, name: str) -> np.ndarray:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3:
+            channels = image.shape[2] if image.ndim == 3 else (1 if image.ndim == 2 else None)
+            what = f"{channels} channels" if channels is not None else f"shape {tuple(image.shape)}"
+            raise ImageError(f"{name}: image has {what}; expected an (H, W, 3) RGB image (use read_image)")
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise ImageError(f"{name}: empty image")
+        if not np.issubdtype(image.dtype, np.floating):
+            raise ImageError(f"{name}: expected float pixels in [0, 1], got {image.dtype} (use read_image)")
+        return image
+
+    def postprocess(self, raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Raw map logits (h, w) -> smoothed map at size=(H, W).
+
+        Blurred at the model input size exactly as in training-time evaluation (so the bundle's pixel
+        threshold, calibrated there, means the same thing), then resized to the image's own size.
+        """
+        m = anomaly_map(raw, self.input_size, self.blur_sigma, self.blur_kernel)
+        h, w = size
+        if m.shape != (h, w):
+            m = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
+        return m
+
+    def predict_images(self, images: Sequence[np.ndarray], paths: Sequence[str | Path | None] | None = None) -> list[Prediction]:
+        """Run images ((H, W, 3) float RGB in [0, 1], any size) through the model, one inference request per
+        image, as many in flight as the compiled model's optimal number of requests."""
+        if paths is not None and len(paths) != len(images):
+            raise ValueError(f"{len(images)} images but {len(paths)} paths")
+        names = [str(p) if p is not None else None for p in (paths or [None] * len(images))]
+        labels = [n if n is not None else f"image #{i}" for i, n in enumerate(names)]
+        checked = [self._check_image(img, label) for img, label in zip(images, labels)]
+        n = len(checked)
+        raws: list[np.ndarray | None] = [None] * n
+        scores = np.zeros(n, dtype=np.float32)
+        infer_ms = np.zeros(n, dtype=np.float64)
+        prep_ms = np.zeros(n, dtype=np.float64)
+        starts = np.zeros(n, dtype=np.float64)
+        errors: list[BaseException] = []
+
+        def done(request: ov.InferRequest, index: int) -> None:
+            try:
+                raw, score = self._outputs(request)
+                raws[index] = raw[0]
+                scores[index] = score[0]
+                infer_ms[index] = (time.perf_counter() - starts[index]) * 1e3
+            except BaseException as exc:  # surfaced after wait_all; an exception here would be lost
+                errors.append(exc)
+
+        if n:
+            queue = ov.AsyncInferQueue(self.compiled, max(1, self.optimal_requests))
+            queue.set_callback(done)
+            for i, image in enumerate(checked):
+                t0 = time.perf_counter()
+                x = prepare(image, self.input_size)[None]
+                prep_ms[i] = (time.perf_counter() - t0) * 1e3
+                queue.get_idle_request_id()  # wait for a free request here: queueing is not this image's latency
+                starts[i] = time.perf_counter()
+                queue.start_async({0: x}, userdata=i)
+            queue.wait_all()
+            if errors:
+                raise errors[0]
+
+        out: list[Prediction] = []
+        for i, image in enumerate(checked):
+            t0 = time.perf_counter()
+            m = self.postprocess(raws[i], image.shape[:2])
+            score = float(sigmoid(scores[i]))
+            post_ms = (time.perf_counter() - t0) * 1e3
+            out.append(
+                Prediction(
+                    path=names[i],
+                    score=score,
+                    decision=bool(score >= self.image_threshold),
+                    anomaly_map=m,
+                    latency_ms=float(prep_ms[i] + infer_ms[i] + post_ms),
+                )
+            )
+        return out
+
+    def predict_image(self, image: np.ndarray, path: str | Path | None = None) -> Prediction:
+        return self.predict_images([image], [path])[0]

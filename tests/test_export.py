@@ -1,0 +1,475 @@
+"""Export to an OpenVINO bundle: FP32 parity with PyTorch, FP16/INT8/accuracy-controlled INT8, metadata,
+calibration selection, atomicity. One shared export (fp32+fp16+int8) serves most tests; 64x64 tiny model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ssn_edge.calibration import (
+    CALIBRATION_FILE,
+    CalibrationError,
+    CalibrationSpec,
+    load_calibration_spec,
+    select_calibration,
+)
+from ssn_edge.checkpoint import CheckpointError
+from ssn_edge.runtime.bundle import BundleError, load_bundle, sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+CALIB_SIZE = 4  # of the 8 tiny training images: leaves room for different seeds to differ
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def _no_leftovers(parent: Path, name: str) -> None:
+    if parent.exists():
+        left = [p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.")]
+        assert left == [], f"partial export left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def recipe(tiny_checkpoint):
+    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.config import recipe_from_dict
+
+    return recipe_from_dict(load_checkpoint(tiny_checkpoint)["recipe"])
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_checkpoint, tmp_path_factory):
+    from ssn_edge.export import export_bundle
+
+    out = tmp_path_factory.mktemp("export") / "bundle"
+    return export_bundle(
+        tiny_checkpoint, out, fp16=True, int8=True, calibration=CalibrationSpec(size=CALIB_SIZE, seed=0)
+    )
+
+
+@pytest.fixture(scope="module")
+def test_arrays(tiny_dataset):
+    from ssn_edge.jobs import split_arrays
+
+    return split_arrays(tiny_dataset, "test", (64, 64), progress=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fp32_matches_pytorch(bundle, tiny_checkpoint, test_arrays):
+    import openvino as ov
+
+    from ssn_edge.evaluate import predict_raw
+    from ssn_edge.train import model_from_checkpoint
+
+    model, _, _ = model_from_checkpoint(tiny_checkpoint)
+    ref_maps, ref_scores = predict_raw(model, test_arrays.images)
+    compiled = ov.Core().compile_model(bundle.model_path("fp32"), "CPU", F32)
+    assert {n for o in compiled.outputs for n in o.get_names()} >= {"map", "score"}
+    assert compiled.input(0).get_partial_shape().to_string() == "[?,3,64,64]"
+    for batch in (1, 3):  # dynamic batch
+        x = test_arrays.images[:batch]
+        out = compiled(x)
+        m, s = out[compiled.output("map")], out[compiled.output("score")]
+        assert m.shape == (batch, 1, 16, 16) and s.shape == (batch,)
+        assert np.abs(m[:, 0] - ref_maps[:batch]).max() < 1e-3
+        assert np.abs(s - ref_scores[:batch]).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_fp16_present_and_smaller(bundle):
+    assert bundle.precisions == ["fp32", "fp16", "int8"]
+    entry = bundle.metadata["models"]["fp16"]
+    assert entry["weights_precision"] == "fp16"
+    fp32_bin = (bundle.path / bundle.metadata["models"]["fp32"]["bin"]).stat().st_size
+    fp16_bin = (bundle.path / entry["bin"]).stat().st_size
+    assert fp16_bin < 0.6 * fp32_bin
+
+
+@pytest.mark.slow
+def test_int8_is_quantized(bundle, test_arrays):
+    import openvino as ov
+
+    from ssn_edge.export import count_quantized_ops, infer
+
+    assert count_quantized_ops(bundle.model_path("fp32")) == 0
+    assert count_quantized_ops(bundle.model_path("int8")) > 0
+    entry = bundle.metadata["models"]["int8"]
+    assert entry["weights_precision"] == "int8"
+    assert entry["calibration"] == {"file": CALIBRATION_FILE, "size": CALIB_SIZE}
+    int8_bin = (bundle.path / entry["bin"]).stat().st_size
+    assert int8_bin < 0.4 * (bundle.path / bundle.metadata["models"]["fp32"]["bin"]).stat().st_size
+    maps, scores = infer(ov.Core().compile_model(bundle.model_path("int8"), "CPU"), test_arrays.images)
+    assert maps.shape == (len(test_arrays), 16, 16) and np.isfinite(maps).all() and np.isfinite(scores).all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metadata
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_metadata_schema(bundle, tiny_checkpoint, test_arrays):
+    from ssn_edge.metrics import f1_max
+    from ssn_edge.runtime.postprocess import sigmoid
+
+    meta = json.loads((bundle.path / "metadata.json").read_text())
+    assert meta["input"] == {
+        "name": "image",
+        "height": 64,
+        "width": 64,
+        "channels": 3,
+        "layout": "NCHW",
+        "color": "rgb",
+        "grayscale": "replicate",
+        "scale": "uint8/255, uint16/65535",
+        "resize": "area when shrinking, bilinear when enlarging",
+        "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    }
+    assert meta["outputs"] == {
+        "map": {"name": "map", "stride": 4, "kind": "logits"},
+        "score": {"name": "score", "kind": "logit"},
+    }
+    assert meta["postprocess"] == {"map_upsample": "bilinear", "blur_sigma": 4.0, "blur_kernel": 25, "score": "sigmoid"}
+    th = meta["thresholds"]
+    assert th["source"] == "test" and th["method"] == "f1_max" and th["images"] == len(test_arrays)
+    # The image threshold is the F1-max threshold of the FP32 model's sigmoid scores on that split.
+    import openvino as ov
+
+    from ssn_edge.export import infer
+
+    _, logits = infer(ov.Core().compile_model(bundle.model_path("fp32"), "CPU", F32), test_arrays.images)
+    assert th["image"] == pytest.approx(f1_max(test_arrays.labels, sigmoid(logits))[1], abs=1e-5)
+    assert isinstance(th["pixel"], float) and th["pixel_method"] == "f1_max"
+    norm = meta["normalization"]
+    assert norm["image"]["min"] <= th["image"] <= norm["image"]["max"]
+    assert norm["map"]["min"] < norm["map"]["max"]
+    for precision, entry in meta["models"].items():
+        assert {"xml", "bin", "weights_precision", "metrics"} <= set(entry)
+        assert "image_auroc" in entry["metrics"]
+    assert meta["tiling"] is None
+    assert meta["backbone"]["name"] == "resnet18"
+    assert meta["recipe"]["data"]["image_size"] == [64, 64]
+    assert meta["setting"] == "unsupervised"
+    assert meta["ssn_edge_version"]
+    assert meta["source_checkpoint"] == {
+        "name": "checkpoint.pt",
+        "sha256": sha256_file(tiny_checkpoint),
+        "epoch": 1,
+    }
+    assert meta["calibration"]["count"] == CALIB_SIZE
+    # every file is checksummed, and the checksums are right
+    listed = set(meta["files"])
+    on_disk = {p.name for p in bundle.path.iterdir() if p.name != "metadata.json"}
+    assert listed == on_disk
+    for name, digest in meta["files"].items():
+        assert sha256_file(bundle.path / name) == digest
+
+
+@pytest.mark.slow
+def test_tampered_bundle_is_refused(bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle.path, copy)
+    load_bundle(copy)
+    with open(copy / "model_int8.bin", "r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        load_bundle(copy)
+
+
+@pytest.mark.slow
+def test_calibration_record(bundle, tiny_dataset, recipe):
+    record = json.loads((bundle.path / CALIBRATION_FILE).read_text())
+    assert record["spec"] == {"source": "recipe", "path": None, "size": CALIB_SIZE, "seed": 0}
+    assert record["count"] == CALIB_SIZE == len(record["images"])
+    expected = select_calibration(CalibrationSpec(size=CALIB_SIZE, seed=0), recipe)
+    assert [i["path"] for i in record["images"]] == [p.relative_to(tiny_dataset).as_posix() for p in expected]
+    for item in record["images"]:
+        assert not Path(item["path"]).is_absolute()
+        assert item["sha256"] == sha256_file(tiny_dataset / item["path"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Calibration selection
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_calibration_is_deterministic(recipe, tiny_dataset):
+    a = select_calibration(CalibrationSpec(size=CALIB_SIZE, seed=0), recipe)
+    b = select_calibration(CalibrationSpec(size=CALIB_SIZE, seed=0), recipe)
+    c = select_calibration(CalibrationSpec(size=CALIB_SIZE, seed=1), recipe)
+    assert a == b and len(a) == CALIB_SIZE and a == sorted(a)
+    assert a != c
+    train_good = tiny_dataset / "train" / "good"
+    assert all(p.parent == train_good for p in a + c)
+
+
+def test_calibration_warnings(recipe, caplog):
+    with caplog.at_level(logging.WARNING, logger="ssn_edge"):
+        chosen = select_calibration(CalibrationSpec(size=500), recipe)
+    assert len(chosen) == 8
+    text = caplog.text
+    assert "500 images asked for, only 8" in text
+    assert "fewer than 32" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ssn_edge"):
+        select_calibration(CalibrationSpec(size=2), recipe)
+    assert "asked for" not in caplog.text and "fewer than 32" in caplog.text
+
+
+def test_calibration_folder_recursive(tiny_dataset, tmp_path):
+    folder = tmp_path / "parts"
+    (folder / "day1").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    sources = sorted((tiny_dataset / "train" / "good").glob("*.png"))[:3]
+    shutil.copy(sources[0], folder / "a.png")
+    shutil.copy(sources[1], folder / "day1" / "b.png")
+    shutil.copy(sources[2], folder / ".hidden" / "c.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "day1" / "broken.png").write_bytes(b"\x89PNG garbage")
+    chosen = select_calibration(CalibrationSpec(source="folder", path=str(folder), size=10))
+    assert chosen == [folder / "a.png", folder / "day1" / "b.png"]
+
+
+def test_calibration_folder_without_images(tmp_path):
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(CalibrationError) as info:
+        select_calibration(CalibrationSpec(source="folder", path=str(empty)))
+    assert str(empty) in str(info.value) and "\n" not in str(info.value)
+    (empty / "x.png").write_bytes(b"corrupt")
+    with pytest.raises(CalibrationError, match="no readable image") as info:
+        select_calibration(CalibrationSpec(source="folder", path=str(empty)))
+    assert str(empty) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_calibration_manifest(tiny_dataset, tmp_path):
+    good = sorted((tiny_dataset / "train" / "good").glob("*.png"))
+    bad = sorted((tiny_dataset / "test").glob("[!g]*/*.png"))[0]
+    manifest = tmp_path / "m.csv"
+    rows = ["image,label,split"] + [f"{p},0,train" for p in good[:3]] + [f"{bad},1,train", f"{good[3]},0,test"]
+    manifest.write_text("\n".join(rows) + "\n")
+    chosen = select_calibration(CalibrationSpec(source="manifest", path=str(manifest), size=10))
+    assert chosen == good[:3]
+
+
+def test_calibration_spec_files(tmp_path):
+    bottle = load_calibration_spec(REPO / "calibration" / "mvtec_bottle.yaml")
+    assert bottle == CalibrationSpec(source="recipe", path=None, size=128, seed=0)
+    folder = load_calibration_spec(REPO / "calibration" / "folder_example.yaml")
+    assert folder.source == "folder" and folder.path
+    assert (REPO / "calibration" / "README.md").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("source: recipe\nsize: 128\nseeds: 1\n")
+    with pytest.raises(CalibrationError, match="unknown calibration key 'seeds'"):
+        load_calibration_spec(bad)
+    for size in (0, 1001, "many"):
+        with pytest.raises(CalibrationError, match="1..1000"):
+            CalibrationSpec(size=size)
+    with pytest.raises(CalibrationError, match="needs a path"):
+        CalibrationSpec(source="folder")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Errors and atomicity
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_corrupt_checkpoint(tmp_path):
+    from ssn_edge.export import export_bundle
+
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    out = tmp_path / "out" / "bundle"
+    with pytest.raises(CheckpointError, match=str(bad)) as info:
+        export_bundle(bad, out, fp16=True, int8=True)
+    assert "\n" not in str(info.value)
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_checkpoint_from_another_version(tmp_path, tiny_checkpoint):
+    import torch
+
+    from ssn_edge.export import export_bundle
+
+    state = torch.load(tiny_checkpoint, weights_only=False)
+    state["version"] = 99
+    old = tmp_path / "future.pt"
+    torch.save(state, old)
+    with pytest.raises(CheckpointError, match="version 99"):
+        export_bundle(old, tmp_path / "bundle", fp16=False, int8=False)
+    _no_leftovers(tmp_path, "bundle")
+
+
+def test_existing_output_refused_early(tmp_path, monkeypatch):
+    import ssn_edge.train
+    from ssn_edge.export import export_bundle
+
+    out = tmp_path / "bundle"
+    out.mkdir()
+    monkeypatch.setattr(ssn_edge.train, "model_from_checkpoint", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(BundleError, match="already exists"):
+        export_bundle(tmp_path / "any.pt", out, fp16=False, int8=False)
+    with pytest.raises(ValueError, match="accuracy metric"):
+        export_bundle(tmp_path / "any.pt", tmp_path / "x", fp16=False, int8=False, acc_metric="f1")
+
+
+@pytest.mark.slow
+def test_failure_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    import ssn_edge.export as export
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("quantizer crashed")
+
+    monkeypatch.setattr(export, "quantize_int8", boom)
+    out = tmp_path / "bundle"
+    with pytest.raises(RuntimeError, match="quantizer crashed"):
+        export.export_bundle(tiny_checkpoint, out, fp16=True, int8=True, calibration=CalibrationSpec(size=2))
+    _no_leftovers(tmp_path, "bundle")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Accuracy-controlled INT8 and the CLI
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_int8_accuracy_control(tiny_checkpoint, tmp_path):
+    from ssn_edge.export import export_bundle
+
+    b = export_bundle(
+        tiny_checkpoint,
+        tmp_path / "acc",
+        fp16=False,
+        int8=False,
+        int8_acc=True,
+        calibration=CalibrationSpec(size=CALIB_SIZE),
+        max_drop=0.5,
+        acc_metric="image_auroc",
+    )
+    assert b.precisions == ["fp32", "int8_acc"]
+    entry = b.metadata["models"]["int8_acc"]
+    assert entry["max_drop"] == 0.5 and entry["metric"] == "image_auroc" and entry["drop_type"] == "absolute"
+    report = entry["report"]
+    assert report["fp32"] == pytest.approx(b.metadata["models"]["fp32"]["metrics"]["image_auroc"])
+    assert report["drop"] == pytest.approx(report["fp32"] - report["int8_acc"])
+    assert report["met"] == (report["drop"] <= 0.5)
+    assert report["fake_quantize_ops"] >= 0
+    assert (b.path / CALIBRATION_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_cli_export_fp32_only(tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    out = tmp_path / "cli_bundle"
+    result = CliRunner().invoke(main, ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"bundle: {out}" in result.output
+    assert "fp32" in result.output and "fp16" not in result.output
+    b = load_bundle(out)
+    assert b.precisions == ["fp32"]
+    assert not (out / CALIBRATION_FILE).exists() and b.metadata["calibration"] is None
+
+    again = CliRunner().invoke(main, ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_cli_calibration_options_need_int8(tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    base = ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(main, base + ["--calibration-size", "10"])
+    assert result.exit_code != 0 and "only apply with --int8" in result.output
+    result = CliRunner().invoke(
+        main, base + ["--int8", "--calibration-folder", str(tmp_path), "--calibration-manifest", "m.csv"]
+    )
+    assert result.exit_code != 0 and "give one calibration source" in result.output
+    assert not (tmp_path / "b").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Threshold data and thresholds (no model needed)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_threshold_split_prefers_val(tiny_dataset, tmp_path, caplog):
+    from ssn_edge.data import DatasetError
+    from ssn_edge.export import threshold_split
+
+    good = sorted((tiny_dataset / "test" / "good").glob("*.png"))
+    bad = sorted((tiny_dataset / "test").glob("[!g]*/*.png"))
+    manifest = tmp_path / "m.csv"
+    rows = ["image,label,split", f"{good[0]},0,val", f"{bad[0]},1,val", f"{good[1]},0,test", f"{bad[1]},1,test"]
+    manifest.write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="ssn_edge"):
+        split, samples = threshold_split(manifest)
+    assert split == "val" and [s.image for s in samples] == [good[0], bad[0]]
+    assert "optimistic" not in caplog.text
+    manifest.write_text("\n".join(rows[:1] + rows[3:]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="ssn_edge"):
+        assert threshold_split(manifest)[0] == "test"
+    assert "optimistic" in caplog.text
+    manifest.write_text("\n".join([rows[0], rows[1], rows[3]]) + "\n")
+    with pytest.raises(DatasetError, match="no defective images"):
+        threshold_split(manifest)
+
+
+def _toy_arrays(with_masks: bool):
+    from ssn_edge.data import ArraySet
+
+    n, h, w = 6, 32, 32
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    masks = np.zeros((n, h, w), dtype=bool)
+    if with_masks:
+        masks[3:, 10:20, 10:20] = True
+    valid = np.ones(n, dtype=bool) if with_masks else labels == 0
+    arrays = ArraySet(np.zeros((n, 3, h, w), np.float32), masks, labels, valid, [str(i) for i in range(n)])
+    raw = np.random.default_rng(0).normal(0, 0.1, (n, h // 4, w // 4)).astype(np.float32)
+    raw[3:, 2:5, 2:5] += 3.0  # defect region at 1/4 resolution
+    logits = np.array([-2.0, -1.0, 0.5, 0.2, 1.0, 2.0], dtype=np.float32)
+    return arrays, raw, logits
+
+
+def test_thresholds_f1_max_and_subsampling(monkeypatch):
+    import ssn_edge.export as export
+    from ssn_edge.runtime.postprocess import sigmoid
+
+    arrays, raw, logits = _toy_arrays(with_masks=True)
+    thresholds, norm = export.thresholds_and_normalization(arrays, raw, logits)
+    assert thresholds["image"] == pytest.approx(float(sigmoid(np.float32(0.2))))  # F1 = 6/7 at the 4th score
+    assert thresholds["pixel_method"] == "f1_max"
+    assert norm["image"] == {"min": pytest.approx(float(sigmoid(-2.0))), "max": pytest.approx(float(sigmoid(2.0)))}
+    assert norm["map"]["min"] < thresholds["pixel"] < norm["map"]["max"]
+    monkeypatch.setattr(export, "MAX_THRESHOLD_PIXELS", 1000)  # 6*32*32 = 6144 pixels: subsampled
+    again, _ = export.thresholds_and_normalization(arrays, raw, logits)
+    assert again == export.thresholds_and_normalization(arrays, raw, logits)[0]  # deterministic
+    assert again["pixel"] == pytest.approx(thresholds["pixel"], abs=0.5)
+
+
+def test_pixel_threshold_without_masks(caplog):
+    from ssn_edge.export import thresholds_and_normalization
+    from ssn_edge.runtime.postprocess import anomaly_map
+
+    arrays, raw, logits = _toy_arrays(with_masks=False)
+    with caplog.at_level(logging.WARNING, logger="ssn_edge"):
+        thresholds, _ = thresholds_and_normalization(arrays, raw, logits)
+    assert thresholds["pixel_method"] == "normal_max" and "no defect masks" in caplog.text
+    normal_max = anomaly_map(raw[:3], (32, 32)).max()
+    assert normal_max < thresholds["pixel"] < normal_max + 1e-5
