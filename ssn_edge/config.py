@@ -30,14 +30,25 @@ class ModelConfig:
     seg_hidden: int = 1024
     cls_hidden: int = 128
     cls_kernel: int = 5
+    # "full": Conv kxk over C+1 channels at feature resolution (paper; ~55 % of ResNet18-SSN compute);
+    # "light": Conv1x1 C+1 -> cls_hidden, then depthwise kxk stride 2 (LightClassificationHead).
+    cls_head: str = "full"
 
 
 @dataclass
 class NoiseConfig:
-    kind: str = "fixed"  # "fixed": N(0, sigma^2) as in the paper; "adaptive": sigma * per-channel feature std
+    kind: str = "fixed"  # "fixed": N(0, sigma^2) as in the paper; "adaptive": sigma * per-channel feature std;
+    # "learned": a noise generator trained against the heads (training only; the fields below)
     sigma: float = 0.015
     perlin_threshold: float = 0.2  # 0.2 MVTec AD; 0.6 for thin, small defects (VisA, KSDD2)
     empty_prob: float = 0.5  # probability that a sample gets no synthetic anomaly
+    # kind "learned" only (spec 4): eps = tanh(G(A, z)) * beta * per-channel std(A), G trained adversarially.
+    beta: float = 0.1  # bound on |eps| relative to each channel's feature std (0.05: detection, 0.1: localisation)
+    z_dim: int = 16  # random vector fed to G (stochasticity)
+    gen_hidden: int = 128  # G's hidden width (1x1 convs)
+    gen_lr: float = 1e-4  # G's AdamW learning rate
+    mag_weight: float = 1.0  # weight of G's L2 magnitude penalty mean(eps^2) / (beta * std)^2
+    heads_per_gen: int = 3  # heads updates per generator update
 
 
 @dataclass
@@ -75,7 +86,8 @@ class Recipe:
 
 _CHOICES = {
     "model.cls_input": ("adapted", "backbone"),
-    "noise.kind": ("fixed", "adaptive"),
+    "model.cls_head": ("full", "light"),
+    "noise.kind": ("fixed", "adaptive", "learned"),
     "train.setting": ("unsupervised", "supervised"),
     "train.precision": ("fp32", "bf16"),
 }

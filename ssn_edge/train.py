@@ -25,6 +25,7 @@ from ssn_edge.config import Recipe, recipe_from_dict
 from ssn_edge.data import ArraySet
 from ssn_edge.evaluate import evaluate_model
 from ssn_edge.model.backbones import weights_fingerprint
+from ssn_edge.model.generator import NoiseGenerator
 from ssn_edge.model.losses import ssn_loss
 from ssn_edge.model.noise import apply_noise, sample_noise
 from ssn_edge.model.perlin import perlin_masks
@@ -154,8 +155,16 @@ def train_step(
     mask_valid: Tensor,
     rng: np.random.Generator,
     crop: int | None = None,
+    generator: NoiseGenerator | None = None,
+    generator_step: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
-    """One forward pass with synthetic anomalies on (a crop of) the feature map; returns the loss and its parts."""
+    """One forward pass with synthetic anomalies on (a crop of) the feature map; returns the loss and its parts.
+
+    generator (noise.kind: learned): eps comes from it instead of sample_noise. For the heads' step its output
+    is detached and the loss is the heads' SSN loss (parts gain eps_rel_mean, eps_saturated). With
+    generator_step the returned loss is the generator's objective, -SSN loss + mag_weight * L_mag: minimising
+    it maximises the heads' loss under the magnitude penalty (parts gain ssn and mag).
+    """
     t, n = recipe.train, recipe.noise
     supervised = t.setting == "supervised"
     feats = model.features.merge(l2, l3)
@@ -172,9 +181,16 @@ def train_step(
     size = tuple(adapted.shape[-2:])
     perlin = torch.from_numpy(perlin_masks(len(adapted), size, rng, n.perlin_threshold, n.empty_prob))[:, None]
     synthetic = perlin.float() * (1 - gt)  # noise only outside real defects
-    eps = sample_noise(adapted, n)
+    if generator is None:
+        eps = sample_noise(adapted, n)
+    else:
+        with contextlib.nullcontext() if generator_step else torch.no_grad():
+            generated = generator.perturb(adapted)
+        eps = generated.eps
     noised = apply_noise(adapted, eps, synthetic)
     if model.heads.cls_input == "backbone":
+        if generator is not None:
+            raise ValueError("noise.kind 'learned' needs model.cls_input 'adapted' (the generator perturbs A)")
         cls_features = apply_noise(feats2, sample_noise(feats2, n), synthetic)
     else:
         cls_features = noised
@@ -185,7 +201,80 @@ def train_step(
     label = ((target.flatten(1).amax(1) > 0) | ~mask_valid).float()  # ~mask_valid: defective, mask unknown
 
     map_logits, score = model.heads.decide(noised, cls_features, detach_map=not supervised)
-    return ssn_loss(map_logits, score, target, label, pixel_valid)
+    loss, parts = ssn_loss(map_logits, score, target, label, pixel_valid)
+    if generator is None:
+        return loss, parts
+    parts.update(generated.stats())
+    if not generator_step:
+        return loss, parts
+    penalty = generated.magnitude_penalty()
+    parts.update(ssn=float(loss.detach()), mag=float(penalty.detach()))
+    return -loss + n.mag_weight * penalty, parts
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: a loss became NaN or infinite. The message names the epoch and step."""
+
+
+def _check_finite(loss: Tensor, what: str, epoch: int, step: int, steps: int) -> None:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"{what} loss is {value} at epoch {epoch + 1}, step {step + 1}/{steps}: training diverged "
+            "(try a smaller noise.beta, noise.gen_lr or a larger noise.mag_weight)"
+        )
+
+
+def build_generator(model: SuperSimpleNet, recipe: Recipe) -> tuple[NoiseGenerator, torch.optim.Optimizer]:
+    """The learned-noise generator for model's adapted features (training only) and its own AdamW."""
+    n = recipe.noise
+    if model.heads.cls_input != "adapted":
+        raise ValueError("noise.kind 'learned' needs model.cls_input 'adapted' (the generator perturbs A)")
+    if n.heads_per_gen < 1:
+        raise ValueError(f"noise.heads_per_gen must be >= 1, got {n.heads_per_gen}")
+    if n.mag_weight < 0:
+        raise ValueError(f"noise.mag_weight must be >= 0, got {n.mag_weight}")
+    generator = NoiseGenerator(model.heads.adaptor.out_channels, n.z_dim, n.gen_hidden, n.beta)
+    return generator, torch.optim.AdamW(generator.parameters(), lr=n.gen_lr)
+
+
+def generator_update(
+    model: SuperSimpleNet,
+    recipe: Recipe,
+    generator: NoiseGenerator,
+    optimizer: torch.optim.Optimizer,
+    l2: Tensor,
+    l3: Tensor,
+    gt: Tensor,
+    mask_valid: Tensor,
+    rng: np.random.Generator,
+    crop: int | None = None,
+    where: tuple[int, int, int] = (0, 0, 1),
+) -> tuple[float, dict[str, float]]:
+    """One adversarial step of the generator on freshly noised features (new Perlin masks, new z).
+
+    Only the generator moves: gradients are taken for its parameters alone, and the heads' BatchNorm running
+    statistics, which the forward pass in train mode updates, are put back. where = (epoch, step, steps)
+    names the place in a divergence error. Returns the objective's value and its parts.
+    """
+    saved = {name: buf.clone() for name, buf in model.heads.named_buffers()}
+    try:
+        with _autocast(recipe):
+            objective, parts = train_step(
+                model, recipe, l2, l3, gt, mask_valid, rng, crop, generator=generator, generator_step=True
+            )
+        _check_finite(objective, "generator", *where)
+        params = [p for p in generator.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(objective, params)
+    finally:
+        with torch.no_grad():
+            for name, buf in model.heads.named_buffers():
+                buf.copy_(saved[name])
+    optimizer.zero_grad(set_to_none=True)
+    for param, grad in zip(params, grads):
+        param.grad = grad
+    optimizer.step()
+    return float(objective.detach()), parts
 
 
 @dataclass
@@ -214,11 +303,22 @@ def train(
     rng = seed_everything(t.seed)
     model = SuperSimpleNet(recipe.model)
     optimizer, scheduler = build_optimizer(model, recipe)
+    # noise.kind "learned": a generator trained against the heads (spec 4); it exists in training only.
+    learned = recipe.noise.kind == "learned"
+    generator, gen_optimizer, heads_steps = None, None, 0
+    if learned:
+        generator, gen_optimizer = build_generator(model, recipe)
     start_epoch, history = 0, []
     if resume is not None:
         state = load_checkpoint(resume)
         model.heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
+        if learned and "generator" in state:
+            generator.load_state_dict(state["generator"]["state"])
+            gen_optimizer.load_state_dict(state["generator"]["optimizer"])
+            heads_steps = int(state["generator"]["heads_steps"])
+        elif learned:
+            log.warning("%s has no noise generator (not a learned-noise run): starting a fresh one", resume)
         start_epoch = int(state["epoch"])
         _restart_schedule(optimizer, scheduler, start_epoch)
         history = list(state.get("history", []))
@@ -258,11 +358,15 @@ def train(
         # max/avg pooling is tuned on the statistics it meets at inference.
         crop = t.feature_crop if (t.crop_epochs is None or epoch < t.crop_epochs) else None
         losses = []
-        for chunk in batches:
+        noise_kw = {"generator": generator} if learned else {}
+        eps_parts, gen_losses = [], []
+        for step, chunk in enumerate(batches):
             l2, l3 = source.get(chunk)
             gt, valid = feature_masks(train_arrays, chunk, (l2.shape[-2] * 2, l2.shape[-1] * 2))
             with _autocast(recipe):
-                loss, parts = train_step(model, recipe, l2, l3, gt, valid, rng, crop)
+                loss, parts = train_step(model, recipe, l2, l3, gt, valid, rng, crop, **noise_kw)
+            if learned:
+                _check_finite(loss, "heads", epoch, step, len(batches))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
@@ -270,8 +374,22 @@ def train(
             optimizer.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if learned:
+                eps_parts.append(parts)
+                heads_steps += 1
+                if heads_steps % recipe.noise.heads_per_gen == 0:
+                    where = (epoch, step, len(batches))
+                    value, _ = generator_update(model, recipe, generator, gen_optimizer, l2, l3, gt, valid, rng, crop, where)
+                    gen_losses.append(value)
         scheduler.step()
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_s": time.perf_counter() - t0}
+        if learned:
+            # What the heads were trained on this epoch: mean |eps| / feature std (<= beta), fraction saturated.
+            record["eps_rel_mean"] = float(np.mean([p["eps_rel_mean"] for p in eps_parts]))
+            record["eps_saturated"] = float(np.mean([p["eps_saturated"] for p in eps_parts]))
+            record["gen_steps"] = len(gen_losses)
+            if gen_losses:
+                record["gen_loss"] = float(np.mean(gen_losses))
         if test_arrays is not None and t.eval_every and (epoch + 1) % t.eval_every == 0 and epoch + 1 < t.epochs:
             record.update(evaluate_model(model, test_arrays))
             model.heads.train()
@@ -279,19 +397,23 @@ def train(
         history.append(record)
         if epoch_callback:
             epoch_callback(epoch + 1, record)
-        save_checkpoint(
-            ckpt_path,
-            {
-                "recipe": recipe.to_dict(),
-                "heads": model.heads.state_dict(),
-                "backbone": backbone,
-                "epoch": epoch + 1,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state},
-                "history": history,
-            },
-        )
+        payload = {
+            "recipe": recipe.to_dict(),
+            "heads": model.heads.state_dict(),
+            "backbone": backbone,
+            "epoch": epoch + 1,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state},
+            "history": history,
+        }
+        if learned:
+            payload["generator"] = {
+                "state": generator.state_dict(),
+                "optimizer": gen_optimizer.state_dict(),
+                "heads_steps": heads_steps,
+            }
+        save_checkpoint(ckpt_path, payload)
     metrics: dict[str, float] = {}
     if test_arrays is not None:
         metrics = evaluate_model(model, test_arrays)

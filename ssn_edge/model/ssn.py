@@ -82,6 +82,43 @@ class ClassificationHead(nn.Module):
         return self.fc(pooled.float()).squeeze(1)
 
 
+class LightClassificationHead(nn.Module):
+    """The edge variant of ClassificationHead, same inputs and output, ~25x fewer MACs (model.cls_head: light).
+
+    The full head's kxk conv over C+1 channels at feature resolution is ~55 % of ResNet18-SSN's compute.
+    Here it is factorised depthwise-separably, channels reduced first: Conv1x1(C+1 -> hidden) (the
+    pointwise part, no activation, as in Xception's separable conv) -> depthwise Conv kxk stride 2 (halves
+    the resolution) -> BN -> ReLU. Pooling is the full head's: global max + avg of that output and of the
+    full-resolution M_o -> Linear(2 * hidden + 2 -> 1).
+    """
+
+    def __init__(self, channels: int, hidden: int = 128, kernel: int = 5):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels + 1, hidden, 1, bias=False)  # the depthwise conv's BN makes a bias moot
+        self.conv = nn.Sequential(
+            nn.Conv2d(hidden, hidden, kernel, stride=2, padding=kernel // 2, groups=hidden),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(),
+        )
+        self.fc = nn.Linear(2 * hidden + 2, 1)
+
+    def forward(self, features: Tensor, map_logits: Tensor) -> Tensor:
+        x = self.conv(self.reduce(torch.cat([features, map_logits], dim=1)))
+        pooled = torch.cat(
+            [
+                x.amax(dim=(2, 3)),
+                x.mean(dim=(2, 3)),
+                map_logits.amax(dim=(2, 3)),
+                map_logits.mean(dim=(2, 3)),
+            ],
+            dim=1,
+        )
+        return self.fc(pooled.float()).squeeze(1)
+
+
+CLASSIFICATION_HEADS = {"full": ClassificationHead, "light": LightClassificationHead}
+
+
 class SSNHeads(nn.Module):
     """Everything SSN trains: adaptor, segmentation head, classification head."""
 
@@ -92,7 +129,11 @@ class SSNHeads(nn.Module):
         self.adaptor = nn.Conv2d(channels, width, 1)
         self.segmentation = SegmentationHead(width, cfg.seg_hidden)
         cls_channels = channels if cfg.cls_input == "backbone" else width
-        self.classification = ClassificationHead(cls_channels, cfg.cls_hidden, cfg.cls_kernel)
+        kind = getattr(cfg, "cls_head", "full")  # getattr: a config object from before cls_head existed
+        if kind not in CLASSIFICATION_HEADS:
+            raise ValueError(f"model.cls_head {kind!r} is not one of {', '.join(CLASSIFICATION_HEADS)}")
+        head = CLASSIFICATION_HEADS[kind]
+        self.classification = head(cls_channels, cfg.cls_hidden, cfg.cls_kernel)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
