@@ -21,6 +21,8 @@ def sample_noise(features: Tensor, cfg: NoiseConfig) -> Tensor:
     if cfg.kind == "adaptive":
         std = features.detach().float().std(dim=(0, 2, 3), keepdim=True)
         return eps * (cfg.sigma * std)
+    if cfg.kind == "learned":
+        raise ValueError("noise kind 'learned' is drawn by ssn_edge.model.generator.NoiseGenerator, not sample_noise")
     raise ValueError(f"unknown noise kind {cfg.kind!r}")
 
 
