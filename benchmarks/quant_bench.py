@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--data", help="default: the checkpoint recipe's data.path")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "bottle_bundle")
-    p.add_argument("--acc-metric", default="pixel_aupro")
+    p.add_argument("--acc-metric", default="image_auroc")
     p.add_argument("--max-drop", type=float, default=0.5)
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--skip-export", action="store_true", help="reuse the bundle at --out")
