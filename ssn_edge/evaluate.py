@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ssn_edge.data import ArraySet
+from ssn_edge.data import ArraySet, has_pixel_truth
 from ssn_edge.metrics import evaluate_all
 from ssn_edge.runtime.postprocess import anomaly_map, sigmoid
 
@@ -33,7 +33,7 @@ def outputs_to_predictions(
 
 
 def metrics_from_predictions(arrays: ArraySet, scores: np.ndarray, maps: np.ndarray) -> dict[str, float]:
-    has_defects = bool(arrays.labels.any()) and bool((arrays.masks.any(axis=(1, 2)) & arrays.mask_valid).any())
+    has_defects = has_pixel_truth(arrays)
     result = evaluate_all(
         arrays.labels,
         scores,

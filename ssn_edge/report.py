@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ssn_edge.data import ArraySet
+from ssn_edge.data import ArraySet, has_pixel_truth
 from ssn_edge.metrics import evaluate_all
 from ssn_edge.runtime.bundle import Bundle, load_bundle, sha256_file
 from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
@@ -236,10 +236,6 @@ def torch_variant(
 # --------------------------------------------------------------------------------------------------------------
 # Metrics and comparison
 # --------------------------------------------------------------------------------------------------------------
-
-
-def has_pixel_truth(arrays: ArraySet) -> bool:
-    return bool(arrays.labels.any()) and bool((arrays.masks.any(axis=(1, 2)) & arrays.mask_valid).any())
 
 
 def variant_metrics(arrays: ArraySet, scores: np.ndarray, maps: np.ndarray) -> dict[str, float | None]:

@@ -1,6 +1,6 @@
 """Datasets: discovery (MVTec AD folders, CSV manifests) and decoding into arrays. Torch-free."""
 
-from .arrays import ArraySet, load_arrays
+from .arrays import ArraySet, has_pixel_truth, load_arrays
 from .samples import (
     SPLITS,
     DatasetError,
@@ -17,6 +17,7 @@ __all__ = [
     "SPLITS",
     "ArraySet",
     "DatasetError",
+    "has_pixel_truth",
     "Sample",
     "load_arrays",
     "load_dataset",

@@ -112,3 +112,8 @@ def load_arrays(samples: Sequence[Sample], size: tuple[int, int], progress: bool
     if unmasked:
         log.info("%d defective images have no mask; used as image-label-only", unmasked)
     return ArraySet(images=images, masks=masks, labels=labels, mask_valid=mask_valid, paths=[str(s.image) for s in samples])
+
+
+def has_pixel_truth(arrays: ArraySet) -> bool:
+    """True when pixel metrics are defined: some defective image has a usable, non-empty mask."""
+    return bool(arrays.labels.any()) and bool((arrays.masks.any(axis=(1, 2)) & arrays.mask_valid).any())

@@ -56,6 +56,15 @@ class SegmentationHead(nn.Module):
         return self.net(adapted)
 
 
+def pooled_score(x: Tensor, map_logits: Tensor, fc: nn.Linear) -> Tensor:
+    """Global max + avg of the head's features and of M_o -> Linear -> score logit (B,)."""
+    pooled = torch.cat(
+        [x.amax(dim=(2, 3)), x.mean(dim=(2, 3)), map_logits.amax(dim=(2, 3)), map_logits.mean(dim=(2, 3))],
+        dim=1,
+    )
+    return fc(pooled.float()).squeeze(1)
+
+
 class ClassificationHead(nn.Module):
     """concat(features, M_o) -> Conv kxk -> BN -> ReLU; global max + avg of that and of M_o -> Linear -> score logit."""
 
@@ -70,16 +79,7 @@ class ClassificationHead(nn.Module):
 
     def forward(self, features: Tensor, map_logits: Tensor) -> Tensor:
         x = self.conv(torch.cat([features, map_logits], dim=1))
-        pooled = torch.cat(
-            [
-                x.amax(dim=(2, 3)),
-                x.mean(dim=(2, 3)),
-                map_logits.amax(dim=(2, 3)),
-                map_logits.mean(dim=(2, 3)),
-            ],
-            dim=1,
-        )
-        return self.fc(pooled.float()).squeeze(1)
+        return pooled_score(x, map_logits, self.fc)
 
 
 class LightClassificationHead(nn.Module):
@@ -104,16 +104,7 @@ class LightClassificationHead(nn.Module):
 
     def forward(self, features: Tensor, map_logits: Tensor) -> Tensor:
         x = self.conv(self.reduce(torch.cat([features, map_logits], dim=1)))
-        pooled = torch.cat(
-            [
-                x.amax(dim=(2, 3)),
-                x.mean(dim=(2, 3)),
-                map_logits.amax(dim=(2, 3)),
-                map_logits.mean(dim=(2, 3)),
-            ],
-            dim=1,
-        )
-        return self.fc(pooled.float()).squeeze(1)
+        return pooled_score(x, map_logits, self.fc)
 
 
 CLASSIFICATION_HEADS = {"full": ClassificationHead, "light": LightClassificationHead}
