@@ -41,7 +41,7 @@ RANDOM_BACKBONE_NOTE = (
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
 
 
 def resolve_weights(weights: str | None, loader: Callable[..., Any] | None = None) -> tuple[dict[str, Any], str | None]:
