@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ssn_edge.data import ArraySet, has_pixel_truth
-from ssn_edge.metrics import evaluate_all
+from ssn_edge.data import ArraySet
+from ssn_edge.metrics import evaluate_arrays
 from ssn_edge.runtime.postprocess import anomaly_map, sigmoid
 
 
@@ -33,14 +33,7 @@ def outputs_to_predictions(
 
 
 def metrics_from_predictions(arrays: ArraySet, scores: np.ndarray, maps: np.ndarray) -> dict[str, float]:
-    has_defects = has_pixel_truth(arrays)
-    result = evaluate_all(
-        arrays.labels,
-        scores,
-        masks=arrays.masks if has_defects else None,
-        maps=maps if has_defects else None,
-        valid=arrays.mask_valid if has_defects else None,
-    )
+    result = evaluate_arrays(arrays, scores, maps)
     # The map's maximum as a second image score: useful when the classification head is under-trained.
     from sklearn.metrics import roc_auc_score
 

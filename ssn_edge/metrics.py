@@ -9,11 +9,16 @@ scikit-learn so the same evaluation runs on a factory PC with no PyTorch install
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-__all__ = ["aupro", "evaluate_all", "f1_max", "image_metrics", "pixel_metrics"]
+if TYPE_CHECKING:
+    from ssn_edge.data import ArraySet
+
+__all__ = ["aupro", "evaluate_all", "evaluate_arrays", "f1_max", "image_metrics", "pixel_metrics"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -254,3 +259,17 @@ def evaluate_all(
             )
         out.update(pixel_metrics(masks, maps, valid=valid))
     return out
+
+
+def evaluate_arrays(arrays: "ArraySet", scores: np.ndarray, maps: np.ndarray) -> dict[str, float]:
+    """evaluate_all for a data split: pixel metrics only where they are defined (see has_pixel_truth)."""
+    from ssn_edge.data import has_pixel_truth
+
+    pixel = has_pixel_truth(arrays)
+    return evaluate_all(
+        arrays.labels,
+        scores,
+        masks=arrays.masks if pixel else None,
+        maps=maps if pixel else None,
+        valid=arrays.mask_valid if pixel else None,
+    )

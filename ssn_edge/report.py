@@ -33,8 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ssn_edge.data import ArraySet, has_pixel_truth
-from ssn_edge.metrics import evaluate_all
+from ssn_edge.data import ArraySet
+from ssn_edge.metrics import evaluate_arrays
 from ssn_edge.runtime.bundle import Bundle, load_bundle, sha256_file
 from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
 from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -243,14 +243,7 @@ def variant_metrics(arrays: ArraySet, scores: np.ndarray, maps: np.ndarray) -> d
     out: dict[str, float | None] = {"image_auroc": None, "image_ap": None, "pixel_aupro": None, "pixel_ap": None}
     if len(set(arrays.labels.tolist())) < 2:
         return out
-    pixel = has_pixel_truth(arrays)
-    result = evaluate_all(
-        arrays.labels,
-        scores,
-        masks=arrays.masks if pixel else None,
-        maps=maps if pixel else None,
-        valid=arrays.mask_valid if pixel else None,
-    )
+    result = evaluate_arrays(arrays, scores, maps)
     for key in out:
         if key in result:
             out[key] = float(result[key])
