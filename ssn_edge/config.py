@@ -40,6 +40,7 @@ class NoiseConfig:
     kind: str = "fixed"  # "fixed": N(0, sigma^2) as in the paper; "adaptive": sigma * per-channel feature std;
     # "learned": a noise generator trained against the heads (training only; the fields below)
     sigma: float = 0.015
+    sigma_end: float | None = None  # anneal sigma linearly to this by the last epoch (None: constant)
     perlin_threshold: float = 0.2  # 0.2 MVTec AD; 0.6 for thin, small defects (VisA, KSDD2)
     empty_prob: float = 0.5  # probability that a sample gets no synthetic anomaly
     # kind "learned" only (spec 4): eps = tanh(G(A, z)) * beta * per-channel std(A), G trained adversarially.

@@ -5,6 +5,7 @@ augmentation changes them, so an epoch costs only the adaptor and heads."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from ssn_edge.evaluate import evaluate_model
 from ssn_edge.model.backbones import weights_fingerprint
 from ssn_edge.model.generator import NoiseGenerator
 from ssn_edge.model.losses import ssn_loss
-from ssn_edge.model.noise import apply_noise, sample_noise
+from ssn_edge.model.noise import apply_noise, noise_sigma, sample_noise
 from ssn_edge.model.perlin import perlin_masks
 from ssn_edge.model.ssn import SuperSimpleNet
 
@@ -357,6 +358,10 @@ def train(
         # Crops make early epochs 4x cheaper; the last ones see whole maps, so the classification head's global
         # max/avg pooling is tuned on the statistics it meets at inference.
         crop = t.feature_crop if (t.crop_epochs is None or epoch < t.crop_epochs) else None
+        step_recipe = recipe
+        if recipe.noise.sigma_end is not None:
+            sigma = noise_sigma(recipe.noise, epoch, t.epochs)
+            step_recipe = dataclasses.replace(recipe, noise=dataclasses.replace(recipe.noise, sigma=sigma))
         losses = []
         noise_kw = {"generator": generator} if learned else {}
         eps_parts, gen_losses = [], []
@@ -364,7 +369,7 @@ def train(
             l2, l3 = source.get(chunk)
             gt, valid = feature_masks(train_arrays, chunk, (l2.shape[-2] * 2, l2.shape[-1] * 2))
             with _autocast(recipe):
-                loss, parts = train_step(model, recipe, l2, l3, gt, valid, rng, crop, **noise_kw)
+                loss, parts = train_step(model, step_recipe, l2, l3, gt, valid, rng, crop, **noise_kw)
             if learned:
                 _check_finite(loss, "heads", epoch, step, len(batches))
             optimizer.zero_grad(set_to_none=True)

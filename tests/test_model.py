@@ -113,3 +113,12 @@ def test_xavier_init_and_batchnorm_ones():
     assert torch.equal(bn.weight, torch.ones_like(bn.weight))
     w = heads.adaptor.weight
     assert w.std().item() == pytest.approx((2 / (16 + 16)) ** 0.5, rel=0.3)
+
+
+def test_noise_sigma_schedule():
+    from ssn_edge.model.noise import noise_sigma
+
+    constant = NoiseConfig(kind="adaptive", sigma=1.0)
+    assert [noise_sigma(constant, e, 5) for e in range(5)] == [1.0] * 5
+    annealed = NoiseConfig(kind="adaptive", sigma=1.0, sigma_end=0.2)
+    assert [round(noise_sigma(annealed, e, 5), 6) for e in range(5)] == [1.0, 0.8, 0.6, 0.4, 0.2]
