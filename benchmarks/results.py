@@ -10,9 +10,10 @@ import os
 import resource
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
+
+from ssn_edge.runtime.atomic import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IDENTITY = ("dataset", "backbone", "setting", "variant", "runtime", "precision", "seed", "ratio_of")
@@ -33,8 +34,4 @@ def record_results(name: str, records: Iterable[dict[str, Any]]) -> Path:
     new = list(records)
     keys = {tuple(r.get(k) for k in IDENTITY) for r in new}
     kept = [r for r in existing if tuple(r.get(k) for k in IDENTITY) not in keys]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(kept + new, fh, indent=2)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(kept + new, indent=2))

@@ -24,8 +24,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ import numpy as np
 
 from ssn_edge.data import ArraySet
 from ssn_edge.metrics import evaluate_arrays
+from ssn_edge.runtime.atomic import atomic_write
 from ssn_edge.runtime.bundle import Bundle, load_bundle, sha256_file
 from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
 from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -99,26 +98,6 @@ def torch_available() -> bool:
         return importlib.util.find_spec("torch") is not None
     except (ImportError, ValueError):
         return False
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write text to a temporary file beside path, fsync, rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a report is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _clean(value: Any) -> Any:
@@ -810,8 +789,8 @@ def build_report(
         **info_extra,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = atomic_write_text(out_dir / REPORT_JSON, json.dumps(records, indent=2) + "\n")
-    html_path = atomic_write_text(out_dir / REPORT_HTML, render_html(bundle, records, figures, info, warnings))
+    json_path = atomic_write(out_dir / REPORT_JSON, json.dumps(records, indent=2) + "\n")
+    html_path = atomic_write(out_dir / REPORT_HTML, render_html(bundle, records, figures, info, warnings))
     return {
         "records": records,
         "report_json": json_path,

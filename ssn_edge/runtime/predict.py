@@ -10,14 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
 
+from ssn_edge.runtime.atomic import atomic_write
 from ssn_edge.runtime.bundle import Bundle, load_bundle
 from ssn_edge.runtime.engine import Engine, Prediction
 from ssn_edge.runtime.postprocess import sigmoid
@@ -54,22 +53,6 @@ def collect_images(inputs: Iterable[str | Path], recursive: bool = False) -> lis
             seen.add(key)
             unique.append(f)
     return unique
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def map_display_range(bundle: Bundle) -> tuple[float, float] | None:
@@ -144,13 +127,13 @@ def write_results(out_dir: Path, predictions: Sequence[Prediction], header: dict
             rec["overlay"] = overlays[i]
         records.append(rec)
     json_path, csv_path = out_dir / "predictions.json", out_dir / "predictions.csv"
-    _atomic_write(json_path, (json.dumps({**header, "predictions": records}, indent=2) + "\n").encode())
+    atomic_write(json_path, (json.dumps({**header, "predictions": records}, indent=2) + "\n").encode())
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for rec in records:
         writer.writerow({**rec, "score": f"{rec['score']:.6f}", "latency_ms": f"{rec['latency_ms']:.3f}", "map_max": f"{rec['map_max']:.6f}", "decision": int(rec["decision"])})
-    _atomic_write(csv_path, buf.getvalue().encode())
+    atomic_write(csv_path, buf.getvalue().encode())
     return json_path, csv_path
 
 
@@ -197,7 +180,7 @@ def predict_paths(
                 ok, png = cv2.imencode(".png", ov_img)
                 if not ok:
                     raise ImageError(f"{chunk[j]}: could not encode overlay")
-                _atomic_write(overlay_dir / names[start + j], png.tobytes())
+                atomic_write(overlay_dir / names[start + j], png.tobytes())
         predictions.extend(preds)
 
     header = {
