@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,19 +32,12 @@ ACC_KEYS = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap", "score_max_abs
 def torch_latency(checkpoint: Path, size: tuple[int, int], warmup: int, runs: int) -> float:
     import torch
 
+    from ssn_edge.evaluate import torch_latency_ms
     from ssn_edge.train import model_from_checkpoint
 
     torch.set_num_threads(2)
     model, _, _ = model_from_checkpoint(checkpoint)
-    x = torch.randn(1, 3, *size)
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            t0 = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    return torch_latency_ms(model, torch.randn(1, 3, *size), warmup=warmup, runs=runs)
 
 
 def main() -> None:

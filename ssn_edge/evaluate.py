@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -23,6 +25,20 @@ def predict_raw(model: torch.nn.Module, images: np.ndarray, batch_size: int = 16
         scores.append(s.float().numpy())
     model.train(was_training)
     return np.concatenate(maps), np.concatenate(scores)
+
+
+@torch.no_grad()
+def torch_latency_ms(model: torch.nn.Module, x: torch.Tensor, warmup: int = 10, runs: int = 50) -> float:
+    """Median wall time (ms) of model(x) after warm-up: the PyTorch eager baseline that speed ratios divide."""
+    model.eval()
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
 
 
 def outputs_to_predictions(

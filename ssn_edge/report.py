@@ -180,22 +180,15 @@ def torch_variant(
     """PyTorch FP32 outputs of the checkpoint, and its batch-1 latency / throughput."""
     import torch
 
-    from ssn_edge.evaluate import predict_raw
+    from ssn_edge.evaluate import predict_raw, torch_latency_ms
     from ssn_edge.train import model_from_checkpoint
 
     model, _recipe, _state = model_from_checkpoint(Path(checkpoint), weights)
     raw_maps, logits = predict_raw(model, images, batch_size=8)
     timing: dict[str, Any] = {"latency_ms": None, "throughput_ips": None, "file_mb": None}
     x1 = torch.from_numpy(np.ascontiguousarray(images[:1]))
+    timing["latency_ms"] = torch_latency_ms(model, x1, warmup=3, runs=runs)
     with torch.no_grad():
-        for _ in range(3):
-            model(x1)
-        times = []
-        for _ in range(max(1, runs)):
-            t0 = time.perf_counter()
-            model(x1)
-            times.append((time.perf_counter() - t0) * 1e3)
-        timing["latency_ms"] = float(np.median(times))
         if throughput_seconds > 0:
             xb = torch.from_numpy(np.ascontiguousarray(np.repeat(images[:1], 8, axis=0)))
             done, t0 = 0, time.perf_counter()
