@@ -106,12 +106,17 @@ def evaluate(checkpoint, data_path, split, weights, out_file) -> None:
 @click.option("--precision", default="int8", show_default=True, help="fp32 | bf16 | fp16 | int8 | int8_acc")
 @click.option("--out", "out_dir", default="runs/predict", show_default=True, type=click.Path(file_okay=False))
 @click.option("--overlays", is_flag=True, help="Also write heatmap overlays to OUT/overlays/.")
+@click.option("--maps", "save_maps", is_flag=True, help="Also write full-resolution maps to OUT/maps/<image>.npy (float16).")
 @click.option("--device", default="CPU", show_default=True)
-def predict(bundle, images, precision, out_dir, overlays, device) -> None:
-    """Score IMAGES (files or folders) with a bundle; writes predictions.json/.csv to --out."""
+def predict(bundle, images, precision, out_dir, overlays, save_maps, device) -> None:
+    """Score IMAGES (files or folders) with a bundle; writes predictions.json/.csv to --out.
+
+    A tiled bundle takes images of any size: it tiles them, merges the tiles' maps and smooths the seams."""
     from ssn_edge.runtime.predict import predict_paths
 
-    preds = predict_paths(bundle, list(images), Path(out_dir), precision=precision, overlays=overlays, device=device)
+    preds = predict_paths(
+        bundle, list(images), Path(out_dir), precision=precision, overlays=overlays, device=device, save_maps=save_maps
+    )
     width = min(60, max(len(str(p.path)) for p in preds))
     click.echo(f"{'image':<{width}}  {'score':>7}  {'decision':<8}  {'map max':>8}  {'ms':>7}")
     for p in preds:

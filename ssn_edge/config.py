@@ -41,6 +41,7 @@ class NoiseConfig:
     # "learned": a noise generator trained against the heads (training only; the fields below)
     sigma: float = 0.015
     sigma_end: float | None = None  # anneal sigma linearly to this by the last epoch (None: constant)
+    smooth: float | None = None  # blur the Gaussian noise spatially with this sigma (feature pixels), same variance
     perlin_threshold: float = 0.2  # 0.2 MVTec AD; 0.6 for thin, small defects (VisA, KSDD2)
     empty_prob: float = 0.5  # probability that a sample gets no synthetic anomaly
     # kind "learned" only (spec 4): eps = tanh(G(A, z)) * beta * per-channel std(A), G trained adversarially.
@@ -71,6 +72,29 @@ class TrainConfig:
     clip_grad_norm: float | None = None  # None: 1.0 when supervised (paper), off when unsupervised
     flip_augment: bool = True  # supervised only: defective images also seen flipped (x4)
     eval_every: int = 0  # epochs between evaluations on the test split (0: only at the end)
+    cls_focal_gamma: float = 4.0  # the image score's focal-loss gamma (paper: 4; the map's stays 4)
+
+
+@dataclass
+class TilingRecipe:
+    """Tiled training and inference (spec 6): tiles cut from images at data.image_size.
+
+    mode "single": one model trained on every tile; "ensemble": one model (adaptor + heads) per tile location,
+    trained only on that location's tiles. shared_backbone: at inference the frozen backbone runs once on the
+    whole image and each location's heads get their crop of its features (faster); false runs every tile
+    through the backbone on its own (the paper's way, and what a single model does on images of any size).
+    """
+
+    tile: tuple[int, int] = (256, 256)
+    stride: tuple[int, int] = (256, 256)
+    mode: str = "single"
+    score: str = "mean"  # image score from tiles: mean (spec default) or max of tile scores, or map_max
+    seam_halfwidth: float = 0.1  # fraction of the tile, each side of a seam
+    seam_sigma: float = 2.0
+    shared_backbone: bool = True
+    # Single model only: false tiles every image at its own resolution at inference (any size, e.g. a
+    # 20-megapixel frame; train on images at that scale), true resizes it to data.image_size first.
+    resize: bool = True
 
 
 @dataclass
@@ -80,6 +104,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tiling: TilingRecipe | None = None  # None: the model sees the whole image at data.image_size
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -91,6 +116,8 @@ _CHOICES = {
     "noise.kind": ("fixed", "adaptive", "learned"),
     "train.setting": ("unsupervised", "supervised"),
     "train.precision": ("fp32", "bf16"),
+    "tiling.mode": ("single", "ensemble"),
+    "tiling.score": ("mean", "max", "map_max"),
 }
 
 

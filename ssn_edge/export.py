@@ -55,20 +55,24 @@ SEG_BIAS_WORKAROUND = 1e-6
 
 
 def _with_seg_bias(model):
-    """A copy of the model whose final segmentation conv has a (negligible) bias; see SEG_BIAS_WORKAROUND."""
+    """A copy of the model whose final segmentation conv(s) have a (negligible) bias; see SEG_BIAS_WORKAROUND.
+    Every segmentation head is patched: one in SuperSimpleNet, one per location in a tiled ensemble."""
     import copy
 
     import torch
 
+    from ssn_edge.model.ssn import SegmentationHead
+
     model = copy.deepcopy(model)
-    net = model.heads.segmentation.net
-    last = net[-1]
-    if isinstance(last, torch.nn.Conv2d) and last.bias is None:
-        biased = torch.nn.Conv2d(last.in_channels, last.out_channels, last.kernel_size, bias=True)
-        with torch.no_grad():
-            biased.weight.copy_(last.weight)
-            biased.bias.fill_(SEG_BIAS_WORKAROUND)
-        net[-1] = biased
+    for head in [m for m in model.modules() if isinstance(m, SegmentationHead)]:
+        net = head.net
+        last = net[-1]
+        if isinstance(last, torch.nn.Conv2d) and last.bias is None:
+            biased = torch.nn.Conv2d(last.in_channels, last.out_channels, last.kernel_size, bias=True)
+            with torch.no_grad():
+                biased.weight.copy_(last.weight)
+                biased.bias.fill_(SEG_BIAS_WORKAROUND)
+            net[-1] = biased
     return model
 
 
@@ -174,8 +178,13 @@ def thresholds_and_normalization(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """F1-max image threshold (sigmoid scores) and pixel threshold (map values at input size), min/max of both."""
     size = arrays.images.shape[-2:]
-    scores = sigmoid(logits)
-    maps = anomaly_map(raw_maps, size)
+    return thresholds_from_predictions(arrays, sigmoid(logits), anomaly_map(raw_maps, size))
+
+
+def thresholds_from_predictions(
+    arrays: ArraySet, scores: np.ndarray, maps: np.ndarray
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same from post-processed image scores (N,) in [0, 1] and maps (N, H, W) at the arrays' size."""
     _, image_threshold = f1_max(arrays.labels, scores)
     thresholds: dict[str, Any] = {"image": float(image_threshold)}
     truth = _pixel_truth(arrays)
@@ -205,7 +214,10 @@ def thresholds_and_normalization(
 def metrics_for(arrays: ArraySet, raw_maps: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     """Image (and, with pixel truth, pixel) metrics of raw outputs, through the shared post-processing."""
     size = arrays.images.shape[-2:]
-    scores, maps = sigmoid(logits), anomaly_map(raw_maps, size)
+    return metrics_from_maps(arrays, sigmoid(logits), anomaly_map(raw_maps, size))
+
+
+def metrics_from_maps(arrays: ArraySet, scores: np.ndarray, maps: np.ndarray) -> dict[str, float]:
     truth = _pixel_truth(arrays)
     if truth is None:
         return evaluate_all(arrays.labels, scores)
@@ -329,17 +341,30 @@ def export_bundle(
     weights: str | None = None,
     overwrite: bool = False,
     threshold_data: str | None = None,
+    graph: str | None = None,
 ) -> Bundle:
     """Export ``checkpoint`` to a bundle at ``out_dir``: FP32 always, FP16/INT8/accuracy-controlled INT8 on request.
 
     Thresholds and normalisation come from the FP32 model on the threshold data (``threshold_data``, default
     the recipe's data.path; its 'val' split, else 'test'). INT8 models are calibrated on ``calibration``
     (default: 128 normal training images of the recipe's data). ``max_drop`` is in percentage points of
-    ``acc_metric``. Nothing is written unless everything succeeds.
+    ``acc_metric``. Nothing is written unless everything succeeds. A tiled checkpoint goes to
+    :func:`ssn_edge.export_tiled.export_tiled_bundle` (``graph`` picks its graph; default from the recipe).
     """
+    from ssn_edge.checkpoint import load_checkpoint
     from ssn_edge.train import model_from_checkpoint
+    from ssn_edge.train_tiled import is_tiled_checkpoint
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if is_tiled_checkpoint(load_checkpoint(checkpoint)):
+        from ssn_edge.export_tiled import export_tiled_bundle
+
+        if int8_acc:
+            raise ValueError(f"{checkpoint}: accuracy-controlled INT8 is not offered for tiled models yet; use --int8")
+        return export_tiled_bundle(
+            checkpoint, out_dir, fp16=fp16, int8=int8, calibration=calibration, weights=weights,
+            overwrite=overwrite, threshold_data=threshold_data, graph=graph,
+        )
     precisions = ["fp32"] + [p for p, on in (("fp16", fp16), ("int8", int8), ("int8_acc", int8_acc)) if on]
     _check_options(max_drop, acc_metric)
     if out_dir.exists() and not overwrite:

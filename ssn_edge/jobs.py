@@ -32,13 +32,25 @@ def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progres
     test_arrays = load_arrays(test_samples, size, progress=progress) if test_samples else None
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    if recipe.tiling is not None:
+        from ssn_edge.train_tiled import train_tiled
+
+        if resume is not None:
+            log.info("tiled training resumes by itself: finished locations in %s are kept", out_dir)
+        return train_tiled(recipe, train_arrays, out_dir, test_arrays=test_arrays, progress=progress)
     return train(recipe, train_arrays, out_dir, test_arrays=test_arrays, resume=resume, progress=progress)
 
 
 def eval_job(checkpoint: Path, data_path: str | None, split: str = "test", weights: str | None = None) -> dict[str, float]:
+    from ssn_edge.checkpoint import load_checkpoint
     from ssn_edge.evaluate import evaluate_model
     from ssn_edge.train import model_from_checkpoint
+    from ssn_edge.train_tiled import evaluate_tiled, is_tiled_checkpoint, tiled_from_checkpoint
 
+    if is_tiled_checkpoint(load_checkpoint(checkpoint)):
+        model, recipe, _ = tiled_from_checkpoint(checkpoint, weights)
+        path = data_path or recipe.data.path
+        return evaluate_tiled(model, split_arrays(path, split, tuple(recipe.data.image_size)))
     model, recipe, _ = model_from_checkpoint(checkpoint, weights)
     path = data_path or recipe.data.path
     arrays = split_arrays(path, split, tuple(recipe.data.image_size))

@@ -205,6 +205,28 @@ def torch_variant(
     return variant, timing
 
 
+def torch_tiled_variant(checkpoint: Path, images: np.ndarray, weights: str | None, runs: int) -> tuple[Variant, dict[str, Any]]:
+    """PyTorch FP32 of a tiled checkpoint: its tiles' outputs merged by the runtime's own merge."""
+    import torch
+
+    from ssn_edge.train_tiled import merged_predictions, predict_tiled_raw, tiled_from_checkpoint
+
+    model, _recipe, _state = tiled_from_checkpoint(Path(checkpoint), weights)
+    graph = "tiles" if model.tiling.graph == "tile" else model.tiling.graph
+    raw, logits = predict_tiled_raw(model, images, graph)
+    v = Variant("torch", "fp32", "f32", np.empty(0), np.empty(0), inference_precision="f32")
+    v.scores, v.maps = merged_predictions(model.tiling, raw, logits)
+    times = []
+    for _ in range(max(1, min(runs, 10))):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            predict_tiled_raw(model, images[:1], graph)
+        times.append((time.perf_counter() - t0) * 1e3)
+    timing = {"latency_ms": float(np.median(times)), "throughput_ips": None,
+              "file_mb": sum(p.numel() * 4 for p in model.parameters()) / 1e6}
+    return v, timing
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Metrics and comparison
 # --------------------------------------------------------------------------------------------------------------
@@ -510,6 +532,17 @@ def _meta_list(items: Sequence[tuple[str, Any]]) -> str:
     return f'<dl class="meta">{"".join(out)}</dl>'
 
 
+def _tiling_text(tiling: dict[str, Any] | None) -> str:
+    if not tiling:
+        return "none (whole image at the input size)"
+    size = tiling.get("image_size")
+    return (
+        f"{tiling.get('mode')} ({tiling.get('locations')} model(s)), tiles {tiling.get('tile')} stride {tiling.get('stride')}, "
+        f"graph '{tiling.get('graph')}', images {'resized to ' + str(size) if size else 'at their own size'}, "
+        f"score {tiling.get('score')}, seams sigma {tiling.get('seam_sigma')} over {tiling.get('seam_halfwidth')} of a tile"
+    )
+
+
 def metadata_items(bundle: Bundle, info: dict[str, Any]) -> list[tuple[str, Any]]:
     meta = bundle.metadata
     thr = meta.get("thresholds", {})
@@ -549,6 +582,7 @@ def metadata_items(bundle: Bundle, info: dict[str, Any]) -> list[tuple[str, Any]
         ("backbone fingerprint", backbone.get("fingerprint")),
         ("recipe", recipe.get("name")),
         ("setting", meta.get("setting")),
+        ("tiling", _tiling_text(meta.get("tiling"))),
         ("source checkpoint", f"{source.get('name')} (epoch {source.get('epoch')}, sha256 {str(source.get('sha256'))[:16]}...)"),
         ("report data", f"{info['data_path']} (split '{info['split']}', {info['n_images']} images, "
                         f"{info['n_defective']} defective)"),
@@ -651,7 +685,11 @@ def build_report(
     data_path = str(data_path or (recipe.get("data") or {}).get("path") or "")
     if not data_path:
         raise ValueError(f"{bundle.path}: the bundle's recipe has no data.path; pass the dataset with --data")
-    size = bundle.input_size
+    tiling = meta.get("tiling")
+    if tiling:  # tiled: evaluated on whole images, through the runtime's tiled path
+        size = tuple(tiling.get("image_size") or (recipe.get("data") or {}).get("image_size") or bundle.input_size)
+    else:
+        size = bundle.input_size
     arrays = split_arrays(data_path, split, size, progress=False)
     post = meta.get("postprocess", {})
     sigma = float(post.get("blur_sigma", BLUR_SIGMA))
@@ -675,7 +713,10 @@ def build_report(
         if torch_available():
             check_checkpoint_matches(checkpoint, bundle)
             log.info("report: PyTorch FP32 reference from %s", checkpoint)
-            v, timing = torch_variant(checkpoint, arrays.images, weights, runs, throughput_seconds)
+            if tiling:
+                v, timing = torch_tiled_variant(checkpoint, arrays.images, weights, runs)
+            else:
+                v, timing = torch_variant(checkpoint, arrays.images, weights, runs, throughput_seconds)
             variants.append(v)
             timings["torch/fp32"] = timing
         else:
@@ -684,12 +725,21 @@ def build_report(
     for name in names:
         log.info("report: OpenVINO %s", name)
         engine = Engine(bundle, precision=name, device=device, mode="latency")
-        raw_maps, logits = _openvino_outputs(engine, arrays.images)
-        variants.append(Variant("openvino", name, engine.precision_hint, raw_maps, logits, engine.inference_precision))
+        if tiling:
+            runner = engine.runner()
+            results = [runner.run_normalized(x) for x in arrays.images]
+            v = Variant("openvino", name, engine.precision_hint, np.empty(0), np.empty(0), engine.inference_precision)
+            v.scores = np.array([r.score for r in results], dtype=np.float32)
+            v.maps = np.stack([r.anomaly_map for r in results])
+        else:
+            raw_maps, logits = _openvino_outputs(engine, arrays.images)
+            v = Variant("openvino", name, engine.precision_hint, raw_maps, logits, engine.inference_precision)
+        variants.append(v)
         del engine
     for v in variants:
-        v.scores = sigmoid(v.logits)
-        v.maps = anomaly_map(v.raw_maps, size, sigma, kernel)
+        if v.maps is None:
+            v.scores = sigmoid(v.logits)
+            v.maps = anomaly_map(v.raw_maps, size, sigma, kernel)
     ref = variants[0]
     reference_text = (
         f"PyTorch FP32 ({checkpoint.name})" if ref.runtime == "torch" else "OpenVINO FP32 (f32 hint)"

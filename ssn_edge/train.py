@@ -202,7 +202,7 @@ def train_step(
     label = ((target.flatten(1).amax(1) > 0) | ~mask_valid).float()  # ~mask_valid: defective, mask unknown
 
     map_logits, score = model.heads.decide(noised, cls_features, detach_map=not supervised)
-    loss, parts = ssn_loss(map_logits, score, target, label, pixel_valid)
+    loss, parts = ssn_loss(map_logits, score, target, label, pixel_valid, cls_gamma=t.cls_focal_gamma)
     if generator is None:
         return loss, parts
     parts.update(generated.stats())

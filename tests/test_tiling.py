@@ -245,9 +245,12 @@ def test_merge_scores_and_image_score():
 
 
 def test_tiling_config_round_trip_and_bad_key():
-    cfg = TilingConfig(tile=(256, 256), stride=(128, 128), score="max", seam_halfwidth=0.15, mode="ensemble")
+    cfg = TilingConfig(
+        tile=(256, 256), stride=(128, 128), score="max", seam_halfwidth=0.15, mode="ensemble",
+        image_size=(512, 512), locations=9, graph="image",
+    )
     d = json.loads(json.dumps(cfg.to_dict()))  # the bundle metadata is JSON
-    assert d["tile"] == [256, 256] and d["mode"] == "ensemble"
+    assert d["tile"] == [256, 256] and d["mode"] == "ensemble" and d["image_size"] == [512, 512]
     again = TilingConfig.from_dict(d)
     assert again == cfg and again.tile == (256, 256) and again.stride == (128, 128)
     assert TilingConfig.from_dict({"tile": [64, 64], "stride": [32, 32]}) == TilingConfig((64, 64), (32, 32))
@@ -262,6 +265,14 @@ def test_tiling_config_round_trip_and_bad_key():
         TilingConfig((64, 64), (32, 32), score="median")
     with pytest.raises(ValueError):
         TilingConfig((64, 64), (65, 32))
+    with pytest.raises(ValueError, match="image_size is required"):
+        TilingConfig((64, 64), (32, 32), graph="image")
+    with pytest.raises(ValueError, match="ensemble"):
+        TilingConfig((64, 64), (32, 32), mode="ensemble", image_size=(128, 128), locations=9)
+    with pytest.raises(ValueError, match="9 locations"):
+        TilingConfig((64, 64), (32, 32), mode="ensemble", image_size=(128, 128), locations=4, graph="tiles")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        TilingConfig((72, 72), (36, 36), image_size=(144, 144), graph="image")
 
 
 def test_large_map_tiles_with_one_tiles_worth_of_memory():

@@ -21,6 +21,8 @@ import openvino as ov
 from ssn_edge.runtime.bundle import Bundle, BundleError, load_bundle
 from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
 from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageError, prepare
+from ssn_edge.runtime.tiled import TiledRunner
+from ssn_edge.runtime.tiling import TilingConfig
 
 # Runtime precision name -> INFERENCE_PRECISION_HINT. fp16 IRs store f16 weights but execute in f32 on CPU
 # (what the accuracy of the export was checked at); int8 IRs run their quantized layers in int8 regardless of
@@ -97,9 +99,13 @@ class Prediction:
     decision: bool  # True = defective (score >= the bundle's image threshold)
     anomaly_map: np.ndarray = field(repr=False)  # (H, W) float32 logits at the original image size
     latency_ms: float  # preprocess + inference + postprocess for this image
+    map_scale: int = 1  # 1: anomaly_map is at the image's size; f: a preview, each value the mean of f x f pixels
+    max_value: float | None = None  # the full-resolution map's max when anomaly_map is a preview
 
     @property
     def map_max(self) -> float:
+        if self.max_value is not None:
+            return float(self.max_value)
         return float(self.anomaly_map.max()) if self.anomaly_map.size else float("nan")
 
     def record(self) -> dict[str, Any]:
@@ -166,6 +172,7 @@ class Engine:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BundleError(f"{self.model_path}: OpenVINO cannot load this model on {device}: {first}") from None
         self.config = config
+        self.tiling = TilingConfig.from_dict(self.bundle.tiling) if self.bundle.tiling else None
         names = {name for out in self.compiled.outputs for name in out.get_names()}
         for name in (self.map_name, self.score_name):
             if name not in names:
@@ -206,7 +213,33 @@ class Engine:
 
     # -- images -> predictions -----------------------------------------------------------------------
 
-    def _check_image(self, image: np.ndarray, name: str) -> np.ndarray:
+    def runner(self, tile_batch: int = 8) -> TiledRunner:
+        """The tiled path for a tiled bundle (tiles batched, as many requests in flight as is optimal)."""
+        if self.tiling is None:
+            raise BundleError(f"{self.bundle.path}: not a tiled bundle")
+        return TiledRunner(
+            self.compiled, self.tiling, self.map_name, self.score_name, self.blur_sigma, self.blur_kernel,
+            tile_batch=tile_batch, requests=max(1, self.optimal_requests),
+        )
+
+    def predict_tiled(self, image: np.ndarray, path: str | Path | None = None, maps_to: Path | None = None) -> Prediction:
+        """One image through a tiled bundle. image: (H, W, 3) RGB, uint8/uint16 or float in [0, 1].
+        maps_to: also stream the full-resolution map there (float16 .npy), whatever the image size."""
+        name = str(path) if path is not None else None
+        self._check_image(image, name or "image", any_dtype=True)
+        t0 = time.perf_counter()
+        r = self.runner().run(image, stream_to=maps_to)
+        return Prediction(
+            path=name,
+            score=r.score,
+            decision=bool(r.score >= self.image_threshold),
+            anomaly_map=r.anomaly_map,
+            latency_ms=(time.perf_counter() - t0) * 1e3,
+            map_scale=r.map_scale,
+            max_value=r.map_max,
+        )
+
+    def _check_image(self, image: np.ndarray, name: str, any_dtype: bool = False) -> np.ndarray:
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3:
             channels = image.shape[2] if image.ndim == 3 else (1 if image.ndim == 2 else None)
@@ -214,7 +247,7 @@ class Engine:
             raise ImageError(f"{name}: image has {what}; expected an (H, W, 3) RGB image (use read_image)")
         if image.shape[0] < 1 or image.shape[1] < 1:
             raise ImageError(f"{name}: empty image")
-        if not np.issubdtype(image.dtype, np.floating):
+        if not any_dtype and not np.issubdtype(image.dtype, np.floating):
             raise ImageError(f"{name}: expected float pixels in [0, 1], got {image.dtype} (use read_image)")
         return image
 
@@ -235,6 +268,8 @@ class Engine:
         image, as many in flight as the compiled model's optimal number of requests."""
         if paths is not None and len(paths) != len(images):
             raise ValueError(f"{len(images)} images but {len(paths)} paths")
+        if self.tiling is not None:
+            return [self.predict_tiled(img, p) for img, p in zip(images, paths or [None] * len(images))]
         names = [str(p) if p is not None else None for p in (paths or [None] * len(images))]
         labels = [n if n is not None else f"image #{i}" for i, n in enumerate(names)]
         checked = [self._check_image(img, label) for img, label in zip(images, labels)]

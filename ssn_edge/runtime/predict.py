@@ -20,7 +20,8 @@ from ssn_edge.runtime.atomic import atomic_write
 from ssn_edge.runtime.bundle import Bundle, load_bundle
 from ssn_edge.runtime.engine import Engine, Prediction
 from ssn_edge.runtime.postprocess import sigmoid
-from ssn_edge.runtime.preprocess import ImageError, read_image
+from ssn_edge.runtime.preprocess import ImageError, read_image, read_image_raw
+from ssn_edge.runtime.tiled import to_unit
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CSV_FIELDS = ("path", "score", "decision", "latency_ms", "map_max")
@@ -94,8 +95,12 @@ def render_overlay(
     display_range: tuple[float, float] | None = None,
     alpha: float = 0.5,
 ) -> np.ndarray:
-    """(H, W, 3) float RGB image + (H, W) map logits -> BGR uint8 overlay: JET heatmap blended over the image,
-    with the contour of map >= pixel threshold drawn in white."""
+    """(H, W, 3) RGB image (float in [0, 1], uint8 or uint16) + (h, w) map logits -> BGR uint8 overlay: JET
+    heatmap blended over the image (shrunk to the map's size when the map is a preview), with the contour of
+    map >= pixel threshold drawn in white."""
+    if image.shape[:2] != m.shape:
+        image = cv2.resize(image, (m.shape[1], m.shape[0]), interpolation=cv2.INTER_AREA)
+    image = to_unit(image)
     base = cv2.cvtColor((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), cv2.COLOR_RGB2BGR)
     heat = cv2.applyColorMap((normalize_map(m, pixel_threshold, display_range) * 255 + 0.5).astype(np.uint8), cv2.COLORMAP_JET)
     out = cv2.addWeighted(heat, alpha, base, 1.0 - alpha, 0.0)
@@ -146,13 +151,18 @@ def predict_paths(
     device: str = "CPU",
     recursive: bool = False,
     mode: str = "throughput",
+    save_maps: bool = False,
 ) -> list[Prediction]:
     """Predict every image in inputs (files, or folders scanned for image extensions, sorted).
 
     Writes out_dir/predictions.json and predictions.csv (path, score, decision, latency_ms, map_max) and,
     with overlays, out_dir/overlays/<stem>.png. The bundle and every image are checked first: a bad one
     raises BundleError/ImageError naming it, and nothing is written. mode "throughput" (default) keeps all
-    cores busy over a folder; "latency" runs one image at a time on all cores.
+    cores busy over a folder; "latency" runs one image at a time on all cores. save_maps: also write each
+    full-resolution map as out_dir/maps/<stem>.npy (float16; streamed band by band for tiled bundles).
+
+    A tiled bundle reads one image at a time in its own pixel type and keeps, per image, one row of tiles
+    and (above 16 megapixels) a preview of the map: memory is set by the tile size, not by the image's.
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -161,27 +171,51 @@ def predict_paths(
     engine = Engine(bundle, precision=precision, device=device, mode=mode)
     files = collect_images(inputs, recursive=recursive)
     for f in files:  # pass 1: every file readable and usable, before any output exists
-        read_image(f)
+        read_image_raw(f)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     overlay_dir = out_dir / "overlays"
-    names = _overlay_names(files) if overlays else None
+    names = _overlay_names(files) if (overlays or save_maps) else None
     if overlays:
         overlay_dir.mkdir(exist_ok=True)
+    maps_dir = out_dir / "maps"
+    if save_maps:
+        maps_dir.mkdir(exist_ok=True)
     display_range = map_display_range(bundle)
     predictions: list[Prediction] = []
-    for start in range(0, len(files), CHUNK):
-        chunk = files[start : start + CHUNK]
-        images = [read_image(f) for f in chunk]
-        preds = engine.predict_images(images, [str(f) for f in chunk])
-        if overlays:
+
+    def write_overlay(image: np.ndarray, pred: Prediction, k: int) -> None:
+        ov_img = render_overlay(image, pred.anomaly_map, engine.pixel_threshold, display_range)
+        ok, png = cv2.imencode(".png", ov_img)
+        if not ok:
+            raise ImageError(f"{files[k]}: could not encode overlay")
+        atomic_write(overlay_dir / names[k], png.tobytes())
+
+    if engine.tiling is not None:
+        for k, f in enumerate(files):
+            image = read_image_raw(f)
+            target = maps_dir / f"{Path(names[k]).stem}.npy" if save_maps else None
+            partial = target.with_name(f".{target.name}.partial") if target else None
+            pred = engine.predict_tiled(image, str(f), maps_to=partial)
+            if partial is not None:
+                partial.replace(target)
+            if overlays:
+                write_overlay(image, pred, k)
+            predictions.append(pred)
+            del image
+    else:
+        for start in range(0, len(files), CHUNK):
+            chunk = files[start : start + CHUNK]
+            images = [read_image(f) for f in chunk]
+            preds = engine.predict_images(images, [str(f) for f in chunk])
             for j, (image, pred) in enumerate(zip(images, preds)):
-                ov_img = render_overlay(image, pred.anomaly_map, engine.pixel_threshold, display_range)
-                ok, png = cv2.imencode(".png", ov_img)
-                if not ok:
-                    raise ImageError(f"{chunk[j]}: could not encode overlay")
-                atomic_write(overlay_dir / names[start + j], png.tobytes())
-        predictions.extend(preds)
+                if overlays:
+                    write_overlay(image, pred, start + j)
+                if save_maps:
+                    buf = io.BytesIO()
+                    np.save(buf, pred.anomaly_map.astype(np.float16))
+                    atomic_write(maps_dir / f"{Path(names[start + j]).stem}.npy", buf.getvalue())
+            predictions.extend(preds)
 
     header = {
         "bundle": str(bundle.path),
@@ -193,6 +227,6 @@ def predict_paths(
         "count": len(predictions),
         "defective": int(sum(p.decision for p in predictions)),
     }
-    overlay_paths = [str(Path("overlays") / n) for n in names] if names else None
+    overlay_paths = [str(Path("overlays") / n) for n in names] if (names and overlays) else None
     write_results(out_dir, predictions, header, overlay_paths)
     return predictions

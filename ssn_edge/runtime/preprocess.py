@@ -64,6 +64,13 @@ def read_image(path: str | Path) -> np.ndarray:
     dropped) are accepted; any other channel count is refused.
     """
     path = Path(path)
+    return _to_unit_float(read_image_raw(path), path)
+
+
+def read_image_raw(path: str | Path) -> np.ndarray:
+    """read_image without the conversion to float: RGB (H, W, 3) in the file's own pixel type (uint8, uint16,
+    float). A large image stays 4x smaller this way; tiled inference converts one tile at a time."""
+    path = Path(path)
     img = _decode(path)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
@@ -78,7 +85,9 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageError(
             f"{path}: image has {channels} channels; expected 1 (grayscale), 3 (colour) or 4 (colour + alpha)"
         )
-    return _to_unit_float(img, path)
+    if img.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+        raise ImageError(f"{path}: unsupported pixel type {img.dtype}")
+    return img
 
 
 def read_mask(path: str | Path) -> np.ndarray:

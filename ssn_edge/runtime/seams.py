@@ -21,8 +21,8 @@ def _halfwidth(frac: float, size: int) -> int:
     return int(math.floor(frac * size + 0.5))  # round half up (Python's round() is banker's)
 
 
-def seam_band_mask(grid: TileGrid, halfwidth_frac: float = DEFAULT_HALFWIDTH) -> np.ndarray:
-    """bool (H, W): True within the band around every interior seam, cropped to the image."""
+def seam_band_axes(grid: TileGrid, halfwidth_frac: float = DEFAULT_HALFWIDTH) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (H,), cols (W,)) bool: the band is rows[:, None] | cols[None, :] (kept 1-D for large images)."""
     if not halfwidth_frac >= 0:
         raise ValueError(f"halfwidth_frac must be >= 0, got {halfwidth_frac}")
     ph, pw = grid.padded_size
@@ -37,7 +37,18 @@ def seam_band_mask(grid: TileGrid, halfwidth_frac: float = DEFAULT_HALFWIDTH) ->
         for x in xs:
             cols[max(0, x - hx) : x + hx] = True
     h, w = grid.image_size
-    return rows[:h, None] | cols[None, :w]
+    return rows[:h], cols[:w]
+
+
+def seam_band_mask(grid: TileGrid, halfwidth_frac: float = DEFAULT_HALFWIDTH) -> np.ndarray:
+    """bool (H, W): True within the band around every interior seam, cropped to the image."""
+    rows, cols = seam_band_axes(grid, halfwidth_frac)
+    return rows[:, None] | cols[None, :]
+
+
+def blur_radius(sigma: float) -> int:
+    """Rows of context OpenCV's GaussianBlur(ksize=(0, 0), sigma) reads on each side (float images: 4 sigma)."""
+    return int(round(sigma * 4 * 2 + 1)) // 2 + 1
 
 
 def smooth_seams(

@@ -18,6 +18,14 @@ from numpy.lib.stride_tricks import sliding_window_view
 SCORE_METHODS = ("mean", "max")
 IMAGE_SCORE_METHODS = ("mean", "max", "map_max")
 MODES = ("single", "ensemble")
+# What the exported graph of a tiled bundle takes:
+#   "tile":  one tile (N, 3, th, tw) -> (N, 1, h, w), (N,): a single model, images of any size tiled at run time;
+#   "image": the whole image (N, 3, H', W') -> (N, T, h, w), (N, T): backbone once, each location's heads on
+#            their crop of its features (shared backbone);
+#   "tiles": the image's tiles (N, T, 3, th, tw) -> (N, T, h, w), (N, T): every tile through the backbone on
+#            its own (the paper's way).
+GRAPHS = ("tile", "image", "tiles")
+FEATURE_STRIDE = 16  # layer3's stride: shared-backbone crops must fall on its grid
 
 
 def _pair(name: str, value: Any) -> tuple[int, int]:
@@ -166,6 +174,18 @@ def untile(tiles: np.ndarray, grid: TileGrid) -> np.ndarray:
     return out[..., 0] if flat else out
 
 
+def tile_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The (y0, x0, y1, x1) box of an (H, W[, C]) image, zero-filled where the box leaves the image."""
+    y0, x0, y1, x1 = box
+    h, w = image.shape[:2]
+    part = image[y0:min(y1, h), x0:min(x1, w)]
+    if part.shape[:2] == (y1 - y0, x1 - x0):
+        return part
+    out = np.zeros((y1 - y0, x1 - x0, *image.shape[2:]), dtype=image.dtype)
+    out[: part.shape[0], : part.shape[1]] = part
+    return out
+
+
 def merge_scores(scores: np.ndarray, method: str = "mean") -> float:
     """Tile scores (count,) -> one image score: "mean" (spec default) or "max" (anomalous if any tile is)."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -201,10 +221,28 @@ class TilingConfig:
     seam_halfwidth: float = 0.1  # fraction of the tile size, on each side of a seam
     seam_sigma: float = 2.0
     mode: str = "single"  # "single": one model for all tiles; "ensemble": one model per tile location
+    image_size: tuple[int, int] | None = None  # resize images to this before tiling (None: native size)
+    locations: int = 1  # models in the bundle's graph: 1 (single) or one per tile location (ensemble)
+    graph: str = "tile"  # see GRAPHS
 
     def __post_init__(self) -> None:
         tile = _pair("tile", self.tile)
         stride = _pair("stride", self.stride)
+        if self.graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
+        if self.image_size is not None:
+            object.__setattr__(self, "image_size", _pair("image_size", self.image_size))
+        if self.graph != "tile" and self.image_size is None:
+            raise ValueError(f"graph {self.graph!r} runs on a fixed image size: image_size is required")
+        if self.mode == "ensemble" and self.graph == "tile":
+            raise ValueError("an ensemble (one model per location) needs graph 'image' or 'tiles', not 'tile'")
+        if isinstance(self.locations, bool) or not isinstance(self.locations, (int, np.integer)) or self.locations < 1:
+            raise ValueError(f"locations must be a positive int, got {self.locations!r}")
+        object.__setattr__(self, "locations", int(self.locations))
+        if self.graph == "image":
+            bad = [v for v in (*tile, *stride) if v % FEATURE_STRIDE]
+            if bad:
+                raise ValueError(f"shared-backbone tiling needs tile and stride multiples of {FEATURE_STRIDE}, got {tile} / {stride}")
         if stride[0] > tile[0] or stride[1] > tile[1]:
             raise ValueError(f"stride {stride} must be <= tile {tile} on both axes")
         if self.score not in IMAGE_SCORE_METHODS:
@@ -222,6 +260,12 @@ class TilingConfig:
             raise ValueError(f"seam_sigma must be >= 0, got {self.seam_sigma}")
         object.__setattr__(self, "tile", tile)
         object.__setattr__(self, "stride", stride)
+        if self.mode == "ensemble" and self.image_size is not None:
+            count = self.grid(self.image_size).count
+            if self.locations != count:
+                raise ValueError(f"an ensemble on {self.image_size} with these tiles has {count} locations, not {self.locations}")
+        if self.mode == "single" and self.locations != 1:
+            raise ValueError(f"a single-model tiling has 1 location, not {self.locations}")
 
     def grid(self, image_size: tuple[int, int]) -> TileGrid:
         return TileGrid(image_size=tuple(image_size), tile=self.tile, stride=self.stride)
@@ -229,6 +273,7 @@ class TilingConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tile"], d["stride"] = list(self.tile), list(self.stride)
+        d["image_size"] = list(self.image_size) if self.image_size is not None else None
         return d
 
     @classmethod

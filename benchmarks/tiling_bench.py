@@ -1,0 +1,236 @@
+"""Tiled inference benchmark (issue 4) on MVTec bottle at 512: the variants table, shared-backbone vs
+independent tiles, and peak memory of `ssn-edge predict` on an 8192x8192 vs a 2048x2048 image.
+
+  python benchmarks/tiling_bench.py train --variant single_512          # (and tiled_single9, tiled_ens4, tiled_ens9)
+  python benchmarks/tiling_bench.py table                                # export + evaluate every trained variant
+  python benchmarks/tiling_bench.py shared-vs-independent                # 9-tile ensemble, one run
+  python benchmarks/tiling_bench.py rss                                  # 8192 vs 2048 through ssn-edge predict
+
+Checkpoints and bundles go to runs/bench/tiling/<variant>/; records to benchmarks/results/tiling.json.
+single_256 is the issue-2 model (runs/bench/mvtec_bottle_unsupervised_cpu_schedule_s0), run on 512 images
+resized to 256. Every variant is evaluated the same way: through the OpenVINO runtime (the path a factory PC
+runs), on the 512x512 test images, pixel metrics at 512 against the 512 masks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import command_line, record_results  # noqa: E402
+
+RUNS = ROOT / "runs" / "bench" / "tiling"
+DATA = (ROOT / ".." / "shared" / "data" / "mvtec_ad_512" / "bottle").resolve()
+RECIPES = {
+    "single_512": "recipes/mvtec_resnet18_512.yaml",
+    "tiled_single9": "recipes/mvtec_resnet18_tiled9_single.yaml",
+    "tiled_ens4": "recipes/mvtec_resnet18_tiled4_ensemble.yaml",
+    "tiled_ens9": "recipes/mvtec_resnet18_tiled9_ensemble.yaml",
+}
+SINGLE_256 = ROOT / "runs" / "bench" / "mvtec_bottle_unsupervised_cpu_schedule_s0" / "checkpoint.pt"
+BASE = {"dataset": "mvtec_bottle", "backbone": "resnet18", "setting": "unsupervised"}
+
+
+def _require_data() -> None:
+    if not DATA.exists():
+        print(f"skipped: {DATA} is absent (the shared data folder is not beside this checkout)")
+        sys.exit(0)
+
+
+def checkpoint_of(variant: str) -> Path:
+    return SINGLE_256 if variant == "single_256" else RUNS / variant / "checkpoint.pt"
+
+
+def train(args) -> None:
+    from ssn_edge.config import load_recipe, parse_override
+    from ssn_edge.jobs import train_job
+
+    _require_data()
+    recipe = load_recipe(ROOT / RECIPES[args.variant], dict(parse_override(s) for s in args.set))
+    recipe.data.path = str(DATA)
+    recipe.model.weights = str((ROOT / recipe.model.weights).resolve()) if recipe.model.weights else None
+    out = RUNS / args.variant
+    t0 = time.perf_counter()
+    result = train_job(recipe, out, progress=not args.quiet)
+    train_s = time.perf_counter() - t0
+    history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else result.history
+    epochs = [r["epoch_s"] for r in history if "epoch_s" in r]
+    record_results("tiling", [{
+        **BASE, "variant": args.variant, "runtime": "torch", "precision": "fp32", "seed": recipe.train.seed,
+        "epochs": recipe.train.epochs, "train_s": round(train_s, 1),
+        "epoch_s_median": round(float(np.median(epochs)), 2) if epochs else None,
+        **{k: round(v, 3) for k, v in result.metrics.items() if k.startswith(("image_", "pixel_"))},
+        "command": command_line(),
+    }])
+    print(json.dumps(result.metrics, indent=2))
+
+
+def bundle_of(variant: str, graph: str | None = None) -> Path:
+    """Export (FP32 + INT8) once; reuse afterwards."""
+    from ssn_edge.calibration import CalibrationSpec
+    from ssn_edge.export import export_bundle
+
+    name = "bundle" if graph is None else f"bundle_{graph}"
+    out = (RUNS / variant / name) if variant != "single_256" else RUNS / "single_256" / name
+    if not (out / "metadata.json").exists():
+        export_bundle(checkpoint_of(variant), out, fp16=False, int8=True, calibration=CalibrationSpec(source="recipe", size=128),
+                      threshold_data=str(DATA), overwrite=True, graph=graph)
+    return out
+
+
+def rss_of_predict(bundle: Path, image: Path, precision: str, out: Path) -> float:
+    """Peak RSS (MB) of a separate `ssn-edge predict` process, from /usr/bin/time -v."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, str(ROOT / "cli.py"), "predict", str(bundle), str(image),
+           "--precision", precision, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    return int(match.group(1)) / 1024.0
+
+
+def evaluate_variant(variant: str, precision: str, arrays, images: list[np.ndarray]) -> dict:
+    from ssn_edge.export import metrics_from_maps
+    from ssn_edge.runtime.engine import Engine
+
+    engine = Engine(bundle_of(variant), precision=precision, mode="latency")
+    scores, maps, times = [], [], []
+    for image in images:
+        t0 = time.perf_counter()
+        p = engine.predict_tiled(image) if engine.tiling is not None else engine.predict_images([image])[0]
+        times.append((time.perf_counter() - t0) * 1e3)
+        scores.append(p.score)
+        maps.append(p.anomaly_map)
+    metrics = metrics_from_maps(arrays, np.asarray(scores, dtype=np.float32), np.stack(maps))
+    return {**metrics, "latency_ms": float(np.median(times)), "latency_p90_ms": float(np.percentile(times, 90)),
+            "inference_precision": engine.inference_precision, "tiling_graph": engine.tiling.graph if engine.tiling else None}
+
+
+def table(args) -> None:
+    from ssn_edge.data import load_dataset, select
+    from ssn_edge.data.arrays import load_arrays
+    from ssn_edge.runtime.preprocess import read_image
+
+    _require_data()
+    samples = select(load_dataset(DATA), "test")
+    arrays = load_arrays(samples, (512, 512))
+    images = [read_image(s.image) for s in samples]
+    sample_image = Path(samples[0].image)
+    records = []
+    for variant in ["single_256", *RECIPES]:
+        if not checkpoint_of(variant).is_file():
+            print(f"{variant}: no checkpoint at {checkpoint_of(variant)}; train it first")
+            continue
+        for precision in ("fp32", "int8"):
+            r = evaluate_variant(variant, precision, arrays, images)
+            rss = rss_of_predict(bundle_of(variant), sample_image, precision, RUNS / variant / f"predict_{precision}")
+            rec = {**BASE, "variant": variant, "runtime": "openvino", "precision": precision,
+                   **{k: round(v, 3) for k, v in r.items() if isinstance(v, float)},
+                   "inference_precision": r["inference_precision"], "tiling_graph": r["tiling_graph"],
+                   "peak_rss_mb": round(rss, 1), "images": len(images), "command": command_line()}
+            records.append(rec)
+            print(f"{variant:<14} {precision:<5} I-AUROC {rec['image_auroc']:6.2f}  AUPRO {rec['pixel_aupro']:6.2f}  "
+                  f"P-AP {rec['pixel_ap']:6.2f}  {rec['latency_ms']:8.1f} ms  {rss:7.0f} MB")
+    record_results("tiling", records)
+
+
+def shared_vs_independent(args) -> None:
+    """Same 9-tile ensemble weights, exported both ways (FP32), same test images, one process."""
+    from ssn_edge.runtime.engine import Engine
+    from ssn_edge.runtime.preprocess import read_image
+    from ssn_edge.data import load_dataset, select
+
+    _require_data()
+    variant = "tiled_ens9"
+    if not checkpoint_of(variant).is_file():
+        print(f"skipped: {checkpoint_of(variant)} not trained")
+        return
+    images = [read_image(s.image) for s in select(load_dataset(DATA), "test")]
+    engines = {g: Engine(bundle_of(variant, g), precision=args.precision, mode="latency") for g in ("image", "tiles")}
+    runners = {g: e.runner() for g, e in engines.items()}
+    for r in runners.values():  # warm-up
+        r.run(images[0])
+    times = {g: [] for g in runners}
+    diffs, score_diffs, ranges = [], [], []
+    for k in range(args.rounds):  # interleaved, so drift in machine load hits both alike
+        for image in images:
+            out = {}
+            for g, r in runners.items():
+                t0 = time.perf_counter()
+                out[g] = r.run(image)
+                times[g].append((time.perf_counter() - t0) * 1e3)
+            if k == 0:
+                diffs.append(float(np.abs(out["image"].anomaly_map - out["tiles"].anomaly_map).max()))
+                score_diffs.append(abs(out["image"].score - out["tiles"].score))
+                ranges.append(float(np.ptp(out["tiles"].anomaly_map)))
+    shared_ms, indep_ms = float(np.median(times["image"])), float(np.median(times["tiles"]))
+    rec = {**BASE, "variant": variant, "runtime": "openvino", "precision": args.precision,
+           "ratio": round(indep_ms / shared_ms, 3), "ratio_of": "shared_backbone_vs_independent_tiles",
+           "latency_shared_ms": round(shared_ms, 2), "latency_independent_ms": round(indep_ms, 2),
+           "map_max_abs_diff": round(max(diffs), 4), "map_mean_of_max_abs_diff": round(float(np.mean(diffs)), 4),
+           "map_value_range_median": round(float(np.median(ranges)), 3),
+           "score_max_abs_diff": round(max(score_diffs), 5), "images": len(images), "rounds": args.rounds,
+           "command": command_line()}
+    record_results("tiling", [rec])
+    print(json.dumps(rec, indent=2))
+
+
+def rss(args) -> None:
+    """One large image through `ssn-edge predict` (the single-model tile graph, native resolution)."""
+    import cv2
+
+    _require_data()
+    variant = "tiled_single9"
+    bundle = bundle_of(variant)
+    src = cv2.imread(str(sorted((DATA / "test" / "broken_large").glob("*.png"))[0]))
+    records = []
+    for side in (2048, 8192):
+        image = RUNS / f"bottle_mosaic_{side}.png"
+        if not image.exists():
+            reps = side // src.shape[0]
+            cv2.imwrite(str(image), np.tile(src, (reps, reps, 1)))  # a real texture at real scale, repeated
+        peak = rss_of_predict(bundle, image, args.precision, RUNS / f"predict_{side}")
+        pred = json.loads((RUNS / f"predict_{side}" / "predictions.json").read_text())["predictions"][0]
+        records.append({**BASE, "variant": f"tiled_{side}", "runtime": "openvino", "precision": args.precision,
+                        "peak_rss_mb": round(peak, 1), "image_side": side, "latency_ms": round(pred["latency_ms"], 1),
+                        "command": command_line()})
+        print(f"{side}x{side}: peak RSS {peak:.0f} MB, {pred['latency_ms']:.0f} ms")
+    ratio = records[1]["peak_rss_mb"] / records[0]["peak_rss_mb"]
+    records.append({**BASE, "variant": "tiled_8192", "runtime": "openvino", "precision": args.precision,
+                    "ratio": round(ratio, 3), "ratio_of": "peak_rss_8192_vs_2048", "command": command_line()})
+    record_results("tiling", records)
+    print(f"ratio 8192/2048: {ratio:.3f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--variant", required=True, choices=list(RECIPES))
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--quiet", action="store_true")
+    sub.add_parser("table")
+    s = sub.add_parser("shared-vs-independent")
+    s.add_argument("--precision", default="fp32")
+    s.add_argument("--rounds", type=int, default=2)
+    r = sub.add_parser("rss")
+    r.add_argument("--precision", default="int8")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    {"train": train, "table": table, "shared-vs-independent": shared_vs_independent, "rss": rss}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Tiled SSN (spec 6): one frozen backbone, the trained part (adaptor + heads) per tile location or shared.
+
+Two ways to feed the heads, same weights:
+* shared backbone ("image" graph): the backbone runs once on the whole image; each location's heads get the
+  crop of its layer2/layer3 maps that covers their tile. A tile then costs only adaptor + heads.
+* independent tiles ("tiles" graph, the paper's): every tile goes through the backbone on its own.
+The two differ only near tile borders, where the shared backbone sees the neighbouring image and an
+independent tile sees zero padding; the heads are trained on independent tiles (`ssn_edge.train_tiled`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ssn_edge.config import ModelConfig
+from ssn_edge.model.ssn import FeatureExtractor, SSNHeads
+from ssn_edge.runtime.tiling import TilingConfig
+
+LAYER2_STRIDE, LAYER3_STRIDE = 8, 16
+
+
+class TiledSSN(nn.Module):
+    """(B, 3, H', W') image or (B, T, 3, th, tw) tiles -> map logits (B, T, h, w), score logits (B, T)."""
+
+    def __init__(self, cfg: ModelConfig, tiling: TilingConfig):
+        super().__init__()
+        if tiling.image_size is None:
+            raise ValueError("TiledSSN runs on a fixed image size (tiling.image_size)")
+        self.config, self.tiling = cfg, tiling
+        self.features = FeatureExtractor(cfg)
+        self.heads = nn.ModuleList([SSNHeads(self.features.channels, cfg) for _ in range(tiling.locations)])
+        self.boxes = tiling.grid(tiling.image_size).boxes
+
+    def heads_for(self, location: int) -> SSNHeads:
+        return self.heads[location if len(self.heads) > 1 else 0]
+
+    def forward_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        l2, l3 = self.features.raw(image)
+        maps, scores = [], []
+        for k, (y0, x0, y1, x1) in enumerate(self.boxes):
+            c2 = l2[..., y0 // LAYER2_STRIDE : y1 // LAYER2_STRIDE, x0 // LAYER2_STRIDE : x1 // LAYER2_STRIDE]
+            c3 = l3[..., y0 // LAYER3_STRIDE : y1 // LAYER3_STRIDE, x0 // LAYER3_STRIDE : x1 // LAYER3_STRIDE]
+            m, s = self.heads_for(k)(self.features.merge(c2, c3))
+            maps.append(m[:, 0])
+            scores.append(s)
+        return torch.stack(maps, 1), torch.stack(scores, 1)
+
+    def forward_tiles(self, tiles: Tensor) -> tuple[Tensor, Tensor]:
+        b, t = tiles.shape[:2]
+        feats = self.features(tiles.flatten(0, 1))
+        feats = feats.reshape(b, t, *feats.shape[1:])
+        maps, scores = [], []
+        for k in range(t):
+            m, s = self.heads_for(k)(feats[:, k])
+            maps.append(m[:, 0])
+            scores.append(s)
+        return torch.stack(maps, 1), torch.stack(scores, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward_tiles(x) if x.dim() == 5 else self.forward_image(x)

@@ -1,0 +1,377 @@
+"""Tiled inference (spec 6): cut an image into tiles, run them, merge the maps, smooth the seams. Torch-free.
+
+Two ways to merge, one result:
+* `merge_outputs` takes every tile's raw outputs at once (training-time evaluation, export thresholds, fixed-size
+  ensembles);
+* `BandMerger` takes them one row of tiles at a time and hands out finished rows of the map, so a 20-megapixel
+  image never needs its whole float map in memory. Both post-process each tile with the shared `anomaly_map`,
+  average overlaps and blur only the seam bands; tests check that they agree.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
+from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare, resize_image
+from ssn_edge.runtime.seams import blur_radius, seam_band_axes, smooth_seams
+from ssn_edge.runtime.tiling import TileGrid, TilingConfig, merge_scores, tile, tile_box, untile
+
+# Images up to this many pixels keep their full-resolution map in memory; larger ones get a block-averaged
+# preview (and the full map only when it is streamed to a file), so memory does not grow with image size.
+FULL_MAP_PIXELS = 4096 * 4096
+PREVIEW_SIDE = 2048
+
+
+def tiled_image_score(tile_logits: np.ndarray, map_max: float, method: str) -> float:
+    """Image score in [0, 1]: mean or max of the tiles' sigmoid scores, or the sigmoid of the merged map's max."""
+    if method == "map_max":
+        return float(sigmoid(map_max))
+    return merge_scores(sigmoid(np.asarray(tile_logits, dtype=np.float32)), method)
+
+
+def merge_outputs(
+    raw_maps: np.ndarray,
+    tile_logits: np.ndarray,
+    grid: TileGrid,
+    cfg: TilingConfig,
+    blur_sigma: float = BLUR_SIGMA,
+    blur_kernel: int = BLUR_KERNEL,
+) -> tuple[np.ndarray, float]:
+    """One image's tiles: raw map logits (T, h, w) and score logits (T,) -> (merged map (H, W) float32, score)."""
+    maps = anomaly_map(raw_maps, grid.tile, blur_sigma, blur_kernel)  # each tile as in untiled SSN
+    merged = untile(maps.astype(np.float32), grid)
+    merged = smooth_seams(merged, grid, cfg.seam_halfwidth, cfg.seam_sigma)
+    return merged, tiled_image_score(tile_logits, float(merged.max()), cfg.score)
+
+
+class MapSink:
+    """Receives finished map rows in order: keeps the max, and the full map, a block-averaged preview, or both.
+
+    full: keep the (H, W) map. preview_factor f > 1: keep the mean of every f x f block (rows arrive in any
+    band heights; leftovers wait for the next band). stream: an open binary file to which float16 rows are
+    appended (the caller wrote an .npy header for (H, W) float16 first).
+    """
+
+    def __init__(self, size: tuple[int, int], full: bool = True, preview_factor: int = 1, stream=None):
+        h, w = size
+        self.size = size
+        self.max = -np.inf
+        self.full = np.empty((h, w), dtype=np.float32) if full else None
+        self.factor = int(preview_factor)
+        self.preview = None
+        if self.factor > 1:
+            self.preview = np.zeros((-(-h // self.factor), -(-w // self.factor)), dtype=np.float32)
+            self._carry = np.zeros((0, w), dtype=np.float32)
+            self._carry_y = 0
+        self.stream = stream
+
+    def __call__(self, y0: int, rows: np.ndarray) -> None:
+        self.max = max(self.max, float(rows.max()))
+        if self.full is not None:
+            self.full[y0 : y0 + len(rows)] = rows
+        if self.stream is not None:
+            self.stream.write(np.ascontiguousarray(rows, dtype=np.float16).tobytes())
+        if self.preview is not None:
+            self._carry = np.concatenate([self._carry, rows]) if len(self._carry) else rows.copy()
+            self._flush(final=y0 + len(rows) >= self.size[0])
+
+    def _flush(self, final: bool) -> None:
+        f, w = self.factor, self.size[1]
+        usable = len(self._carry) if final else (len(self._carry) // f) * f
+        if not usable:
+            return
+        block = self._carry[:usable]
+        nb = -(-usable // f)
+        pad_h, pad_w = nb * f - usable, -(-w // f) * f - w
+        padded = np.pad(block, ((0, pad_h), (0, pad_w)), mode="edge")
+        means = padded.reshape(nb, f, -1, f).mean(axis=(1, 3))
+        r0 = self._carry_y // f
+        self.preview[r0 : r0 + nb] = means
+        self._carry_y += usable
+        self._carry = self._carry[usable:]
+
+    @property
+    def map(self) -> np.ndarray:
+        return self.full if self.full is not None else self.preview
+
+
+class BandMerger:
+    """Merge post-processed tile maps one row of tiles at a time; emit finished, seam-smoothed map rows.
+
+    Holds one row of tiles' accumulators plus the blur's context rows: memory is set by the tile size and the
+    image width, not its height. Rows go to `sink(y0, rows)` in order, cropped to the image.
+    """
+
+    def __init__(self, grid: TileGrid, cfg: TilingConfig, sink: Callable[[int, np.ndarray], None]):
+        self.grid, self.sink = grid, sink
+        self.halfwidth, self.sigma = cfg.seam_halfwidth, cfg.seam_sigma
+        self.radius = blur_radius(self.sigma) if self.sigma > 0 else 0
+        self.band_rows, self.band_cols = seam_band_axes(grid, self.halfwidth)
+        _, pw = grid.padded_size
+        self.sum = np.zeros((0, pw), dtype=np.float64)
+        self.count = np.zeros((0, pw), dtype=np.float64)
+        self.acc_y = 0  # padded row of sum[0]
+        self.done = np.zeros((0, grid.image_size[1]), dtype=np.float32)  # merged rows awaiting their blur context
+        self.done_y = 0
+        self.emit_y = 0
+        self.next_row = 0
+
+    def add_row(self, i: int, maps: np.ndarray) -> None:
+        """maps: (cols, th, tw) post-processed maps of grid row i (rows must come in order 0, 1, ...)."""
+        g = self.grid
+        if i != self.next_row:
+            raise ValueError(f"tile row {i} arrived before row {self.next_row}")
+        if maps.shape != (g.cols, *g.tile):
+            raise ValueError(f"row {i}: expected maps of shape {(g.cols, *g.tile)}, got {maps.shape}")
+        (th, tw), (sh, sw) = g.tile, g.stride
+        y0 = sh * i
+        need = y0 + th - self.acc_y
+        if need > len(self.sum):
+            extra = need - len(self.sum)
+            self.sum = np.concatenate([self.sum, np.zeros((extra, self.sum.shape[1]))])
+            self.count = np.concatenate([self.count, np.zeros((extra, self.count.shape[1]))])
+        r = y0 - self.acc_y
+        for j in range(g.cols):
+            self.sum[r : r + th, sw * j : sw * j + tw] += maps[j]
+            self.count[r : r + th, sw * j : sw * j + tw] += 1.0
+        self.next_row += 1
+        final_to = sh * (i + 1) if i + 1 < g.rows else g.padded_size[0]
+        self._finish(final_to)
+
+    def _finish(self, final_to: int) -> None:
+        n = final_to - self.acc_y
+        if n > 0:
+            merged = (self.sum[:n] / self.count[:n]).astype(np.float32)
+            self.sum, self.count = self.sum[n:], self.count[n:]
+            h, w = self.grid.image_size
+            keep = max(0, min(n, h - self.acc_y))
+            if keep:
+                self.done = np.concatenate([self.done, merged[:keep, :w]])
+            self.acc_y = final_to
+        self._emit(complete=self.next_row == self.grid.rows)
+
+    def _emit(self, complete: bool) -> None:
+        h = self.grid.image_size[0]
+        available = self.done_y + len(self.done)
+        end = h if complete else available - self.radius
+        if end <= self.emit_y:
+            return
+        lo = max(0, self.emit_y - self.radius)
+        window = self.done[lo - self.done_y : min(available, end + self.radius) - self.done_y]
+        rows_mask = self.band_rows[lo : lo + len(window)]
+        if self.sigma > 0 and (rows_mask.any() or self.band_cols.any()):
+            blurred = cv2.GaussianBlur(window, (0, 0), sigmaX=self.sigma, sigmaY=self.sigma, borderType=cv2.BORDER_REFLECT)
+            mask = rows_mask[:, None] | self.band_cols[None, :]
+            smoothed = np.where(mask, blurred, window)
+        else:
+            smoothed = window
+        a = self.emit_y - lo
+        self.sink(self.emit_y, smoothed[a : a + end - self.emit_y])
+        self.emit_y = end
+        drop = max(0, end - self.radius - self.done_y)
+        self.done, self.done_y = self.done[drop:], self.done_y + drop
+
+
+def prepare_tile(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """(3, th, tw) model input for the box of an (H, W, 3) RGB image (uint8, uint16 or float in [0, 1]).
+
+    Where the box leaves the image the input is 0 *after* normalisation (the ImageNet mean colour), exactly
+    what `tile` gives on a normalised image, which is how training and evaluation cut their tiles.
+    """
+    y0, x0, y1, x1 = box
+    h, w = image.shape[:2]
+    part = image[y0 : min(y1, h), x0 : min(x1, w)]
+    if part.dtype == np.uint8:
+        part = part.astype(np.float32) / 255.0
+    elif part.dtype == np.uint16:
+        part = part.astype(np.float32) / 65535.0
+    part = (part.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+    out = np.zeros((3, y1 - y0, x1 - x0), dtype=np.float32)
+    out[:, : part.shape[0], : part.shape[1]] = part.transpose(2, 0, 1)
+    return out
+
+
+def to_unit(image: np.ndarray) -> np.ndarray:
+    """uint8 / uint16 / float image -> float32 in [0, 1]."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    return image.astype(np.float32, copy=False)
+
+
+def normalized_graph_input(x: np.ndarray, cfg: TilingConfig) -> np.ndarray:
+    """Normalised (3, H, W) image at cfg.image_size -> batch-of-one input of an "image" graph (1, 3, H', W',
+    zero-padded to the grid) or a "tiles" graph (1, T, 3, th, tw)."""
+    grid = cfg.grid(cfg.image_size)
+    if tuple(x.shape[1:]) != cfg.image_size:
+        raise ValueError(f"normalised input is {tuple(x.shape[1:])}, the tiling expects {cfg.image_size}")
+    if cfg.graph == "image":
+        ph, pw = grid.padded_size
+        out = np.zeros((1, 3, ph, pw), dtype=np.float32)
+        out[0, :, : x.shape[1], : x.shape[2]] = x
+        return out
+    tiles = tile(np.ascontiguousarray(x.transpose(1, 2, 0)), grid)
+    return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))[None]
+
+
+def graph_input(image: np.ndarray, cfg: TilingConfig) -> np.ndarray:
+    """(H, W, 3) RGB image -> batch-of-one input of an "image" or "tiles" graph (resized to cfg.image_size)."""
+    return normalized_graph_input(prepare(to_unit(image), cfg.image_size), cfg)
+
+
+@dataclass
+class TiledResult:
+    score: float
+    anomaly_map: np.ndarray  # full-resolution map, or a block-averaged preview (map_scale > 1)
+    map_max: float
+    map_scale: int  # 1: full resolution; f: each map pixel is the mean of f x f image pixels
+    tiles: int
+    infer_ms: float
+
+
+class TiledRunner:
+    """Runs a compiled tiled graph (an OpenVINO CompiledModel) on one image at a time."""
+
+    def __init__(
+        self,
+        compiled: Any,
+        cfg: TilingConfig,
+        map_name: str = "map",
+        score_name: str = "score",
+        blur_sigma: float = BLUR_SIGMA,
+        blur_kernel: int = BLUR_KERNEL,
+        tile_batch: int = 8,
+        requests: int = 2,
+    ) -> None:
+        if tile_batch < 1:
+            raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+        self.compiled, self.cfg = compiled, cfg
+        self.map_name, self.score_name = map_name, score_name
+        self.blur_sigma, self.blur_kernel = blur_sigma, blur_kernel
+        self.tile_batch, self.requests = tile_batch, max(1, requests)
+        self._request = None
+
+    def _outputs(self, request) -> tuple[np.ndarray, np.ndarray]:
+        raw = np.array(request.get_tensor(self.map_name).data, dtype=np.float32, copy=True)
+        score = np.array(request.get_tensor(self.score_name).data, dtype=np.float32, copy=True)
+        return raw, score
+
+    def run(self, image: np.ndarray, keep_full: bool | None = None, stream_to: Path | None = None) -> TiledResult:
+        """image: (H, W, 3) RGB, uint8/uint16 or float in [0, 1]. keep_full: keep the full-resolution map
+        (default: when the image has at most FULL_MAP_PIXELS). stream_to: also write the full map there as
+        float16 .npy, row band by row band."""
+        if self.cfg.graph == "tile":
+            return self._run_streaming(image, keep_full, stream_to)
+        result = self._run_fixed(image, graph_input(image, self.cfg), image.shape[:2])
+        if stream_to is not None:
+            with open(stream_to, "wb") as fh:
+                np.save(fh, result.anomaly_map.astype(np.float16))
+        return result
+
+    def run_normalized(self, x: np.ndarray) -> TiledResult:
+        """The same for an already normalised (3, H, W) image at the tiling's image size (evaluation arrays)."""
+        if self.cfg.graph == "tile":
+            hwc = x.transpose(1, 2, 0)
+            return self._run_streaming(hwc, True, None, cut=lambda box: tile_box(hwc, box).transpose(2, 0, 1))
+        return self._run_fixed(x, normalized_graph_input(x, self.cfg), x.shape[1:])
+
+    def _run_fixed(self, image: np.ndarray, inputs: np.ndarray, size: tuple[int, int]) -> TiledResult:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        if self._request is None:  # one request per runner, reused: requests are not free to create
+            self._request = self.compiled.create_infer_request()
+        request = self._request
+        request.infer({0: inputs})
+        raw, logits = self._outputs(request)
+        infer_ms = (time.perf_counter() - t0) * 1e3
+        grid = cfg.grid(cfg.image_size)
+        merged, score = merge_outputs(raw.reshape(grid.count, *raw.shape[-2:]), logits.reshape(-1), grid, cfg, self.blur_sigma, self.blur_kernel)
+        h, w = size
+        if merged.shape != (h, w):
+            merged = cv2.resize(merged, (w, h), interpolation=cv2.INTER_LINEAR)
+        return TiledResult(score, merged, float(merged.max()), 1, grid.count, infer_ms)
+
+    def _run_streaming(
+        self, image: np.ndarray, keep_full: bool | None, stream_to: Path | None, cut: Callable | None = None
+    ) -> TiledResult:
+        import openvino as ov
+
+        cfg = self.cfg
+        original = image.shape[:2]
+        if cut is None:
+            if cfg.image_size is not None and tuple(image.shape[:2]) != cfg.image_size:
+                image = resize_image(to_unit(image), cfg.image_size)
+            cut = lambda box: prepare_tile(image, box)  # noqa: E731
+        grid = cfg.grid(image.shape[:2])
+        h, w = grid.image_size
+        if keep_full is None:
+            keep_full = h * w <= FULL_MAP_PIXELS
+        factor = 1 if keep_full else max(1, -(-max(h, w) // PREVIEW_SIDE))
+        stream = None
+        if stream_to is not None:
+            stream = open(stream_to, "wb")
+            np.lib.format.write_array_header_2_0(stream, {"descr": "<f2", "fortran_order": False, "shape": (h, w)})
+        sink = MapSink((h, w), full=keep_full, preview_factor=factor, stream=stream)
+        merger = BandMerger(grid, cfg, sink)
+        boxes = grid.boxes
+        chunks = [(i, c) for i in range(grid.rows) for c in range(0, grid.cols, self.tile_batch)]
+        results: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+        logits_all = np.zeros(grid.count, dtype=np.float32)
+        next_row = 0
+        t0 = time.perf_counter()
+
+        def done(request, key: tuple[int, int]) -> None:
+            try:
+                raw, score = self._outputs(request)
+                with lock:
+                    results.setdefault(key[0], {})[key[1]] = (raw.reshape(-1, *raw.shape[-2:]), score.reshape(-1))
+            except BaseException as exc:  # surfaced in the main thread; an exception here would be lost
+                errors.append(exc)
+
+        def drain() -> None:
+            nonlocal next_row
+            while next_row < grid.rows:
+                with lock:
+                    row = results.get(next_row)
+                    if row is None or sum(len(r[1]) for r in row.values()) < grid.cols:
+                        return
+                    del results[next_row]
+                raw = np.concatenate([row[c][0] for c in sorted(row)])
+                logits_all[next_row * grid.cols : (next_row + 1) * grid.cols] = np.concatenate([row[c][1] for c in sorted(row)])
+                merger.add_row(next_row, anomaly_map(raw, grid.tile, self.blur_sigma, self.blur_kernel))
+                next_row += 1
+
+        try:
+            queue = ov.AsyncInferQueue(self.compiled, self.requests)
+            queue.set_callback(done)
+            for i, c in chunks:
+                cols = range(c, min(c + self.tile_batch, grid.cols))
+                x = np.stack([cut(boxes[i * grid.cols + j]) for j in cols])
+                queue.start_async({0: x}, userdata=(i, c))
+                if errors:
+                    break
+                drain()
+            queue.wait_all()
+            if errors:
+                raise errors[0]
+            drain()
+        finally:
+            if stream is not None:
+                stream.close()
+        infer_ms = (time.perf_counter() - t0) * 1e3
+        score = tiled_image_score(logits_all, sink.max, cfg.score)
+        m = sink.map
+        if keep_full and tuple(original) != (h, w):
+            m = cv2.resize(m, (original[1], original[0]), interpolation=cv2.INTER_LINEAR)
+        return TiledResult(score, m, float(sink.max), factor, grid.count, infer_ms)

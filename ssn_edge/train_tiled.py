@@ -1,0 +1,214 @@
+"""Tiled training and evaluation (spec 6): one model on every tile, or a tiled ensemble (one per location).
+
+Each model is an ordinary SSN trained by `ssn_edge.train.train` on tiles cut from the images at
+data.image_size (independent tiles, as in the paper); an ensemble trains one per tile location, in turn, each
+in its own folder (`loc_00`, ...), so an interrupted run picks up where it stopped. The result is one tiled
+checkpoint holding every location's adaptor + heads, the recipe and the backbone identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ssn_edge.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ssn_edge.config import Recipe, recipe_from_dict
+from ssn_edge.data import ArraySet
+from ssn_edge.evaluate import metrics_from_predictions
+from ssn_edge.model.backbones import weights_fingerprint
+from ssn_edge.model.tiled import TiledSSN
+from ssn_edge.runtime.tiled import graph_input, merge_outputs  # noqa: F401  (graph_input: the runtime's own cut)
+from ssn_edge.runtime.tiling import TileGrid, TilingConfig, tile
+from ssn_edge.train import TrainResult, train
+
+log = logging.getLogger("ssn_edge")
+KIND = "tiled"
+
+
+def runtime_tiling(recipe: Recipe, graph: str | None = None) -> TilingConfig:
+    """The runtime's TilingConfig for a tiled recipe. graph: override the recipe's choice (see tiling.GRAPHS)."""
+    t = recipe.tiling
+    if t is None:
+        raise ValueError(f"recipe {recipe.name!r} has no tiling section")
+    size = tuple(recipe.data.image_size)
+    if graph is None:
+        graph = "image" if t.shared_backbone else ("tiles" if t.mode == "ensemble" else "tile")
+    locations = TileGrid(size, t.tile, t.stride).count if t.mode == "ensemble" else 1
+    return TilingConfig(
+        tile=t.tile,
+        stride=t.stride,
+        score=t.score,
+        seam_halfwidth=t.seam_halfwidth,
+        seam_sigma=t.seam_sigma,
+        mode=t.mode,
+        image_size=size,
+        locations=locations,
+        graph=graph,
+    )
+
+
+def tile_arrays(arrays: ArraySet, grid: TileGrid, locations: list[int]) -> ArraySet:
+    """The tiles at `locations` of every image (image-major), with their masks; a tile's label is 1 when its
+    mask has a defect pixel (or, for a defective image without pixel truth, stays 1: unknown where it is)."""
+    n, t = len(arrays), len(locations)
+    th, tw = grid.tile
+    images = np.empty((n * t, 3, th, tw), dtype=np.float32)
+    masks = np.zeros((n * t, th, tw), dtype=bool)
+    labels = np.zeros(n * t, dtype=np.int64)
+    valid = np.ones(n * t, dtype=bool)
+    paths: list[str] = []
+    for i in range(n):
+        tiles = tile(arrays.images[i].transpose(1, 2, 0), grid)  # zero padding of the normalised image
+        mtiles = tile(arrays.masks[i], grid)
+        for j, k in enumerate(locations):
+            r = i * t + j
+            images[r] = tiles[k].transpose(2, 0, 1)
+            masks[r] = mtiles[k]
+            if arrays.labels[i]:
+                if arrays.mask_valid[i]:
+                    labels[r] = int(mtiles[k].any())
+                else:
+                    labels[r], valid[r] = 1, False
+            paths.append(f"{arrays.paths[i]}#tile{k}")
+    return ArraySet(images=images, masks=masks, labels=labels, mask_valid=valid, paths=paths)
+
+
+def _tile_recipe(recipe: Recipe) -> Recipe:
+    t = recipe.tiling
+    data = dataclasses.replace(recipe.data, image_size=tuple(t.tile))
+    return dataclasses.replace(recipe, data=data, tiling=None)
+
+
+def _finished(path: Path, epochs: int) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return int(load_checkpoint(path).get("epoch", 0)) >= epochs
+    except CheckpointError:
+        return False
+
+
+def train_tiled(
+    recipe: Recipe,
+    train_arrays: ArraySet,
+    out_dir: Path,
+    test_arrays: ArraySet | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the recipe's tiled model; writes out_dir/checkpoint.pt (kind 'tiled') and metrics.json."""
+    cfg = runtime_tiling(recipe)
+    grid = cfg.grid(cfg.image_size)
+    if tuple(train_arrays.images.shape[-2:]) != cfg.image_size:
+        raise ValueError(f"training images are {train_arrays.images.shape[-2:]}, the tiling expects {cfg.image_size}")
+    sub = _tile_recipe(recipe)
+    out_dir = Path(out_dir)
+    groups = [list(range(grid.count))] if cfg.mode == "single" else [[k] for k in range(grid.count)]
+    names = ["single"] if cfg.mode == "single" else [f"loc_{k:02d}" for k in range(grid.count)]
+    heads, histories, times = [], {}, {}
+    backbone = None
+    for name, locations in zip(names, groups):
+        folder = out_dir / name
+        ckpt = folder / "checkpoint.pt"
+        t0 = time.perf_counter()
+        if _finished(ckpt, sub.train.epochs):
+            log.info("%s: already trained (%s), kept", name, ckpt)
+        else:
+            arrays = tile_arrays(train_arrays, grid, locations)
+            log.info("%s: training on %d tiles (%s)", name, len(arrays), "all locations" if len(locations) > 1 else f"location {locations[0]}")
+            resume = ckpt if ckpt.is_file() else None
+            folder.mkdir(parents=True, exist_ok=True)
+            train(sub, arrays, folder, resume=resume, progress=progress)
+        state = load_checkpoint(ckpt)
+        heads.append(state["heads"])
+        histories[name] = state.get("history", [])
+        times[name] = time.perf_counter() - t0
+        backbone = state["backbone"]
+    payload = {
+        "kind": KIND,
+        "recipe": recipe.to_dict(),
+        "tiling": cfg.to_dict(),
+        "heads": heads,
+        "backbone": backbone,
+        "epoch": sub.train.epochs,
+        "history": histories,
+    }
+    path = save_checkpoint(out_dir / "checkpoint.pt", payload)
+    metrics: dict[str, float] = {}
+    if test_arrays is not None:
+        model, _, _ = tiled_from_checkpoint(path)
+        metrics = evaluate_tiled(model, test_arrays)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return TrainResult(path, [r for h in histories.values() for r in h], metrics)
+
+
+def is_tiled_checkpoint(state: dict) -> bool:
+    return state.get("kind") == KIND
+
+
+def tiled_from_checkpoint(path: Path, weights: str | None = None, graph: str | None = None) -> tuple[TiledSSN, Recipe, dict]:
+    """Rebuild a tiled model. graph: which way it runs ("image": shared backbone, "tiles": independent)."""
+    state = load_checkpoint(path)
+    if not is_tiled_checkpoint(state):
+        raise CheckpointError(f"{path}: not a tiled checkpoint")
+    recipe = recipe_from_dict(state["recipe"])
+    if weights is not None:
+        recipe.model.weights = weights
+    cfg = TilingConfig.from_dict(state["tiling"])
+    if graph is not None:
+        cfg = dataclasses.replace(cfg, graph=graph)
+    model = TiledSSN(recipe.model, cfg if cfg.graph != "tile" else dataclasses.replace(cfg, graph="tiles"))
+    for k, heads in enumerate(model.heads):
+        heads.load_state_dict(state["heads"][k])
+    found = weights_fingerprint(model.features.trunk)
+    expected = state["backbone"].get("fingerprint")
+    if expected and found != expected:
+        raise ValueError(f"{path}: backbone weights differ from the ones it was trained with; pass them with --weights")
+    model.tiling = cfg
+    model.eval()
+    return model, recipe, state
+
+
+@torch.no_grad()
+def predict_tiled_raw(model: TiledSSN, images: np.ndarray, graph: str, batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised images (N, 3, H, W) at the tiling's image size -> raw maps (N, T, h, w), logits (N, T)."""
+    cfg = dataclasses.replace(model.tiling, graph=graph)
+    grid = cfg.grid(cfg.image_size)
+    ph, pw = grid.padded_size
+    maps, logits = [], []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        if graph == "image":
+            padded = np.zeros((len(x), 3, ph, pw), dtype=np.float32)
+            padded[:, :, : x.shape[2], : x.shape[3]] = x
+            inp = torch.from_numpy(padded)
+        else:
+            tiles = np.stack([tile(img.transpose(1, 2, 0), grid).transpose(0, 3, 1, 2) for img in x])
+            inp = torch.from_numpy(np.ascontiguousarray(tiles))
+        m, s = model(inp)
+        maps.append(m.float().numpy())
+        logits.append(s.float().numpy())
+    return np.concatenate(maps), np.concatenate(logits)
+
+
+def merged_predictions(cfg: TilingConfig, raw: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image merge of tiled raw outputs with the runtime's merge: scores (N,), maps (N, H, W)."""
+    grid = cfg.grid(cfg.image_size)
+    scores, maps = np.empty(len(raw), dtype=np.float32), []
+    for i in range(len(raw)):
+        merged, scores[i] = merge_outputs(raw[i], logits[i], grid, cfg)
+        maps.append(merged)
+    return scores, np.stack(maps)
+
+
+def evaluate_tiled(model: TiledSSN, arrays: ArraySet, graph: str | None = None) -> dict[str, float]:
+    """Metrics at the tiling's image size; the independent-tile graph unless told otherwise (what training saw)."""
+    graph = graph or ("tiles" if model.tiling.graph == "tile" else model.tiling.graph)
+    raw, logits = predict_tiled_raw(model, arrays.images, graph)
+    scores, maps = merged_predictions(model.tiling, raw, logits)
+    return metrics_from_predictions(arrays, scores, maps)

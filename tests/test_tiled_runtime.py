@@ -1,0 +1,122 @@
+"""Tiled runtime (spec 6): streaming band merge == whole-image merge, previews, tile inputs, scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ssn_edge.runtime.preprocess import normalize
+from ssn_edge.runtime.seams import smooth_seams
+from ssn_edge.runtime.tiled import BandMerger, MapSink, graph_input, merge_outputs, prepare_tile, tiled_image_score
+from ssn_edge.runtime.tiling import TileGrid, TilingConfig, tile, untile
+
+
+def _stream(grid: TileGrid, cfg: TilingConfig, maps: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    sink = MapSink(grid.image_size, full=True)
+    calls: list[tuple[int, int]] = []
+
+    def record(y0: int, rows: np.ndarray) -> None:
+        calls.append((y0, len(rows)))
+        sink(y0, rows)
+
+    merger = BandMerger(grid, cfg, record)
+    per_row = maps.reshape(grid.rows, grid.cols, *grid.tile)
+    for i in range(grid.rows):
+        merger.add_row(i, per_row[i])
+    return sink.full, calls
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    h=st.integers(1, 200),
+    w=st.integers(1, 200),
+    th=st.integers(8, 64),
+    tw=st.integers(8, 64),
+    fy=st.floats(0.3, 1.0),
+    fx=st.floats(0.3, 1.0),
+    sigma=st.sampled_from([0.0, 1.0, 2.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_band_merger_equals_whole_image_merge(h, w, th, tw, fy, fx, sigma, seed):
+    grid = TileGrid((h, w), (th, tw), (max(1, int(th * fy)), max(1, int(tw * fx))))
+    cfg = TilingConfig(grid.tile, grid.stride, seam_sigma=sigma)
+    rng = np.random.default_rng(seed)
+    maps = rng.standard_normal((grid.count, th, tw)).astype(np.float32)
+    expected = smooth_seams(untile(maps, grid), grid, cfg.seam_halfwidth, cfg.seam_sigma)
+    got, calls = _stream(grid, cfg, maps)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    # every row handed out exactly once, in order
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls)
+    assert sum(c[1] for c in calls) == h
+
+
+def test_band_merger_memory_does_not_grow_with_height():
+    """The merger never holds more than about two tile rows plus the blur context."""
+    grid = TileGrid((4096, 64), (64, 64), (32, 32))
+    cfg = TilingConfig(grid.tile, grid.stride)
+    held = []
+    merger = BandMerger(grid, cfg, lambda y0, rows: held.append(len(merger.done) + len(merger.sum)))
+    for i in range(grid.rows):
+        merger.add_row(i, np.ones((grid.cols, 64, 64), dtype=np.float32))
+    assert max(held) <= 2 * 64 + 2 * 10
+
+
+def test_band_merger_rejects_rows_out_of_order():
+    grid = TileGrid((64, 64), (32, 32), (32, 32))
+    merger = BandMerger(grid, TilingConfig(grid.tile, grid.stride), lambda *a: None)
+    with pytest.raises(ValueError, match="row 1 arrived before row 0"):
+        merger.add_row(1, np.zeros((2, 32, 32), dtype=np.float32))
+
+
+@pytest.mark.parametrize("h,w,f", [(100, 70, 4), (64, 64, 8), (33, 17, 5)])
+def test_map_sink_preview_is_block_mean(h, w, f):
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((h, w)).astype(np.float32)
+    sink = MapSink((h, w), full=False, preview_factor=f)
+    y = 0
+    for band in (7, 13, 1, 50, 200):  # bands of any height
+        if y >= h:
+            break
+        sink(y, full[y : y + band])
+        y += len(full[y : y + band])
+    padded = np.pad(full, ((0, -h % f), (0, -w % f)), mode="edge")
+    expected = padded.reshape(-(-h // f), f, -(-w // f), f).mean(axis=(1, 3))
+    np.testing.assert_allclose(sink.preview, expected, atol=1e-6)
+    assert sink.max == pytest.approx(full.max())
+
+
+def test_prepare_tile_matches_tiling_a_normalised_image():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
+    grid = TileGrid((70, 90), (32, 32), (24, 24))  # padding on both axes
+    reference = tile(normalize(image.astype(np.float32) / 255.0).transpose(1, 2, 0), grid)
+    for k, box in enumerate(grid.boxes):
+        np.testing.assert_allclose(prepare_tile(image, box), reference[k].transpose(2, 0, 1), atol=1e-6)
+
+
+def test_graph_input_shapes_and_consistency():
+    rng = np.random.default_rng(2)
+    image = rng.random((64, 64, 3)).astype(np.float32)
+    shared = TilingConfig((32, 32), (16, 16), image_size=(64, 64), graph="image")
+    independent = TilingConfig((32, 32), (16, 16), image_size=(64, 64), graph="tiles")
+    whole = graph_input(image, shared)
+    tiles = graph_input(image, independent)
+    assert whole.shape == (1, 3, 64, 64) and tiles.shape == (1, 9, 3, 32, 32)
+    # tile k of the "tiles" input is the k-th box of the "image" input
+    y0, x0, y1, x1 = shared.grid((64, 64)).boxes[4]
+    np.testing.assert_array_equal(tiles[0, 4], whole[0, :, y0:y1, x0:x1])
+
+
+def test_merge_outputs_scores():
+    grid = TileGrid((64, 64), (32, 32), (32, 32))
+    raw = np.zeros((4, 8, 8), dtype=np.float32)
+    raw[3] = 5.0  # one hot tile
+    logits = np.array([-4.0, -4.0, -4.0, 4.0], dtype=np.float32)
+    for method, expected in (("mean", np.mean(1 / (1 + np.exp(-logits)))), ("max", 1 / (1 + np.exp(-4.0)))):
+        merged, score = merge_outputs(raw, logits, grid, TilingConfig(grid.tile, grid.stride, score=method))
+        assert score == pytest.approx(expected, rel=1e-5)
+    merged, score = merge_outputs(raw, logits, grid, TilingConfig(grid.tile, grid.stride, score="map_max"))
+    assert merged.shape == (64, 64) and merged[48, 48] == pytest.approx(5.0, abs=1e-3) and merged[8, 8] == pytest.approx(0.0)
+    assert score == pytest.approx(tiled_image_score(logits, float(merged.max()), "map_max"))
