@@ -139,7 +139,7 @@ def predict(bundle, images, precision, out_dir, overlays, save_maps, device) -> 
 @click.option("--device", default="CPU", show_default=True)
 def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file, device) -> None:
     """Latency (batch 1), throughput, MACs and GOPS of a bundle per precision on this machine."""
-    from ssn_edge.runtime.bench import bench_bundle, conv_peak, peak_ratio
+    from ssn_edge.runtime.bench import bench_bundle, conv_peak_sweep, peak_ratio
 
     records = bench_bundle(bundle, list(precisions) or None, warmup, runs, throughput_seconds, device)
     peaks: dict = {}
@@ -147,7 +147,7 @@ def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file,
         kinds = ["f32", "int8"] + (["bf16"] if any(r["inference_precision_hint"] == "bf16" for r in records) else [])
         for kind in kinds:
             try:
-                peaks[kind] = conv_peak(kind, warmup=warmup, runs=runs, device=device)
+                peaks[kind] = conv_peak_sweep(kind, warmup=warmup, runs=runs, device=device)
             except ValueError as exc:  # e.g. no nncf on a runtime-only install: report, keep the rest
                 click.echo(f"note: no {kind} peak: {exc}", err=True)
     click.echo(f"{'precision':<9} {'hint':<5} {'median ms':>9} {'p10-p90 ms':>15} {'img/s':>8} {'GOPS':>8}" + (f" {'% peak':>7}" if peaks else ""))

@@ -59,7 +59,7 @@ def main() -> None:
     from ssn_edge.calibration import CalibrationSpec
     from ssn_edge.export import export_bundle
     from ssn_edge.report import build_report
-    from ssn_edge.runtime.bench import bench_bundle, conv_peak
+    from ssn_edge.runtime.bench import bench_bundle, conv_peak_sweep
     from ssn_edge.runtime.bundle import load_bundle
 
     t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def main() -> None:
     size = bundle.input_size
     torch_ms = torch_latency(args.checkpoint, size, warmup=10, runs=max(20, args.runs // 2))
     speed = {r["precision"]: r for r in bench_bundle(bundle, warmup=10, runs=args.runs, throughput_seconds=5.0)}
-    peaks = {prec: conv_peak(prec, warmup=10, runs=args.runs) for prec in ("f32", "int8")}
+    peaks = {prec: conv_peak_sweep(prec, warmup=10, runs=args.runs) for prec in ("f32", "int8")}
 
     records = []
     for r in report["records"]:
@@ -105,9 +105,11 @@ def main() -> None:
         {**base, "runtime": "openvino", "precision": "int8", "ratio": round(torch_ms / int8["latency_ms"], 3),
          "ratio_of": "int8_vs_torch_fp32"},
         {**base, "runtime": "openvino", "precision": "int8", "ratio": round(int8["gops"] / peaks["int8"]["gops"], 3),
-         "ratio_of": "int8_vs_conv_peak", "gops": round(int8["gops"], 1), "peak_gops": round(peaks["int8"]["gops"], 1)},
+         "ratio_of": "int8_vs_conv_peak", "gops": round(int8["gops"], 1), "peak_gops": round(peaks["int8"]["gops"], 1),
+         "peak_model": peaks["int8"]["model"], "peak_sweep_gops": peaks["int8"]["sweep"]},
         {**base, "runtime": "openvino", "precision": "fp32", "ratio": round(speed["fp32"]["gops"] / peaks["f32"]["gops"], 3),
-         "ratio_of": "f32_vs_conv_peak", "gops": round(speed["fp32"]["gops"], 1), "peak_gops": round(peaks["f32"]["gops"], 1)},
+         "ratio_of": "f32_vs_conv_peak", "gops": round(speed["fp32"]["gops"], 1), "peak_gops": round(peaks["f32"]["gops"], 1),
+         "peak_model": peaks["f32"]["model"], "peak_sweep_gops": peaks["f32"]["sweep"]},
     ]
     path = record_results("quantization", records)
     print(path)

@@ -405,3 +405,12 @@ def test_cli_predict_and_bench(tiny_bundle, image_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert "int8" in res.output
     assert [r["precision"] for r in json.loads(js.read_text())["results"]] == ["int8"]
+
+
+def test_conv_peak_sweep_keeps_the_best_shape():
+    from ssn_edge.runtime.bench import conv_peak_sweep
+
+    r = conv_peak_sweep("f32", shapes=((8, 16), (16, 16)), warmup=1, runs=3)
+    assert set(r["sweep"]) == {"conv3x3 8->8 16x16 batch 1", "conv3x3 16->16 16x16 batch 1"}
+    assert r["gops"] == pytest.approx(max(r["sweep"].values()), abs=0.06)
+    assert r["model"] in r["sweep"]
