@@ -122,3 +122,31 @@ def test_noise_sigma_schedule():
     assert [noise_sigma(constant, e, 5) for e in range(5)] == [1.0] * 5
     annealed = NoiseConfig(kind="adaptive", sigma=1.0, sigma_end=0.2)
     assert [round(noise_sigma(annealed, e, 5), 6) for e in range(5)] == [1.0, 0.8, 0.6, 0.4, 0.2]
+
+
+def test_smoothed_noise_keeps_its_variance_and_is_spatially_coherent():
+    torch.manual_seed(0)
+    feats = torch.zeros(16, 32, 48, 48)
+    plain = sample_noise(feats, NoiseConfig(kind="fixed", sigma=0.5))
+    smooth = sample_noise(feats, NoiseConfig(kind="fixed", sigma=0.5, smooth=1.5))
+    inner = smooth[..., 8:-8, 8:-8]  # away from the reflected border
+    assert inner.std().item() == pytest.approx(0.5, rel=0.05)
+    def lag1(e):
+        return float((e[..., 1:] * e[..., :-1]).mean() / e.pow(2).mean())
+    assert abs(lag1(plain)) < 0.02
+    # a Gaussian blur of white noise: correlation exp(-d^2 / (4 sigma^2)) at lag d = 1
+    assert lag1(inner) == pytest.approx(np.exp(-1 / (4 * 1.5**2)), abs=0.05)
+
+
+def test_score_focal_gamma_reaches_the_classification_loss():
+    from ssn_edge.model.losses import ssn_loss
+
+    maps = torch.zeros(4, 1, 8, 8)
+    mask = torch.zeros(4, 1, 8, 8)
+    score = torch.tensor([-1.0, -1.0, 1.0, 1.0])  # right side of 0.5, but far from confident
+    label = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    _, g4 = ssn_loss(maps, score, mask, label)
+    _, g0 = ssn_loss(maps, score, mask, label, cls_gamma=0.0)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(score, label).item()
+    assert g0["cls_focal"] == pytest.approx(bce, rel=1e-5)
+    assert g4["cls_focal"] == pytest.approx(bce * (1 - torch.sigmoid(torch.tensor(1.0)).item()) ** 4, rel=1e-4)

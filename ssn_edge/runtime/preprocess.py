@@ -77,7 +77,7 @@ def read_image_raw(path: str | Path) -> np.ndarray:
     elif img.ndim == 3 and img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
     elif img.ndim == 3 and img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)  # in place: a 20-megapixel frame is not copied
     elif img.ndim == 3 and img.shape[2] == 4:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     else:
