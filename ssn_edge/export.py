@@ -25,7 +25,7 @@ import numpy as np
 from ssn_edge import __version__
 from ssn_edge.calibration import CALIBRATION_FILE, CalibrationSpec, calibration_record, select_calibration
 from ssn_edge.data import ArraySet, DatasetError, load_arrays, load_dataset, select
-from ssn_edge.metrics import evaluate_all, f1_max
+from ssn_edge.metrics import evaluate_all, f1_max, gap_threshold
 from ssn_edge.runtime.bundle import Bundle, BundleError, sha256_file, write_bundle
 from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
 from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare, read_image
@@ -61,11 +61,9 @@ def _with_seg_bias(model):
 
     import torch
 
-    from ssn_edge.model.ssn import SegmentationHead
-
     model = copy.deepcopy(model)
-    for head in [m for m in model.modules() if isinstance(m, SegmentationHead)]:
-        net = head.net
+    for owner in [m for m in model.modules() if hasattr(m, "segmentation")]:  # SSNHeads, one per location
+        net = owner.segmentation.net
         last = net[-1]
         if isinstance(last, torch.nn.Conv2d) and last.bias is None:
             biased = torch.nn.Conv2d(last.in_channels, last.out_channels, last.kernel_size, bias=True)
@@ -186,7 +184,7 @@ def thresholds_from_predictions(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The same from post-processed image scores (N,) in [0, 1] and maps (N, H, W) at the arrays' size."""
     _, image_threshold = f1_max(arrays.labels, scores)
-    thresholds: dict[str, Any] = {"image": float(image_threshold)}
+    thresholds: dict[str, Any] = {"image": gap_threshold(scores, image_threshold)}
     truth = _pixel_truth(arrays)
     if truth is not None:
         idx, masks = truth
@@ -196,7 +194,7 @@ def thresholds_from_predictions(
             keep = np.sort(np.random.default_rng(0).choice(values.size, MAX_THRESHOLD_PIXELS, replace=False))
             values, target = values[keep], target[keep]
         _, pixel_threshold = f1_max(target, values)
-        thresholds["pixel"] = float(pixel_threshold)
+        thresholds["pixel"] = gap_threshold(values, pixel_threshold)
         thresholds["pixel_method"] = "f1_max"
     else:
         # No pixel truth (image labels only): the lowest threshold that flags no pixel of a normal image.
@@ -356,6 +354,9 @@ def export_bundle(
     from ssn_edge.train_tiled import is_tiled_checkpoint
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if out_dir.exists() and not overwrite:  # before minutes of work, and before reading the checkpoint
+        raise BundleError(f"{out_dir}: already exists (choose another --out or pass --overwrite)")
+    _check_options(max_drop, acc_metric)
     if is_tiled_checkpoint(load_checkpoint(checkpoint)):
         from ssn_edge.export_tiled import export_tiled_bundle
 
@@ -451,7 +452,7 @@ def export_bundle(
             )
 
         thresholds, normalization = thresholds_and_normalization(arrays, *outputs_by_precision["fp32"])
-        thresholds.update(source=split, method="f1_max", data=str(data_path), images=len(arrays))
+        thresholds.update(source=split, method="f1_max", placement="middle of the gap below the f1_max score", data=str(data_path), images=len(arrays))
         for precision, (raw_maps, logits) in outputs_by_precision.items():
             models[precision]["metrics"] = metrics_for(arrays, raw_maps, logits)
 

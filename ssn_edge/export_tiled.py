@@ -180,7 +180,7 @@ def export_tiled_bundle(
             models["int8"].update(calibration={"file": CALIBRATION_FILE, "size": len(calib_images)})
 
         thresholds, normalization = thresholds_from_predictions(arrays, *predictions["fp32"])
-        thresholds.update(source=split, method="f1_max", data=str(data_path), images=len(arrays))
+        thresholds.update(source=split, method="f1_max", placement="middle of the gap below the f1_max score", data=str(data_path), images=len(arrays))
         for precision, (scores, maps) in predictions.items():
             models[precision]["metrics"] = metrics_from_maps(arrays, scores, maps)
         inp = _input_metadata(input_size)

@@ -93,6 +93,17 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     return float(f1[best]), float(thresholds[best])
 
 
+def gap_threshold(scores: np.ndarray, threshold: float) -> float:
+    """Move a threshold that sits on a score down to the middle of the gap below it: same decisions on these
+    scores, but an image scored exactly at the threshold no longer flips on a 1e-6 difference between two
+    runtimes (what an F1-max threshold, always one of the scores, would otherwise do)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    below = scores[scores < threshold]
+    if not below.size:
+        return float(threshold)
+    return float((threshold + below.max()) / 2.0)
+
+
 def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """Image-level AUROC, AP, F1-max (percent) and the F1-max threshold, for classification of whole images.
 

@@ -509,7 +509,8 @@ def test_thresholds_f1_max_and_subsampling(monkeypatch):
 
     arrays, raw, logits = _toy_arrays(with_masks=True)
     thresholds, norm = export.thresholds_and_normalization(arrays, raw, logits)
-    assert thresholds["image"] == pytest.approx(float(sigmoid(np.float32(0.2))))  # F1 = 6/7 at the 4th score
+    # F1 = 6/7 at the 4th score (logit 0.2); the threshold goes to the middle of the gap below it (logit -1)
+    assert thresholds["image"] == pytest.approx((float(sigmoid(np.float32(0.2))) + float(sigmoid(np.float32(-1.0)))) / 2)
     assert thresholds["pixel_method"] == "f1_max"
     assert norm["image"] == {"min": pytest.approx(float(sigmoid(-2.0))), "max": pytest.approx(float(sigmoid(2.0)))}
     assert norm["map"]["min"] < thresholds["pixel"] < norm["map"]["max"]

@@ -307,3 +307,16 @@ def test_evaluate_all_combines_and_forwards_valid() -> None:
         evaluate_all(labels, scores, masks=masks)
     with pytest.raises(ValueError, match="valid"):
         evaluate_all(labels, scores, valid=valid)
+
+
+def test_gap_threshold_keeps_decisions_and_leaves_the_data_point():
+    from ssn_edge.metrics import f1_max, gap_threshold
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.35, 0.8, 0.9])
+    _, t = f1_max(labels, scores)
+    assert t == 0.35  # on a data point: a 1e-6 lower score would flip that image
+    g = gap_threshold(scores, t)
+    assert g == pytest.approx(0.325)
+    assert np.array_equal(scores >= g, scores >= t)
+    assert gap_threshold(scores, 0.1) == 0.1  # nothing below: unchanged
