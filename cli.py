@@ -178,7 +178,7 @@ def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file,
 @click.option("--int8", is_flag=True, help="Also an INT8 model (NNCF post-training quantization).")
 @click.option("--int8-acc", "int8_acc", is_flag=True, help="Also an accuracy-controlled INT8 model (NNCF, reverts layers until --max-drop holds).")
 @click.option("--max-drop", default=0.5, show_default=True, type=float, help="--int8-acc: largest drop of --acc-metric, in percentage points.")
-@click.option("--acc-metric", default="image_auroc", show_default=True, type=click.Choice(["image_auroc", "image_ap", "pixel_ap", "pixel_aupro"]))
+@click.option("--acc-metric", default="image_auroc", show_default=True, type=click.Choice(["image_auroc", "image_ap", "pixel_ap", "pixel_aupro", "decision_agreement"]), help="--int8-acc: the metric to hold; decision_agreement = %% of validation images deciding as FP32 does.")
 @click.option("--calibration", "calibration_yaml", type=click.Path(dir_okay=False), help="Calibration definition, e.g. calibration/mvtec_bottle.yaml.")
 @click.option("--calibration-folder", type=click.Path(file_okay=False), help="Calibrate on images under this folder (recursive).")
 @click.option("--calibration-manifest", type=click.Path(dir_okay=False), help="Calibrate on the train/label-0 rows of this manifest CSV.")

@@ -32,7 +32,9 @@ from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare, re
 
 log = logging.getLogger("ssn_edge")
 
-ACC_METRICS = ("image_auroc", "image_ap", "pixel_ap", "pixel_aupro")
+ACC_METRICS = ("image_auroc", "image_ap", "pixel_ap", "pixel_aupro", "decision_agreement")
+# decision_agreement: percent of validation images whose INT8 decision equals FP32's at the bundle's image
+# threshold, so --max-drop 1 means "at most 1 image in 100 flips" (what a line's quality record sees).
 MAP_STRIDE = 4
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("map", "score")
@@ -222,10 +224,20 @@ def metrics_from_maps(arrays: ArraySet, scores: np.ndarray, maps: np.ndarray) ->
     return evaluate_all(arrays.labels, scores, arrays.masks, maps, valid=arrays.mask_valid)
 
 
-def metric_value(name: str, arrays: ArraySet, idx: np.ndarray, raw_maps: np.ndarray, logits: np.ndarray) -> float:
+Agreement = tuple[np.ndarray, float]  # (FP32 decisions over the whole validation set, image threshold)
+
+
+def metric_value(
+    name: str, arrays: ArraySet, idx: np.ndarray, raw_maps: np.ndarray, logits: np.ndarray, agreement: Agreement | None = None
+) -> float:
     """One accuracy-control metric (percent) of the items ``idx`` of ``arrays``, given their raw outputs."""
     labels = arrays.labels[idx]
     scores = sigmoid(logits)
+    if name == "decision_agreement":
+        if agreement is None:
+            raise ValueError("decision_agreement needs the FP32 decisions and the threshold")
+        reference, threshold = agreement
+        return 100.0 * float(np.mean((scores >= threshold) == reference[idx]))
     if name.startswith("image_"):
         return evaluate_all(labels, scores)[name]
     from ssn_edge.metrics import pixel_metrics
@@ -234,7 +246,9 @@ def metric_value(name: str, arrays: ArraySet, idx: np.ndarray, raw_maps: np.ndar
     return pixel_metrics(arrays.masks[idx], maps, valid=arrays.mask_valid[idx])[name]
 
 
-def make_validation_fn(arrays: ArraySet, metric: str) -> Callable[[Any, Iterable[Any]], tuple[float, list]]:
+def make_validation_fn(
+    arrays: ArraySet, metric: str, agreement: Agreement | None = None
+) -> Callable[[Any, Iterable[Any]], tuple[float, list]]:
     """NNCF validation function: (compiled model, item indices) -> (metric, raw outputs per item).
 
     Returning the raw outputs per item puts NNCF's accuracy restorer in output-ranking mode, which is what a
@@ -252,9 +266,9 @@ def make_validation_fn(arrays: ArraySet, metric: str) -> Callable[[Any, Iterable
             per_item.append([m, s])
             maps.append(m[0, 0])
             logits.append(s.reshape(-1)[0])
-        if len(set(arrays.labels[idx].tolist())) < 2:
+        if metric != "decision_agreement" and len(set(arrays.labels[idx].tolist())) < 2:
             return float("nan"), per_item  # a subset with one class (NNCF probes with one item): undefined
-        return metric_value(metric, arrays, idx, np.stack(maps), np.array(logits)), per_item
+        return metric_value(metric, arrays, idx, np.stack(maps), np.array(logits), agreement), per_item
 
     return validate
 
@@ -277,7 +291,8 @@ def quantize_int8(ov_model, images: list[Path], size: tuple[int, int]):
 
 
 def quantize_int8_acc(
-    ov_model, images: list[Path], size: tuple[int, int], arrays: ArraySet, metric: str, max_drop: float
+    ov_model, images: list[Path], size: tuple[int, int], arrays: ArraySet, metric: str, max_drop: float,
+    agreement: Agreement | None = None,
 ):
     import nncf
 
@@ -286,7 +301,7 @@ def quantize_int8_acc(
         ov_model,
         _calibration_dataset(images, size),
         validation,
-        make_validation_fn(arrays, metric),
+        make_validation_fn(arrays, metric, agreement),
         max_drop=max_drop,
         drop_type=nncf.DropType.ABSOLUTE,
         subset_size=len(images),
@@ -424,13 +439,18 @@ def export_bundle(
                 max_drop,
                 len(arrays),
             )
+            agreement = None
+            if acc_metric == "decision_agreement":
+                fp32_thresholds, _ = thresholds_and_normalization(arrays, *outputs_by_precision["fp32"])
+                threshold = fp32_thresholds["image"]
+                agreement = (sigmoid(outputs_by_precision["fp32"][1]) >= threshold, threshold)
             quantized = quantize_int8_acc(
-                ov.Core().read_model(fp32_xml), calib_images, size, arrays, acc_metric, max_drop
+                ov.Core().read_model(fp32_xml), calib_images, size, arrays, acc_metric, max_drop, agreement
             )
             save("int8_acc", quantized, compress=False)
             idx = np.arange(len(arrays))
-            reference = metric_value(acc_metric, arrays, idx, *outputs_by_precision["fp32"])
-            achieved = metric_value(acc_metric, arrays, idx, *outputs_by_precision["int8_acc"])
+            reference = metric_value(acc_metric, arrays, idx, *outputs_by_precision["fp32"], agreement)
+            achieved = metric_value(acc_metric, arrays, idx, *outputs_by_precision["int8_acc"], agreement)
             drop = reference - achieved
             report = {
                 "metric": acc_metric,

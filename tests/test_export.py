@@ -530,3 +530,19 @@ def test_pixel_threshold_without_masks(caplog):
     assert thresholds["pixel_method"] == "normal_max" and "no defect masks" in caplog.text
     normal_max = anomaly_map(raw[:3], (32, 32)).max()
     assert normal_max < thresholds["pixel"] < normal_max + 1e-5
+
+
+def test_decision_agreement_metric_counts_flips_at_the_threshold():
+    from ssn_edge.export import metric_value
+
+    arrays, raw, logits = _toy_arrays(with_masks=True)
+    threshold = 0.5
+    reference = 1 / (1 + np.exp(-logits)) >= threshold  # FP32 decisions
+    idx = np.arange(len(arrays))
+    assert metric_value("decision_agreement", arrays, idx, raw, logits, (reference, threshold)) == 100.0
+    moved = logits.copy()
+    moved[3] = -0.2  # one image crosses the threshold
+    assert metric_value("decision_agreement", arrays, idx, raw, moved, (reference, threshold)) == pytest.approx(100 * 5 / 6)
+    with pytest.raises(ValueError, match="FP32 decisions"):
+        metric_value("decision_agreement", arrays, idx, raw, logits)
+
