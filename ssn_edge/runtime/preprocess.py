@@ -22,26 +22,34 @@ class ImageError(ValueError):
     """An image or mask file that cannot be used; the message names the file and the problem."""
 
 
-def _read_bytes(path: Path) -> np.ndarray:
+def _check_file(path: Path) -> None:
+    """Exists, is a non-empty file, and (JPEG/PNG) is not truncated: only the file's tail is read."""
     if not path.exists():
         raise ImageError(f"{path}: file not found")
     if not path.is_file():
         raise ImageError(f"{path}: not a file")
-    data = path.read_bytes()
-    if not data:
+    size = path.stat().st_size
+    if not size:
         raise ImageError(f"{path}: file is empty")
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - 64))
+        tail = fh.read()
     suffix = path.suffix.lower()
     # OpenCV decodes a truncated JPEG/PNG into a partly grey image and only warns on stderr; a defect
     # detector trained or calibrated on that would learn the grey block as "normal", so refuse it.
-    if suffix in _JPEG_SUFFIXES and b"\xff\xd9" not in data[-64:]:
+    if suffix in _JPEG_SUFFIXES and b"\xff\xd9" not in tail:
         raise ImageError(f"{path}: truncated JPEG (no end-of-image marker)")
-    if suffix == ".png" and b"IEND" not in data[-32:]:
+    if suffix == ".png" and b"IEND" not in tail[-32:]:
         raise ImageError(f"{path}: truncated PNG (no IEND chunk)")
-    return np.frombuffer(data, dtype=np.uint8)
 
 
 def _decode(path: Path) -> np.ndarray:
-    img = cv2.imdecode(_read_bytes(path), cv2.IMREAD_UNCHANGED)
+    """Decode straight from the file (cv2.imread streams it): holding a large frame's compressed bytes while
+    decoding it would add their size to peak memory. imdecode is the fallback for paths imread cannot open."""
+    _check_file(path)
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        img = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ImageError(f"{path}: not a readable image (unknown format or corrupt data)")
     return img

@@ -116,8 +116,9 @@ class BandMerger:
         self.radius = blur_radius(self.sigma) if self.sigma > 0 else 0
         self.band_rows, self.band_cols = seam_band_axes(grid, self.halfwidth)
         _, pw = grid.padded_size
-        self.sum = np.zeros((0, pw), dtype=np.float64)
-        self.count = np.zeros((0, pw), dtype=np.float64)
+        # float32: for a 8192-wide frame a float64 pair of accumulators alone would hold 33 MB
+        self.sum = np.zeros((0, pw), dtype=np.float32)
+        self.count = np.zeros((0, pw), dtype=np.float32)
         self.acc_y = 0  # padded row of sum[0]
         self.done = np.zeros((0, grid.image_size[1]), dtype=np.float32)  # merged rows awaiting their blur context
         self.done_y = 0
@@ -136,8 +137,8 @@ class BandMerger:
         need = y0 + th - self.acc_y
         if need > len(self.sum):
             extra = need - len(self.sum)
-            self.sum = np.concatenate([self.sum, np.zeros((extra, self.sum.shape[1]))])
-            self.count = np.concatenate([self.count, np.zeros((extra, self.count.shape[1]))])
+            self.sum = np.concatenate([self.sum, np.zeros((extra, self.sum.shape[1]), dtype=np.float32)])
+            self.count = np.concatenate([self.count, np.zeros((extra, self.count.shape[1]), dtype=np.float32)])
         r = y0 - self.acc_y
         for j in range(g.cols):
             self.sum[r : r + th, sw * j : sw * j + tw] += maps[j]
