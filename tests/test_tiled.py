@@ -149,3 +149,27 @@ def test_report_on_a_tiled_bundle(ensemble_run, tiny_dataset, tmp_path):
     assert ov_rec["score_max_abs_diff"] < 1e-4  # (a flip is possible here: the threshold is one of these scores)
     html = report["report_html"].read_text()
     assert "ensemble (9 model(s))" in html
+
+
+def test_bmp_frames_are_read_in_strips_with_the_same_result(single_run, tmp_path, monkeypatch):
+    from ssn_edge.export import export_bundle
+    from ssn_edge.runtime import preprocess
+    from ssn_edge.runtime.predict import predict_paths
+
+    _, result = single_run
+    bundle = export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=False)
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 256, size=(150, 130, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "frame.bmp"), frame)
+    cv2.imwrite(str(tmp_path / "frame.png"), frame)
+    calls = []
+    real_rows = preprocess.BmpStrips.rows
+    monkeypatch.setattr(preprocess.BmpStrips, "rows", lambda self, y0, y1: calls.append(y1 - y0) or real_rows(self, y0, y1))
+    (from_bmp,) = predict_paths(bundle.path, [tmp_path / "frame.bmp"], tmp_path / "a", precision="fp32")
+    (from_png,) = predict_paths(bundle.path, [tmp_path / "frame.png"], tmp_path / "b", precision="fp32")
+    assert calls and max(calls) <= 32  # one row of 32-pixel tiles at a time, never the whole frame
+    assert from_bmp.score == pytest.approx(from_png.score, abs=1e-6)
+    np.testing.assert_allclose(from_bmp.anomaly_map, from_png.anomaly_map, atol=1e-5)
+    (tmp_path / "cut.bmp").write_bytes((tmp_path / "frame.bmp").read_bytes()[:-500])
+    with pytest.raises(preprocess.ImageError, match="cut.bmp"):
+        predict_paths(bundle.path, [tmp_path / "cut.bmp"], tmp_path / "c", precision="fp32")

@@ -223,10 +223,12 @@ class Engine:
         )
 
     def predict_tiled(self, image: np.ndarray, path: str | Path | None = None, maps_to: Path | None = None) -> Prediction:
-        """One image through a tiled bundle. image: (H, W, 3) RGB, uint8/uint16 or float in [0, 1].
+        """One image through a tiled bundle. image: (H, W, 3) RGB, uint8/uint16 or float in [0, 1], or a strip
+        reader (`preprocess.BmpStrips`) that is read one row of tiles at a time.
         maps_to: also stream the full-resolution map there (float16 .npy), whatever the image size."""
         name = str(path) if path is not None else None
-        self._check_image(image, name or "image", any_dtype=True)
+        if isinstance(image, np.ndarray):
+            self._check_image(image, name or "image", any_dtype=True)
         t0 = time.perf_counter()
         r = self.runner().run(image, stream_to=maps_to)
         return Prediction(

@@ -20,7 +20,7 @@ from ssn_edge.runtime.atomic import atomic_write
 from ssn_edge.runtime.bundle import Bundle, load_bundle
 from ssn_edge.runtime.engine import Engine, Prediction
 from ssn_edge.runtime.postprocess import sigmoid
-from ssn_edge.runtime.preprocess import ImageError, read_image, read_image_raw
+from ssn_edge.runtime.preprocess import ImageError, open_strips, read_image, read_image_raw
 from ssn_edge.runtime.tiled import to_unit
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -171,7 +171,8 @@ def predict_paths(
     engine = Engine(bundle, precision=precision, device=device, mode=mode)
     files = collect_images(inputs, recursive=recursive)
     for f in files:  # pass 1: every file readable and usable, before any output exists
-        read_image_raw(f)
+        if open_strips(f) is None:  # (a strip-readable BMP has had its header and size checked)
+            read_image_raw(f)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     overlay_dir = out_dir / "overlays"
@@ -193,7 +194,9 @@ def predict_paths(
 
     if engine.tiling is not None:
         for k, f in enumerate(files):
-            image = read_image_raw(f)
+            # An uncompressed BMP tiled at its own size is read a band at a time; anything else is decoded whole.
+            strips = open_strips(f) if (engine.tiling.graph == "tile" and engine.tiling.image_size is None and not overlays) else None
+            image = strips if strips is not None else read_image_raw(f)
             target = maps_dir / f"{Path(names[k]).stem}.npy" if save_maps else None
             partial = target.with_name(f".{target.name}.partial") if target else None
             pred = engine.predict_tiled(image, str(f), maps_to=partial)

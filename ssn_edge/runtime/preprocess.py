@@ -137,3 +137,54 @@ def prepare(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def prepare_batch(images: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
     return np.stack([prepare(img, size) for img in images])
+
+
+class BmpStrips:
+    """An uncompressed 24-bit BMP read a band of rows at a time: tiled inference on a frame far larger than
+    memory should hold (factory cameras write BMP) never decodes the whole image. rows(y0, y1) -> RGB uint8."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        _check_file(self.path)
+        with open(self.path, "rb") as fh:
+            head = fh.read(54)
+        if len(head) < 54 or head[:2] != b"BM":
+            raise ImageError(f"{self.path}: not a BMP file")
+        offset = int.from_bytes(head[10:14], "little")
+        width = int.from_bytes(head[18:22], "little", signed=True)
+        height = int.from_bytes(head[22:26], "little", signed=True)
+        bpp = int.from_bytes(head[28:30], "little")
+        compression = int.from_bytes(head[30:34], "little")
+        if bpp != 24 or compression != 0 or width <= 0 or height == 0:
+            raise ImageError(f"{self.path}: only uncompressed 24-bit BMPs are read in strips (bpp {bpp}, compression {compression})")
+        self.offset, self.width, self.height = offset, width, abs(height)
+        self.bottom_up = height > 0
+        self.stride = ((24 * width + 31) // 32) * 4
+        expected = offset + self.stride * self.height
+        if self.path.stat().st_size < expected:
+            raise ImageError(f"{self.path}: truncated BMP ({self.path.stat().st_size} bytes, expected {expected})")
+        self.shape = (self.height, self.width, 3)
+        self.dtype = np.dtype(np.uint8)
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        y0, y1 = max(0, y0), min(self.height, y1)
+        n = y1 - y0
+        first = (self.height - y1) if self.bottom_up else y0  # file row of the block's first stored row
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + first * self.stride)
+            block = np.frombuffer(fh.read(n * self.stride), dtype=np.uint8).reshape(n, self.stride)
+        block = block[:, : self.width * 3].reshape(n, self.width, 3)
+        if self.bottom_up:
+            block = block[::-1]
+        return np.ascontiguousarray(block[..., ::-1])  # BGR -> RGB
+
+
+def open_strips(path: str | Path) -> BmpStrips | None:
+    """A strip reader for files that allow one (uncompressed 24-bit BMP), else None (decode it whole)."""
+    path = Path(path)
+    if path.suffix.lower() != ".bmp":
+        return None
+    try:
+        return BmpStrips(path)
+    except ImageError:
+        return None

@@ -229,6 +229,19 @@ def graph_input(image: np.ndarray, cfg: TilingConfig) -> np.ndarray:
     return normalized_graph_input(prepare(to_unit(image), cfg.image_size), cfg)
 
 
+def _band_cutter(source) -> Callable[[tuple[int, int, int, int]], np.ndarray]:
+    """prepare_tile over a strip reader: the rows of the current row of tiles are read once and kept."""
+    band: dict[str, Any] = {"y": None, "rows": None}
+
+    def cut(box: tuple[int, int, int, int]) -> np.ndarray:
+        y0, x0, y1, x1 = box
+        if band["y"] != (y0, y1):
+            band["y"], band["rows"] = (y0, y1), source.rows(y0, y1)
+        return prepare_tile(band["rows"], (0, x0, y1 - y0, x1))
+
+    return cut
+
+
 @dataclass
 class TiledResult:
     score: float
@@ -308,6 +321,10 @@ class TiledRunner:
 
         cfg = self.cfg
         original = image.shape[:2]
+        if cut is None and not isinstance(image, np.ndarray):  # a strip reader (BmpStrips): one band in memory
+            if cfg.image_size is not None and tuple(image.shape[:2]) != cfg.image_size:
+                raise ValueError(f"{getattr(image, 'path', 'image')}: strip reading needs tiling at the image's own size")
+            cut = _band_cutter(image)
         if cut is None:
             if cfg.image_size is not None and tuple(image.shape[:2]) != cfg.image_size:
                 image = resize_image(to_unit(image), cfg.image_size)
