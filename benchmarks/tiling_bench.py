@@ -131,7 +131,7 @@ def table(args) -> None:
     images = [read_image(s.image) for s in samples]
     sample_image = Path(samples[0].image)
     records = []
-    for variant in ["single_256", *RECIPES]:
+    for variant in args.variants or ["single_256", *RECIPES]:
         if not checkpoint_of(variant).is_file():
             print(f"{variant}: no checkpoint at {checkpoint_of(variant)}; train it first")
             continue
@@ -230,7 +230,8 @@ def main() -> None:
     t.add_argument("--variant", required=True, choices=list(RECIPES))
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--quiet", action="store_true")
-    sub.add_parser("table")
+    tb = sub.add_parser("table")
+    tb.add_argument("--variants", nargs="*", choices=["single_256", *RECIPES], help="default: all")
     s = sub.add_parser("shared-vs-independent")
     s.add_argument("--precision", default="fp32")
     s.add_argument("--rounds", type=int, default=2)
