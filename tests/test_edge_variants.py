@@ -305,8 +305,8 @@ def test_non_finite_loss_stops_training_naming_epoch_and_step(tmp_path, monkeypa
     original = tr.ssn_loss
     calls = {"n": 0}
 
-    def poisoned(*args):
-        loss, parts = original(*args)
+    def poisoned(*args, **kwargs):
+        loss, parts = original(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 2 else loss), parts
 

@@ -85,9 +85,9 @@ def test_supervised_noise_stays_outside_real_defects_and_labels_follow():
 
     original = tr.ssn_loss
 
-    def spy(map_logits, score, target, label, pixel_valid):
+    def spy(map_logits, score, target, label, pixel_valid, **kwargs):
         captured.update(target=target, label=label, pixel_valid=pixel_valid)
-        return original(map_logits, score, target, label, pixel_valid)
+        return original(map_logits, score, target, label, pixel_valid, **kwargs)
 
     tr.ssn_loss = spy
     try:
@@ -116,7 +116,7 @@ def test_defective_without_mask_is_positive_and_its_pixels_unknown():
     gt, valid = feature_masks(arrays, chunk, (16, 16))
     captured = {}
     original = tr.ssn_loss
-    tr.ssn_loss = lambda *a: captured.update(args=a) or original(*a)
+    tr.ssn_loss = lambda *a, **k: captured.update(args=a) or original(*a, **k)
     try:
         train_step(model, recipe, l2, l3, gt, valid, np.random.default_rng(0))
     finally:
