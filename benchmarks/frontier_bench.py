@@ -64,53 +64,128 @@ def train(args) -> None:
     from ssn_edge.export import export_bundle
     from ssn_edge.jobs import train_job
 
-    recipe = _recipe(args.dataset, args.variant, args.seed)
-    out = RUNS / f"{args.dataset}_{args.variant}_s{args.seed}"
-    t0 = time.perf_counter()
-    result = train_job(recipe, out, progress=not args.quiet)
-    train_s = time.perf_counter() - t0
-    epochs = [r["epoch_s"] for r in result.history]
-    diverged = any(not np.isfinite(r["loss"]) for r in result.history)
-    common = {**_base(args.dataset, args.variant, args.seed), "epochs": recipe.train.epochs, "train_s": round(train_s, 1),
+    recipe = _recipe(args.dataset, args.variant, args.seed, epochs=args.epochs)
+    out = RUNS / f"{args.dataset}_{args.variant}_s{args.seed}" if args.epochs is None else RUNS / f"smoke_{args.dataset}_{args.variant}"
+    done = out / "frontier_train.json"  # written after training: a rerun (say, after a failed export) skips training
+    if args.reuse_from is not None and not done.exists():
+        _adopt(Path(args.reuse_from), out, recipe)
+    if done.exists() and (out / "checkpoint.pt").exists():
+        trained = json.loads(done.read_text())
+        print(f"reusing the finished training in {out} ({trained['train_s']} s)")
+    else:
+        t0 = time.perf_counter()
+        result = train_job(recipe, out, progress=not args.quiet)
+        trained = {"train_s": round(time.perf_counter() - t0, 1), "history": result.history, "metrics": result.metrics}
+        _write_json(done, trained)
+    history, metrics = trained["history"], trained["metrics"]
+    epochs = [r["epoch_s"] for r in history]
+    diverged = any(not np.isfinite(r["loss"]) for r in history)
+    common = {**_base(args.dataset, args.variant, args.seed), "epochs": recipe.train.epochs, "train_s": trained["train_s"],
               "epoch_s_median": round(float(np.median(epochs)), 2), "diverged": diverged, "command": command_line()}
+    if "reused_from" in trained:
+        common["reused_from"] = trained["reused_from"]
     keys = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap", "pixel_auroc")
-    records = [{**common, "runtime": "torch", "precision": "fp32", **{k: round(result.metrics[k], 3) for k in keys if k in result.metrics}}]
-    bundle = export_bundle(result.checkpoint, out / "bundle", fp16=False, int8=True,
+    records = [{**common, "runtime": "torch", "precision": "fp32", **{k: round(metrics[k], 3) for k in keys if k in metrics}}]
+    bundle = export_bundle(out / "checkpoint.pt", out / "bundle", fp16=False, int8=True,
                            calibration=CalibrationSpec(source="recipe", size=128), overwrite=True)
     m = bundle.metadata["models"]["int8"]["metrics"]  # INT8 through OpenVINO on the threshold split (test here)
     records.append({**common, "runtime": "openvino", "precision": "int8", **{k: round(m[k], 3) for k in keys if k in m}})
-    if "eps_rel_mean" in result.history[-1]:
-        records[0]["eps_rel_mean_last"] = round(result.history[-1]["eps_rel_mean"], 4)
+    if "eps_rel_mean" in history[-1]:
+        records[0]["eps_rel_mean_last"] = round(history[-1]["eps_rel_mean"], 4)
+    if args.epochs is not None:
+        print(json.dumps(records, indent=2))
+        print("smoke run (--epochs): not recorded")
+        return
     record_results("frontier", records)
     print(json.dumps(records, indent=2))
 
 
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _adopt(src: Path, out: Path, recipe) -> None:
+    """Take over a finished training of the very same recipe and seed (e.g. train_bench's), instead of repeating it."""
+    from ssn_edge.config import recipe_from_dict
+
+    src = src if src.is_absolute() else ROOT / src
+    theirs = recipe_from_dict(json.loads((src / "recipe.json").read_text())).to_dict()
+    ours = recipe.to_dict()
+    if theirs != ours:
+        diff = {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours.get(k)}
+        raise SystemExit(f"--reuse-from {src}: its recipe differs from this variant's: {diff}")
+    bench = [r for r in json.loads((RESULTS / "training.json").read_text())
+             if r.get("checkpoint_dir") == str(src.relative_to(ROOT)) or src.name.startswith(f"{r.get('dataset')}_{r.get('setting')}_{r.get('variant')}_s{r.get('seed', 0)}")]
+    if not bench:
+        raise SystemExit(f"--reuse-from {src}: no record of its training time in benchmarks/results/training.json")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "checkpoint.pt", out / "checkpoint.pt")
+    shutil.copy2(src / "recipe.json", out / "recipe.json")
+    _write_json(out / "frontier_train.json", {
+        "train_s": bench[-1]["train_s"], "reused_from": f"{src.relative_to(ROOT)} ({bench[-1]['command']})",
+        "history": json.loads((src / "history.json").read_text()), "metrics": json.loads((src / "metrics.json").read_text())})
+
+
+def wrn50_bundle() -> Path:
+    """An untrained WRN50-2 SSN (random backbone: no ImageNet WRN50 weights here; seeded, so rebuildable) exported
+    to FP32 and INT8: its latency is the paper-backbone point of the frontier. Its accuracy means nothing."""
+    from ssn_edge.calibration import CalibrationSpec
+    from ssn_edge.checkpoint import save_checkpoint
+    from ssn_edge.export import export_bundle
+    from ssn_edge.model.backbones import weights_fingerprint
+    from ssn_edge.model.ssn import SuperSimpleNet
+
+    out = RUNS / "wrn50_random"
+    if (out / "bundle").exists():
+        return out / "bundle"
+    recipe = _recipe("mvtec_bottle", "adaptive_noise", 0)
+    recipe.model.backbone, recipe.model.weights, recipe.model.pretrained = "wide_resnet50_2", None, False
+    model = SuperSimpleNet(recipe.model)
+    save_checkpoint(out / "checkpoint.pt", {
+        "recipe": recipe.to_dict(), "heads": model.heads.state_dict(), "epoch": 0, "history": [],
+        "backbone": {"name": "wide_resnet50_2", "weights_source": "random (pretrained: false)",
+                     "fingerprint": weights_fingerprint(model.features.trunk)}})
+    export_bundle(out / "checkpoint.pt", out / "bundle", fp16=False, int8=True,
+                  calibration=CalibrationSpec(source="recipe", size=32), overwrite=True)
+    return out / "bundle"
+
+
 def latency(args) -> None:
-    """INT8 batch-1 latency of the light and the full head at 256x256, interleaved in one process."""
+    """Batch-1 latency at 256x256 of the full head, the light head and WRN50-2, INT8 and f32, interleaved in one
+    process so machine load hits all alike; records each and the light/full INT8 ratio."""
     from ssn_edge.runtime.bench import time_latency, _random_input
     from ssn_edge.runtime.engine import Engine
 
     bundles = {v: RUNS / f"{args.dataset}_{v}_s{args.seed}" / "bundle" for v in ("adaptive_noise", "light_head")}
-    if not bundles["adaptive_noise"].exists() and args.dataset == "mvtec_bottle":
-        # the full head with the CPU recipe's (adaptive) noise is the issue-2 model: benchmarks/quant_bench.py's bundle
-        bundles["adaptive_noise"] = ROOT / "runs" / "bench" / "bottle_bundle"
     missing = [str(b) for b in bundles.values() if not b.exists()]
     if missing:
         print(f"skipped: train these first: {', '.join(missing)}")
         return
-    engines = {v: Engine(b, precision="int8", mode="latency") for v, b in bundles.items()}
-    x = _random_input(engines["adaptive_noise"].compiled)
-    times = {v: [] for v in engines}
-    for _ in range(args.rounds):  # interleaved: machine load hits both alike
-        for v, e in engines.items():
-            times[v].append(time_latency(e.compiled, x, warmup=5, runs=20)["latency_ms"])
-    full, light = float(np.median(times["adaptive_noise"])), float(np.median(times["light_head"]))
-    record_results("frontier", [{
-        **_base(args.dataset, "light_head", args.seed), "runtime": "openvino", "precision": "int8",
-        "ratio": round(light / full, 3), "ratio_of": "light_head_vs_full_head_int8_latency",
-        "latency_light_ms": round(light, 2), "latency_full_ms": round(full, 2), "rounds": args.rounds,
-        "command": command_line()}])
-    print(f"INT8 latency: light {light:.2f} ms, full {full:.2f} ms, ratio {light / full:.3f}")
+    bundles["wrn50"] = wrn50_bundle()
+    engines = {(v, p): Engine(b, precision=p, mode="latency") for v, b in bundles.items() for p in ("int8", "fp32")}
+    x = _random_input(engines[("adaptive_noise", "int8")].compiled)
+    times = {k: [] for k in engines}
+    for _ in range(args.rounds):
+        for k, e in engines.items():
+            times[k].append(time_latency(e.compiled, x, warmup=5, runs=20)["latency_ms"])
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    arch = {"adaptive_noise": ("resnet18", "full_head"), "light_head": ("resnet18", "light_head"),
+            "wrn50": ("wide_resnet50_2", "full_head_random_weights")}
+    records = [{"dataset": args.dataset, "backbone": arch[v][0], "variant": arch[v][1], "runtime": "openvino",
+                "precision": p, "inference_precision": engines[(v, p)].inference_precision,
+                "latency_ms": round(med[(v, p)], 2), "rounds": args.rounds, "command": command_line()}
+               for v, p in engines]
+    full, light = med[("adaptive_noise", "int8")], med[("light_head", "int8")]
+    records.append({**_base(args.dataset, "light_head", args.seed), "runtime": "openvino", "precision": "int8",
+                    "ratio": round(light / full, 3), "ratio_of": "light_head_vs_full_head_int8_latency",
+                    "latency_light_ms": round(light, 2), "latency_full_ms": round(full, 2), "rounds": args.rounds,
+                    "command": command_line()})
+    record_results("frontier", records)
+    for (v, p), t in med.items():
+        print(f"{v:<16} {p:<5} {t:8.2f} ms")
+    print(f"INT8 latency light / full = {light / full:.3f}")
 
 
 def epoch_ratio(args) -> None:
@@ -133,23 +208,78 @@ def epoch_ratio(args) -> None:
     print(f"epoch time learned {medians['learned_noise']:.1f} s / fixed {medians['fixed_noise']:.1f} s = {ratio:.3f}")
 
 
+HEAD_OF = {"light_head": "light_head", "light_head_learned_noise": "light_head"}  # the rest use the full head
+
+
 def table(args) -> None:
-    """Mean and spread over seeds per (dataset, variant, runtime/precision), and image AUROC vs INT8 latency."""
+    """Mean ± spread over seeds per (dataset, variant, runtime/precision) as a Markdown table, and a plot of image
+    AUROC vs INT8 latency (benchmarks/results/frontier.md, frontier.png)."""
     path = RESULTS / "frontier.json"
     if not path.exists():
         print("no frontier results yet")
         return
-    records = [r for r in json.loads(path.read_text()) if "ratio_of" not in r]
+    rows = json.loads(path.read_text())
+    acc = [r for r in rows if "ratio_of" not in r and "image_auroc" in r]
+    lat = {(r["variant"], r["precision"]): r["latency_ms"] for r in rows if "latency_ms" in r and "ratio_of" not in r}
     groups: dict[tuple, list] = {}
-    for r in records:
+    for r in acc:
         groups.setdefault((r["dataset"], r["variant"], r["runtime"], r["precision"]), []).append(r)
-    print(f"{'dataset':<14} {'variant':<26} {'run':<14} {'seeds':>5} {'I-AUROC':>15} {'AUPRO':>15} {'train s':>8}")
+
+    def ms(rs, k):
+        v = [r[k] for r in rs if r.get(k) is not None]
+        return (float(np.mean(v)), float(np.std(v))) if v else (float("nan"), float("nan"))
+
+    lines = ["| dataset | variant | runtime/precision | seeds | image AUROC | AUPRO | pixel AP | INT8 latency ms | train s | diverged |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    points = []
     for key, rs in sorted(groups.items()):
-        def ms(k):
-            v = [r[k] for r in rs if r.get(k) is not None]
-            return f"{np.mean(v):6.2f} ± {np.std(v):5.2f}" if v else "-"
-        print(f"{key[0]:<14} {key[1]:<26} {key[2] + '/' + key[3]:<14} {len(rs):>5} {ms('image_auroc'):>15} "
-              f"{ms('pixel_aupro'):>15} {np.mean([r.get('train_s', 0) for r in rs]):8.0f}")
+        (a, sa), (u, su), (pa, spa) = ms(rs, "image_auroc"), ms(rs, "pixel_aupro"), ms(rs, "pixel_ap")
+        head = HEAD_OF.get(key[1], "full_head")
+        t = lat.get((head, "int8"))
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]}/{key[3]} | {len(rs)} | {a:.2f} ± {sa:.2f} | {u:.2f} ± {su:.2f} | "
+                     f"{pa:.2f} ± {spa:.2f} | {'-' if t is None else f'{t:.1f}'} | {ms(rs, 'train_s')[0]:.0f} | "
+                     f"{sum(bool(r.get('diverged')) for r in rs)} |")
+        points.append((key, a, sa, t))
+    for (v, p), t in sorted(lat.items()):
+        if v.startswith("full_head_random"):
+            lines.append(f"| - | wide_resnet50_2 (random weights, untrained: latency only) | openvino/{p} | - | - | - | - | "
+                         f"{t:.1f} | - | - |")
+    ratios = [r for r in rows if "ratio_of" in r]
+    lines += ["", "| ratio_of | dataset | ratio | details |", "| --- | --- | --- | --- |"]
+    for r in ratios:
+        detail = ", ".join(f"{k}={r[k]}" for k in r if k.startswith(("latency_", "epoch_s_")))
+        lines.append(f"| {r['ratio_of']} | {r['dataset']} | {r['ratio']} | {detail} |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "frontier.md").write_text("# Edge-backbone frontier (written by `python benchmarks/frontier_bench.py table`)\n\n"
+                                         "Mean ± standard deviation over seeds; latency: batch 1, 256x256, this 2-core CPU.\n\n" + text)
+    print(text)
+    _plot(points, lat)
+
+
+def _plot(points, lat) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({k[0] for k, *_ in points})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for (d, variant, runtime, precision), a, sa, t in points:
+            if d != ds or t is None or precision != "int8":
+                continue
+            ax.errorbar(t, a, yerr=sa, fmt="o" if "light" in variant else "s", capsize=3, label=variant)
+        wrn = lat.get(("full_head_random_weights", "int8"))
+        if wrn is not None:
+            ax.axvline(wrn, ls="--", c="gray")
+            ax.text(wrn, ax.get_ylim()[0], " WRN50-2 INT8\n (latency only)", fontsize=8, va="bottom")
+        ax.set(title=f"{ds}: INT8 (OpenVINO), mean ± sd over seeds", xlabel="INT8 batch-1 latency, ms (256x256)",
+               ylabel="image AUROC, %")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "frontier.png", dpi=110)
+    print(f"wrote {RESULTS / 'frontier.png'}")
 
 
 def main() -> None:
@@ -160,6 +290,8 @@ def main() -> None:
     t.add_argument("--variant", required=True, choices=list(VARIANTS))
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--epochs", type=int, default=None, help="smoke test: this many epochs, nothing recorded")
+    t.add_argument("--reuse-from", default=None, help="a finished run of the same recipe and seed to evaluate instead")
     la = sub.add_parser("latency")
     la.add_argument("--dataset", default="mvtec_bottle", choices=list(RECIPES))
     la.add_argument("--seed", type=int, default=0)

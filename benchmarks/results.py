@@ -5,6 +5,7 @@ A record re-measured replaces the old one with the same identity, so results fil
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import resource
@@ -30,6 +31,13 @@ def peak_rss_mb() -> float:
 def record_results(name: str, records: Iterable[dict[str, Any]]) -> Path:
     path = RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    # benchmark jobs run side by side: read-modify-write under a lock so no job's records are lost
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _merge(path, records)
+
+
+def _merge(path: Path, records: Iterable[dict[str, Any]]) -> Path:
     existing: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
     new = list(records)
     keys = {tuple(r.get(k) for k in IDENTITY) for r in new}
