@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -117,14 +118,14 @@ def _adopt(src: Path, out: Path, recipe) -> None:
         diff = {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours.get(k)}
         raise SystemExit(f"--reuse-from {src}: its recipe differs from this variant's: {diff}")
     bench = [r for r in json.loads((RESULTS / "training.json").read_text())
-             if r.get("checkpoint_dir") == str(src.relative_to(ROOT)) or src.name.startswith(f"{r.get('dataset')}_{r.get('setting')}_{r.get('variant')}_s{r.get('seed', 0)}")]
+             if src.name == f"{r.get('dataset')}_{r.get('setting')}_{r.get('variant')}_s{r.get('seed', 0)}"]
     if not bench:
         raise SystemExit(f"--reuse-from {src}: no record of its training time in benchmarks/results/training.json")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src / "checkpoint.pt", out / "checkpoint.pt")
     shutil.copy2(src / "recipe.json", out / "recipe.json")
     _write_json(out / "frontier_train.json", {
-        "train_s": bench[-1]["train_s"], "reused_from": f"{src.relative_to(ROOT)} ({bench[-1]['command']})",
+        "train_s": bench[-1]["train_s"], "reused_from": f"{os.path.relpath(src, ROOT)} ({bench[-1]['command']})",
         "history": json.loads((src / "history.json").read_text()), "metrics": json.loads((src / "metrics.json").read_text())})
 
 
