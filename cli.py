@@ -60,8 +60,11 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 @click.option("--seed", type=int, help="Override train.seed.")
 @click.option("--weights", help="Backbone weights file (torchvision state_dict).")
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue from this checkpoint.")
+@click.option("--setting", type=click.Choice(["unsupervised", "supervised", "weak", "mixed", "auto"]),
+              help="Override train.setting (auto: from the data: masks on every defect, some, or none).")
+@click.option("--mask-fraction", type=float, help="Use the masks of only this fraction of the defective training images.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe key, e.g. train.batch_size=16.")
-def train(recipe_path, data_path, out_dir, epochs, seed, weights, resume, sets) -> None:
+def train(recipe_path, data_path, out_dir, epochs, seed, weights, resume, setting, mask_fraction, sets) -> None:
     """Train SSN from a recipe; writes checkpoint.pt, history.json and metrics.json to --out."""
     from ssn_edge.config import load_recipe, parse_override
     from ssn_edge.jobs import train_job
@@ -75,6 +78,10 @@ def train(recipe_path, data_path, out_dir, epochs, seed, weights, resume, sets) 
         overrides["train.seed"] = seed
     if weights:
         overrides["model.weights"] = weights
+    if setting:
+        overrides["train.setting"] = setting
+    if mask_fraction is not None:
+        overrides["data.mask_fraction"] = mask_fraction
     recipe = load_recipe(recipe_path, overrides)
     result = train_job(recipe, Path(out_dir), resume=Path(resume) if resume else None)
     click.echo(f"checkpoint: {result.checkpoint}")

@@ -18,6 +18,10 @@ class RecipeError(ValueError):
 class DataConfig:
     path: str = ""
     image_size: tuple[int, int] = (256, 256)
+    # Use the masks of only this fraction of the defective training images (per defect type, chosen with
+    # mask_seed); the others train with their image label only. 1.0: every mask the data has.
+    mask_fraction: float = 1.0
+    mask_seed: int = 0
 
 
 @dataclass
@@ -31,7 +35,8 @@ class ModelConfig:
     cls_hidden: int = 128
     cls_kernel: int = 5
     # "full": Conv kxk over C+1 channels at feature resolution (paper; ~55 % of ResNet18-SSN compute);
-    # "light": Conv1x1 C+1 -> cls_hidden, then depthwise kxk stride 2 (LightClassificationHead).
+    # "light": Conv1x1 C+1 -> cls_hidden, then depthwise kxk stride 2 (LightClassificationHead);
+    # "cam": the weak-supervision baseline, GAP classifier whose class-activation map is the map (CamHead).
     cls_head: str = "full"
 
 
@@ -55,7 +60,9 @@ class NoiseConfig:
 
 @dataclass
 class TrainConfig:
-    setting: str = "unsupervised"  # "unsupervised" or "supervised"
+    # unsupervised: normal images only; supervised: defective images with masks; weak: defective images with
+    # image labels only (masks ignored); mixed: masks where present, image labels elsewhere; auto: from the data.
+    setting: str = "unsupervised"
     epochs: int = 300
     batch_size: int = 32
     lr_adaptor: float = 1e-4
@@ -70,7 +77,7 @@ class TrainConfig:
     feature_crop: int | None = None  # train the heads on random crops of the feature map (None: full map)
     crop_epochs: int | None = None  # crops only in the first N epochs, full maps after (None: crops throughout)
     clip_grad_norm: float | None = None  # None: 1.0 when supervised (paper), off when unsupervised
-    flip_augment: bool = True  # supervised only: defective images also seen flipped (x4)
+    flip_augment: bool = True  # with defective images (not unsupervised): they are also seen flipped (x4)
     eval_every: int = 0  # epochs between evaluations on the test split (0: only at the end)
     cls_focal_gamma: float = 4.0  # the image score's focal-loss gamma (paper: 4; the map's stays 4)
 
@@ -112,9 +119,9 @@ class Recipe:
 
 _CHOICES = {
     "model.cls_input": ("adapted", "backbone"),
-    "model.cls_head": ("full", "light"),
+    "model.cls_head": ("full", "light", "cam"),
     "noise.kind": ("fixed", "adaptive", "learned"),
-    "train.setting": ("unsupervised", "supervised"),
+    "train.setting": ("unsupervised", "supervised", "weak", "mixed", "auto"),
     "train.precision": ("fp32", "bf16"),
     "tiling.mode": ("single", "ensemble"),
     "tiling.score": ("mean", "max", "map_max"),

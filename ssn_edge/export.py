@@ -64,8 +64,8 @@ def _with_seg_bias(model):
     import torch
 
     model = copy.deepcopy(model)
-    for owner in [m for m in model.modules() if hasattr(m, "segmentation")]:  # SSNHeads, one per location
-        net = owner.segmentation.net
+    for owner in [m for m in model.modules() if getattr(m, "segmentation", None) is not None]:  # SSNHeads
+        net = owner.segmentation.net  # (the CAM baseline has none: its map conv has a bias)
         last = net[-1]
         if isinstance(last, torch.nn.Conv2d) and last.bias is None:
             biased = torch.nn.Conv2d(last.in_channels, last.out_channels, last.kernel_size, bias=True)
@@ -500,6 +500,7 @@ def export_bundle(
             "backbone": state["backbone"],
             "recipe": state["recipe"],
             "setting": recipe.train.setting,
+            "supervision": state.get("supervision"),  # image counts behind the setting (None: older checkpoint)
             "ssn_edge_version": __version__,
             "source_checkpoint": {
                 "name": checkpoint.name,

@@ -25,6 +25,12 @@ def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progres
         raise ValueError("no data: set data.path in the recipe or pass --data")
     samples = load_dataset(recipe.data.path)
     log.info("data %s\n%s", recipe.data.path, summary(samples))
+    if recipe.data.mask_fraction < 1.0:
+        from ssn_edge.supervision import hide_masks
+
+        samples = hide_masks(samples, recipe.data.mask_fraction, recipe.data.mask_seed)
+        log.info("data.mask_fraction %g: masks kept on %d defective training images\n%s", recipe.data.mask_fraction,
+                 sum(s.split == "train" and s.label == 1 and s.has_mask for s in samples), summary(samples))
     train_samples = require_nonempty(select(samples, "train"), "train", recipe.data.path)
     test_samples = select(samples, "test")
     size = tuple(recipe.data.image_size)

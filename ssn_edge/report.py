@@ -532,6 +532,17 @@ def _meta_list(items: Sequence[tuple[str, Any]]) -> str:
     return f'<dl class="meta">{"".join(out)}</dl>'
 
 
+def _supervision_text(sup: dict | None) -> str:
+    if not sup:
+        return "not recorded (checkpoint from before ssn-edge recorded it)"
+    text = (f"{sup.get('normal')} normal, {sup.get('with_mask')} defective with mask, {sup.get('label_only')} defective "
+            f"with image label only, {sup.get('ignored')} defective ignored; setting "
+            f"{'inferred from the data' if sup.get('source') == 'data' else 'from the recipe'}")
+    if sup.get("mask_fraction", 1.0) < 1.0:
+        text += f"; masks kept on a fraction {sup['mask_fraction']:g} of the annotated defects"
+    return text
+
+
 def _tiling_text(tiling: dict[str, Any] | None) -> str:
     if not tiling:
         return "none (whole image at the input size)"
@@ -582,6 +593,7 @@ def metadata_items(bundle: Bundle, info: dict[str, Any]) -> list[tuple[str, Any]
         ("backbone fingerprint", backbone.get("fingerprint")),
         ("recipe", recipe.get("name")),
         ("setting", meta.get("setting")),
+        ("training data", _supervision_text(meta.get("supervision"))),
         ("tiling", _tiling_text(meta.get("tiling"))),
         ("source checkpoint", f"{source.get('name')} (epoch {source.get('epoch')}, sha256 {str(source.get('sha256'))[:16]}...)"),
         ("report data", f"{info['data_path']} (split '{info['split']}', {info['n_images']} images, "

@@ -1,5 +1,5 @@
 """SSN training (spec 2): feature duplication, Perlin-masked noise, truncated L1 + focal losses, AdamW groups,
-MultiStep schedule; unsupervised and supervised. The frozen backbone's features are cached when no
+MultiStep schedule; unsupervised, supervised, weak and mixed (spec 5, `ssn_edge.supervision`). The frozen backbone's features are cached when no
 augmentation changes them, so an epoch costs only the adaptor and heads."""
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from ssn_edge.data import ArraySet
 from ssn_edge.evaluate import evaluate_model
 from ssn_edge.model.backbones import weights_fingerprint
 from ssn_edge.model.generator import NoiseGenerator
-from ssn_edge.model.losses import ssn_loss
+from ssn_edge.model.losses import focal_loss, ssn_loss
 from ssn_edge.model.noise import apply_noise, noise_sigma, sample_noise
 from ssn_edge.model.perlin import perlin_masks
 from ssn_edge.model.ssn import SuperSimpleNet
+from ssn_edge.supervision import apply_setting
 
 log = logging.getLogger("ssn_edge")
 
@@ -69,8 +70,8 @@ def make_items(arrays: ArraySet, recipe: Recipe) -> TrainItems:
             log.warning("unsupervised setting: %d defective training images are ignored", len(bad))
         bad = bad[:0]
     elif not len(bad):
-        raise ValueError("supervised setting needs defective images in the training split; none found")
-    views = range(len(VIEWS)) if (recipe.train.setting == "supervised" and recipe.train.flip_augment) else [0]
+        raise ValueError(f"{recipe.train.setting} setting needs defective images in the training split; none found")
+    views = range(len(VIEWS)) if recipe.train.flip_augment else [0]
     normal = np.stack([good, np.zeros_like(good)], axis=1)
     defective = np.array([(i, v) for i in bad for v in views], dtype=np.int64).reshape(-1, 2)
     return TrainItems(normal, defective)
@@ -167,7 +168,7 @@ def train_step(
     it maximises the heads' loss under the magnitude penalty (parts gain ssn and mag).
     """
     t, n = recipe.train, recipe.noise
-    supervised = t.setting == "supervised"
+    supervised = t.setting != "unsupervised"  # real defects in the batch: the score may shape the map
     feats = model.features.merge(l2, l3)
     feats, gt = _random_crop([feats, gt], crop, rng)
     if t.channels_last:
@@ -202,6 +203,10 @@ def train_step(
     label = ((target.flatten(1).amax(1) > 0) | ~mask_valid).float()  # ~mask_valid: defective, mask unknown
 
     map_logits, score = model.heads.decide(noised, cls_features, detach_map=not supervised)
+    if model.heads.cam:
+        # The CAM baseline learns from image labels alone (real and synthetic): its map gets no pixel loss.
+        cls = focal_loss(score, label, gamma=t.cls_focal_gamma)
+        return cls, {"cls_focal": float(cls.detach())}
     loss, parts = ssn_loss(map_logits, score, target, label, pixel_valid, cls_gamma=t.cls_focal_gamma)
     if generator is None:
         return loss, parts
@@ -300,6 +305,11 @@ def train(
     progress: bool = True,
     epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
+    # Resolve the supervision first: "auto" becomes what the data allows, weak drops every mask, and the
+    # checkpoint (and so the bundle) records the setting that actually trained the model.
+    train_arrays, supervision = apply_setting(train_arrays, recipe.train.setting, recipe.data.mask_fraction)
+    log.info("training data: %s", supervision.describe())
+    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, setting=supervision.setting))
     t = recipe.train
     rng = seed_everything(t.seed)
     model = SuperSimpleNet(recipe.model)
@@ -331,7 +341,7 @@ def train(
 
     items = make_items(train_arrays, recipe)
     source = FeatureSource(model, train_arrays, items.all, cache=t.cache_features)
-    supervised = t.setting == "supervised"
+    supervised = t.setting != "unsupervised"
     clip = t.clip_grad_norm if t.clip_grad_norm is not None else (1.0 if supervised else None)
     half = max(1, t.batch_size // 2)
     backbone = {
@@ -406,6 +416,7 @@ def train(
             "recipe": recipe.to_dict(),
             "heads": model.heads.state_dict(),
             "backbone": backbone,
+            "supervision": supervision.to_dict(),
             "epoch": epoch + 1,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

@@ -27,7 +27,9 @@ def classification_macs(in_channels: int, h: int, w: int, hidden: int, kernel: i
         pointwise = c * hidden * h * w
         depthwise = hidden * kernel * kernel * _halved(h, kernel) * _halved(w, kernel)
         return pointwise + depthwise + fc
-    raise ValueError(f"unknown classification head {kind!r} (full, light)")
+    if kind == "cam":  # no M_o input; the GAP classifier runs per position to give the map
+        return (c - 1) * hidden * kernel * kernel * h * w + hidden * h * w
+    raise ValueError(f"unknown classification head {kind!r} (full, light, cam)")
 
 
 def head_macs(channels: int, h: int, w: int, cfg: ModelConfig) -> dict[str, int]:
@@ -42,12 +44,12 @@ def head_macs(channels: int, h: int, w: int, cfg: ModelConfig) -> dict[str, int]
     cls_in = channels if cfg.cls_input == "backbone" else width
     hw = h * w
     adaptor = channels * width * hw
-    segmentation = (width * cfg.seg_hidden + cfg.seg_hidden) * hw
+    segmentation = 0 if cfg.cls_head == "cam" else (width * cfg.seg_hidden + cfg.seg_hidden) * hw
     full = classification_macs(cls_in, h, w, cfg.cls_hidden, cfg.cls_kernel, "full")
     light = classification_macs(cls_in, h, w, cfg.cls_hidden, cfg.cls_kernel, "light")
-    chosen = {"full": full, "light": light}.get(cfg.cls_head)
-    if chosen is None:
-        raise ValueError(f"model.cls_head {cfg.cls_head!r} is not one of full, light")
+    if cfg.cls_head not in ("full", "light", "cam"):
+        raise ValueError(f"model.cls_head {cfg.cls_head!r} is not one of full, light, cam")
+    chosen = classification_macs(cls_in, h, w, cfg.cls_hidden, cfg.cls_kernel, cfg.cls_head)
     return {
         "adaptor": adaptor,
         "segmentation": segmentation,

@@ -107,7 +107,29 @@ class LightClassificationHead(nn.Module):
         return pooled_score(x, map_logits, self.fc)
 
 
-CLASSIFICATION_HEADS = {"full": ClassificationHead, "light": LightClassificationHead}
+class CamHead(nn.Module):
+    """The weak-supervision baseline (spec 5, model.cls_head: cam): a class-activation map instead of SSN's map.
+
+    Conv kxk(C -> hidden) -> BN -> ReLU gives A; the score is a Linear over GAP(A), and the map is that same
+    Linear applied at every position, M_cam(i,j) = sum_k w_k A_k(i,j) + b, so mean(M_cam) is the score logit.
+    Only image labels train it: localisation comes for free, coarse (published: strong detection, blob-like maps).
+    """
+
+    def __init__(self, channels: int, hidden: int = 128, kernel: int = 5):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, hidden, kernel, padding=kernel // 2),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(),
+        )
+        self.fc = nn.Conv2d(hidden, 1, 1)  # the GAP classifier's weights w_k, applied per position
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        cam = self.fc(self.conv(features))
+        return cam, cam.float().mean(dim=(1, 2, 3))
+
+
+CLASSIFICATION_HEADS = {"full": ClassificationHead, "light": LightClassificationHead, "cam": CamHead}
 
 
 class SSNHeads(nn.Module):
@@ -118,9 +140,11 @@ class SSNHeads(nn.Module):
         width = cfg.adaptor_channels or channels
         self.cls_input = cfg.cls_input
         self.adaptor = nn.Conv2d(channels, width, 1)
-        self.segmentation = SegmentationHead(width, cfg.seg_hidden)
-        cls_channels = channels if cfg.cls_input == "backbone" else width
         kind = getattr(cfg, "cls_head", "full")  # getattr: a config object from before cls_head existed
+        self.cam = kind == "cam"
+        # The CAM baseline has no segmentation head: its map is the classifier's activation map.
+        self.segmentation = None if self.cam else SegmentationHead(width, cfg.seg_hidden)
+        cls_channels = channels if cfg.cls_input == "backbone" else width
         if kind not in CLASSIFICATION_HEADS:
             raise ValueError(f"model.cls_head {kind!r} is not one of {', '.join(CLASSIFICATION_HEADS)}")
         head = CLASSIFICATION_HEADS[kind]
@@ -142,6 +166,8 @@ class SSNHeads(nn.Module):
 
         detach_map: the unsupervised stop-grad, so the classification loss cannot bend the map.
         """
+        if self.cam:
+            return self.classification(cls_features)
         map_logits = self.segmentation(adapted)
         cls_map = map_logits.detach() if detach_map else map_logits
         score = self.classification(cls_features, cls_map)

@@ -1,0 +1,212 @@
+"""Weak and mixed supervision: hiding masks, resolving the setting, the CAM baseline, and what the bundle records."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_recipe_dict
+from ssn_edge.config import RecipeError, recipe_from_dict
+from ssn_edge.data import ArraySet, Sample
+from ssn_edge.supervision import apply_setting, hide_masks, infer_setting
+
+
+def _samples(per_type: dict[str, int]) -> list[Sample]:
+    out = [Sample(Path(f"good{i}.png"), None, 0, "train", "good") for i in range(5)]
+    for defect, n in per_type.items():
+        for i in range(n):
+            out.append(Sample(Path(f"{defect}{i}.png"), Path(f"{defect}{i}_mask.png"), 1, "train", defect))
+            out.append(Sample(Path(f"t_{defect}{i}.png"), Path(f"t_{defect}{i}_mask.png"), 1, "test", defect))
+    return out
+
+
+def _kept(samples: list[Sample]) -> dict[str, int]:
+    kept: dict[str, int] = {}
+    for s in samples:
+        if s.split == "train" and s.label == 1 and s.has_mask:
+            kept[s.defect] = kept.get(s.defect, 0) + 1
+    return kept
+
+
+def test_hide_masks_keeps_the_fraction_per_defect_type_and_spares_the_test_split():
+    samples = _samples({"crack": 20, "blowhole": 30, "fray": 3})
+    out = hide_masks(samples, 0.1, seed=0)
+    assert _kept(out) == {"crack": 2, "blowhole": 3, "fray": 1}  # a rare type keeps at least one
+    assert all(s.has_mask for s in out if s.split == "test" and s.label == 1)
+    assert [s.image for s in out] == [s.image for s in samples]  # nothing dropped or reordered
+    again, other = hide_masks(samples, 0.1, seed=0), hide_masks(samples, 0.1, seed=1)
+    chosen = lambda ss: {s.image for s in ss if s.split == "train" and s.has_mask}  # noqa: E731
+    assert chosen(again) == chosen(out) and chosen(other) != chosen(out)
+    assert _kept(hide_masks(samples, 0.0)) == {} and _kept(hide_masks(samples, 1.0)) == {"crack": 20, "blowhole": 30, "fray": 3}
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_hide_masks_rejects_a_fraction_outside_0_1(fraction):
+    with pytest.raises(ValueError, match="data.mask_fraction"):
+        hide_masks(_samples({"crack": 2}), fraction)
+
+
+def _arrays(n_good: int, masked: int, unmasked: int, size: int = 32, seed: int = 0) -> ArraySet:
+    n = n_good + masked + unmasked
+    rng = np.random.default_rng(seed)
+    labels = np.array([0] * n_good + [1] * (masked + unmasked), dtype=np.int64)
+    masks = np.zeros((n, size, size), dtype=bool)
+    masks[n_good : n_good + masked, 4:12, 4:12] = True
+    valid = np.ones(n, dtype=bool)
+    valid[n_good + masked :] = False
+    images = rng.normal(0, 1, (n, 3, size, size)).astype(np.float32)
+    return ArraySet(images, masks, labels, valid, [f"{i}.png" for i in range(n)])
+
+
+@pytest.mark.parametrize(
+    "masked, unmasked, expected",
+    [(0, 0, "unsupervised"), (3, 0, "supervised"), (0, 3, "weak"), (1, 2, "mixed")],
+)
+def test_setting_is_inferred_from_the_data(masked, unmasked, expected):
+    arrays = _arrays(4, masked, unmasked)
+    assert infer_setting(arrays) == expected
+    _, info = apply_setting(arrays, "auto")
+    assert info.setting == expected and info.source == "data"
+
+
+def test_weak_ignores_every_mask_and_counts_say_so():
+    arrays = _arrays(4, masked=2, unmasked=1)
+    used, info = apply_setting(arrays, "weak")
+    assert not used.masks.any() and not used.mask_valid[4:].any() and used.mask_valid[:4].all()
+    assert arrays.masks.any()  # the caller's arrays are not modified
+    assert (info.normal, info.with_mask, info.label_only, info.ignored) == (4, 0, 3, 0)
+    _, mixed = apply_setting(arrays, "mixed")
+    assert (mixed.with_mask, mixed.label_only) == (2, 1)
+    _, unsup = apply_setting(arrays, "unsupervised")
+    assert (unsup.with_mask, unsup.label_only, unsup.ignored) == (0, 0, 3)
+    assert "1 defective with image label only" in mixed.describe()
+
+
+@pytest.mark.parametrize("setting", ["supervised", "weak", "mixed"])
+def test_settings_with_defects_need_defective_images(setting):
+    with pytest.raises(ValueError, match="needs defective images"):
+        apply_setting(_arrays(4, 0, 0), setting)
+
+
+def test_recipe_rejects_an_unknown_setting():
+    d = tiny_recipe_dict(Path("unused"))
+    d["train"]["setting"] = "semi"
+    with pytest.raises(RecipeError, match="train.setting"):
+        recipe_from_dict(d)
+
+
+def _cam_recipe():
+    d = tiny_recipe_dict(Path("unused"))
+    d["model"]["cls_head"] = "cam"
+    d["train"]["setting"] = "weak"
+    return recipe_from_dict(d)
+
+
+def test_cam_map_is_the_gap_classifier_applied_per_position():
+    from ssn_edge.model.ssn import SuperSimpleNet
+
+    model = SuperSimpleNet(_cam_recipe().model).eval()
+    assert model.heads.segmentation is None
+    with torch.no_grad():
+        cam, score = model(torch.randn(2, 3, 64, 64))
+        head = model.heads.classification
+        a = head.conv(model.heads.adaptor(model.features(torch.randn(1, 3, 64, 64))))
+    assert cam.shape == (2, 1, 16, 16) and score.shape == (2,)
+    assert torch.allclose(cam.mean(dim=(1, 2, 3)), score, atol=1e-5)
+    # score = Linear(GAP(A)): the class-activation identity
+    gap = head.fc.weight.flatten() @ a.mean(dim=(2, 3))[0] + head.fc.bias
+    assert torch.allclose(head.fc(a).mean(), gap[0], atol=1e-5)
+
+
+def test_cam_trains_on_image_labels_only():
+    from ssn_edge.model.ssn import SuperSimpleNet
+    from ssn_edge.train import feature_masks, train_step
+    import ssn_edge.train as tr
+
+    recipe = _cam_recipe()
+    arrays, _ = apply_setting(_arrays(2, 0, 2, size=64), "weak")
+    model = SuperSimpleNet(recipe.model)
+    chunk = np.array([[0, 0], [1, 0], [2, 0], [3, 0]])
+    l2, l3 = model.features.raw(torch.from_numpy(arrays.images))
+    gt, valid = feature_masks(arrays, chunk, (16, 16))
+    called = []
+    original = tr.ssn_loss
+    tr.ssn_loss = lambda *a, **k: called.append(1) or original(*a, **k)
+    try:
+        loss, parts = train_step(model, recipe, l2, l3, gt, valid, np.random.default_rng(0))
+    finally:
+        tr.ssn_loss = original
+    assert not called and set(parts) == {"cls_focal"}  # no pixel loss reaches the CAM
+    loss.backward()
+    assert model.heads.classification.fc.weight.grad.abs().sum() > 0
+
+
+def test_cam_complexity_counts_no_segmentation_head():
+    from ssn_edge.model.complexity import head_macs
+
+    d = tiny_recipe_dict(Path("unused"))["model"]
+    cam = head_macs(384, 64, 64, recipe_from_dict({"model": {**d, "cls_head": "cam", "cls_hidden": 128}}).model)
+    assert cam["segmentation"] == 0
+    assert cam["classification"] == 384 * 128 * 25 * 64 * 64 + 128 * 64 * 64
+
+
+@pytest.fixture(scope="module")
+def manifest_dataset(tmp_path_factory) -> Path:
+    """The synthetic set as a manifest whose train split also holds defective images with masks."""
+    from ssn_edge.synthetic import SyntheticSpec, make_dataset
+
+    root = make_dataset(tmp_path_factory.mktemp("weak"), SyntheticSpec(size=64, n_train=8, n_test_good=4, n_test_defect_per_type=4))
+    rows = [(f"train/good/{p.name}", "", 0, "good", "train") for p in sorted((root / "train" / "good").iterdir())]
+    rows += [(f"test/good/{p.name}", "", 0, "good", "test") for p in sorted((root / "test" / "good").iterdir())]
+    for defect in ("scratch", "spot", "crack"):
+        for i in range(4):
+            rows.append((f"test/{defect}/{i:03d}.png", f"ground_truth/{defect}/{i:03d}_mask.png", 1, defect,
+                         "train" if i < 3 else "test"))
+    with open(root / "manifest.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "mask", "label", "defect", "split"])
+        w.writerows(rows)
+    return root / "manifest.csv"
+
+
+def test_mixed_training_run_records_its_supervision_through_to_the_bundle_and_report(tmp_path, manifest_dataset):
+    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.export import export_bundle
+    from ssn_edge.jobs import train_job
+
+    d = tiny_recipe_dict(manifest_dataset)
+    d["data"]["mask_fraction"] = 0.34  # of 3 annotated defects per type: 1 keeps its mask
+    d["train"]["setting"] = "auto"
+    result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False)
+    state = load_checkpoint(result.checkpoint)
+    assert state["recipe"]["train"]["setting"] == "mixed"
+    sup = state["supervision"]
+    assert (sup["normal"], sup["with_mask"], sup["label_only"], sup["source"]) == (8, 3, 6, "data")
+    bundle = export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=False)
+    meta = json.loads((tmp_path / "bundle" / "metadata.json").read_text())
+    assert meta["setting"] == "mixed" and meta["supervision"]["label_only"] == 6
+    from ssn_edge.report import _supervision_text
+
+    text = _supervision_text(bundle.metadata["supervision"])
+    assert "3 defective with mask, 6 defective with image label only" in text and "inferred from the data" in text
+
+
+def test_cam_baseline_exports_and_runs_in_the_runtime(tmp_path, manifest_dataset):
+    from ssn_edge.export import export_bundle
+    from ssn_edge.jobs import train_job
+    from ssn_edge.runtime.engine import Engine
+
+    d = tiny_recipe_dict(manifest_dataset)
+    d["model"]["cls_head"] = "cam"
+    d["train"]["setting"] = "weak"
+    result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False)
+    export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=True)
+    engine = Engine(tmp_path / "bundle", precision="int8")
+    pred = engine.predict_images([np.full((64, 64, 3), 0.5, np.float32)])[0]
+    assert pred.anomaly_map.shape == (64, 64) and np.isfinite(pred.score)
+    assert engine.bundle.metadata["setting"] == "weak"
