@@ -18,7 +18,9 @@ def split_arrays(data_path: str | Path, split: str, size: tuple[int, int], progr
     return load_arrays(chosen, size, progress=progress)
 
 
-def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progress: bool = True):
+def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progress: bool = True, evaluate: bool = True):
+    """Train from a recipe into out_dir; evaluate on the test split at the end unless evaluate is False (a caller
+    that exports next gets the same metrics from the bundle, without a second pass over the test images)."""
     from ssn_edge.train import train
 
     if not recipe.data.path:
@@ -32,7 +34,7 @@ def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progres
         log.info("data.mask_fraction %g: masks kept on %d defective training images\n%s", recipe.data.mask_fraction,
                  sum(s.split == "train" and s.label == 1 and s.has_mask for s in samples), summary(samples))
     train_samples = require_nonempty(select(samples, "train"), "train", recipe.data.path)
-    test_samples = select(samples, "test")
+    test_samples = select(samples, "test") if evaluate else []
     size = tuple(recipe.data.image_size)
     train_arrays = load_arrays(train_samples, size, progress=progress)
     test_arrays = load_arrays(test_samples, size, progress=progress) if test_samples else None
