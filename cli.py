@@ -190,22 +190,27 @@ def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file,
 @click.option("--calibration-folder", type=click.Path(file_okay=False), help="Calibrate on images under this folder (recursive).")
 @click.option("--calibration-manifest", type=click.Path(dir_okay=False), help="Calibrate on the train/label-0 rows of this manifest CSV.")
 @click.option("--calibration-size", type=int, help="Number of calibration images (1..1000; default 128).")
+@click.option("--calibration-defects", type=float, help="Fraction of calibration images given a synthetic defect (default 1.0; 0: as they are).")
+@click.option("--act-range", default="minmax", show_default=True, type=click.Choice(["minmax", "nncf_default"]), help="INT8 activation range estimator.")
+@click.option("--score-offset/--no-score-offset", default=True, show_default=True, help="Correct the INT8 score's mean shift on the calibration images.")
 @click.option("--data", "data_path", type=click.Path(), help="Threshold/validation data (val split, else test); default: the recipe's data.path.")
 @click.option("--weights", help="Backbone weights file, if not where training found it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 def export(checkpoint, out_dir, fp16, int8, int8_acc, max_drop, acc_metric, calibration_yaml, calibration_folder,
-           calibration_manifest, calibration_size, data_path, weights, overwrite) -> None:
+           calibration_manifest, calibration_size, calibration_defects, act_range, score_offset, data_path, weights,
+           overwrite) -> None:
     """Export a checkpoint to an OpenVINO bundle: FP32 always, FP16/INT8/accuracy-controlled INT8 on request."""
     import dataclasses
 
     from ssn_edge.calibration import CalibrationSpec, load_calibration_spec
     from ssn_edge.export import export_bundle
+    from ssn_edge.quantize import QuantizeOptions
 
     given = [o for o, v in (("--calibration", calibration_yaml), ("--calibration-folder", calibration_folder),
                             ("--calibration-manifest", calibration_manifest)) if v]
     if len(given) > 1:
         raise click.UsageError(f"{' and '.join(given)}: give one calibration source")
-    if (given or calibration_size is not None) and not (int8 or int8_acc):
+    if (given or calibration_size is not None or calibration_defects is not None) and not (int8 or int8_acc):
         raise click.UsageError("calibration options only apply with --int8 or --int8-acc")
     spec = None
     if int8 or int8_acc:
@@ -219,10 +224,13 @@ def export(checkpoint, out_dir, fp16, int8, int8_acc, max_drop, acc_metric, cali
             spec = CalibrationSpec()
         if calibration_size is not None:
             spec = dataclasses.replace(spec, size=calibration_size)
+        if calibration_defects is not None:
+            spec = dataclasses.replace(spec, defects=calibration_defects)
     out = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / "bundle"
     bundle = export_bundle(
         Path(checkpoint), out, fp16=fp16, int8=int8, int8_acc=int8_acc, calibration=spec, max_drop=max_drop,
         acc_metric=acc_metric, weights=weights, overwrite=overwrite, threshold_data=data_path,
+        quantize_options=QuantizeOptions(activation_range=act_range, score_offset=score_offset),
     )
     click.echo(f"bundle: {bundle.path}")
     click.echo(f"  {'precision':<10} {'weights':<8} {'size MB':>9}")

@@ -90,6 +90,10 @@ def main() -> None:
     for r in report["records"]:
         rec = {**base, "runtime": r["runtime"], "precision": r["precision"]}
         rec.update({k: r[k] for k in ACC_KEYS if r.get(k) is not None})
+        q = meta["models"].get(r["precision"], {}).get("quantization") if r["runtime"] == "openvino" else None
+        if q:  # how this INT8 model was quantized (ssn_edge.quantize)
+            rec.update(calibration_defects=meta["calibration"]["spec"].get("defects", 0.0), act_range=q["activation_range"],
+                       score_offset=q["score_offset_value"])
         s = speed.get(r["precision"]) if r["runtime"] == "openvino" else None
         if s:
             rec.update(latency_ms=round(s["latency_ms"], 3), latency_p10_ms=round(s["latency_p10_ms"], 3),

@@ -59,6 +59,9 @@ class CalibrationSpec:
     path: str | None = None
     size: int = DEFAULT_SIZE
     seed: int = 0
+    # fraction of the calibration images that get a synthetic defect painted in before NNCF sees them, so the
+    # activation ranges cover what defects do (ssn_edge.quantize); 0 calibrates on the images as they are
+    defects: float = 1.0
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -69,6 +72,9 @@ class CalibrationSpec:
             raise CalibrationError(f"calibration size must be an integer in {MIN_SIZE}..{MAX_SIZE}, got {self.size!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise CalibrationError(f"calibration seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.defects, bool) or not isinstance(self.defects, (int, float)) or not 0 <= self.defects <= 1:
+            raise CalibrationError(f"calibration defects must be a fraction in [0, 1], got {self.defects!r}")
+        self.defects = float(self.defects)
         if self.path is not None:
             self.path = str(self.path)
 

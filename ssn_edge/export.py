@@ -26,6 +26,7 @@ from ssn_edge import __version__
 from ssn_edge.calibration import CALIBRATION_FILE, CalibrationSpec, calibration_record, select_calibration
 from ssn_edge.data import ArraySet, DatasetError, load_arrays, load_dataset, select
 from ssn_edge.metrics import evaluate_all, f1_max, gap_threshold
+from ssn_edge.quantize import QuantizeOptions, advanced_parameters, calibration_inputs, quantize, score_shift, subtract_from_score
 from ssn_edge.runtime.bundle import Bundle, BundleError, sha256_file, write_bundle
 from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
 from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare, read_image
@@ -278,34 +279,49 @@ def make_validation_fn(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _calibration_dataset(images: list[Path], size: tuple[int, int]):
-    import nncf
-
-    return nncf.Dataset(images, lambda p: prepare(read_image(p), size)[None])
+def _infer_model(model, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return infer(compile_f32(model), batch)
 
 
-def quantize_int8(ov_model, images: list[Path], size: tuple[int, int]):
-    import nncf
+def _offset_corrected(fp32_model, quantized, images: list[Path], size: tuple[int, int], options: QuantizeOptions):
+    """The quantized model, its score shifted back by its mean shift on the (unpainted) calibration images."""
+    if not options.score_offset:
+        return quantized, None
+    shift = score_shift(fp32_model, quantized, calibration_inputs(images, size), _infer_model)
+    log.info("INT8 score-offset correction: %+.4f logits (mean over %d calibration images)", shift, len(images))
+    return subtract_from_score(quantized, shift), shift
 
-    return nncf.quantize(ov_model, _calibration_dataset(images, size), subset_size=len(images))
+
+def quantize_int8(ov_model, images: list[Path], size: tuple[int, int], calibration: CalibrationSpec | None = None,
+                  options: QuantizeOptions | None = None):
+    """INT8 by NNCF post-training quantization (ssn_edge.quantize); returns (model, score offset or None)."""
+    calibration, options = calibration or CalibrationSpec(), options or QuantizeOptions()
+    inputs = calibration_inputs(images, size, calibration.defects, calibration.seed)
+    quantized = quantize(ov_model.clone(), inputs, options)
+    return _offset_corrected(ov_model, quantized, images, size, options)
 
 
 def quantize_int8_acc(
     ov_model, images: list[Path], size: tuple[int, int], arrays: ArraySet, metric: str, max_drop: float,
-    agreement: Agreement | None = None,
+    agreement: Agreement | None = None, calibration: CalibrationSpec | None = None, options: QuantizeOptions | None = None,
 ):
     import nncf
 
+    calibration, options = calibration or CalibrationSpec(), options or QuantizeOptions()
+    inputs = calibration_inputs(images, size, calibration.defects, calibration.seed)
     validation = nncf.Dataset(list(range(len(arrays))), lambda i: arrays.images[i : i + 1])
-    return nncf.quantize_with_accuracy_control(
-        ov_model,
-        _calibration_dataset(images, size),
+    params = advanced_parameters(options)
+    quantized = nncf.quantize_with_accuracy_control(
+        ov_model.clone(),
+        nncf.Dataset(inputs),
         validation,
         make_validation_fn(arrays, metric, agreement),
         max_drop=max_drop,
         drop_type=nncf.DropType.ABSOLUTE,
-        subset_size=len(images),
+        subset_size=len(inputs),
+        **({"advanced_quantization_parameters": params} if params is not None else {}),
     )
+    return _offset_corrected(ov_model, quantized, images, size, options)
 
 
 def count_quantized_ops(xml: Path) -> int:
@@ -355,6 +371,7 @@ def export_bundle(
     overwrite: bool = False,
     threshold_data: str | None = None,
     graph: str | None = None,
+    quantize_options: QuantizeOptions | None = None,
 ) -> Bundle:
     """Export ``checkpoint`` to a bundle at ``out_dir``: FP32 always, FP16/INT8/accuracy-controlled INT8 on request.
 
@@ -390,6 +407,7 @@ def export_bundle(
         log.warning("a calibration set was given but no INT8 model was asked for; it is not used")
     if quantizing and calibration is None:
         calibration = CalibrationSpec()
+    quantize_options = quantize_options or QuantizeOptions()
 
     model, recipe, state = model_from_checkpoint(checkpoint, weights)
     size = (int(recipe.data.image_size[0]), int(recipe.data.image_size[1]))
@@ -430,8 +448,10 @@ def export_bundle(
             files[CALIBRATION_FILE] = tmp / CALIBRATION_FILE
         if int8:
             log.info("quantizing to INT8 on %d calibration images", len(calib_images))
-            save("int8", quantize_int8(ov.Core().read_model(fp32_xml), calib_images, size), compress=False)
-            models["int8"].update(calibration={"file": CALIBRATION_FILE, "size": len(calib_images)})
+            quantized, offset = quantize_int8(ov.Core().read_model(fp32_xml), calib_images, size, calibration, quantize_options)
+            save("int8", quantized, compress=False)
+            models["int8"].update(calibration={"file": CALIBRATION_FILE, "size": len(calib_images)},
+                                  quantization={**quantize_options.to_dict(), "score_offset_value": offset})
         if int8_acc:
             log.info(
                 "quantizing to INT8 with accuracy control (%s, max drop %.2f points, %d validation images)",
@@ -444,8 +464,9 @@ def export_bundle(
                 fp32_thresholds, _ = thresholds_and_normalization(arrays, *outputs_by_precision["fp32"])
                 threshold = fp32_thresholds["image"]
                 agreement = (sigmoid(outputs_by_precision["fp32"][1]) >= threshold, threshold)
-            quantized = quantize_int8_acc(
-                ov.Core().read_model(fp32_xml), calib_images, size, arrays, acc_metric, max_drop, agreement
+            quantized, acc_offset = quantize_int8_acc(
+                ov.Core().read_model(fp32_xml), calib_images, size, arrays, acc_metric, max_drop, agreement,
+                calibration, quantize_options,
             )
             save("int8_acc", quantized, compress=False)
             idx = np.arange(len(arrays))
@@ -465,6 +486,7 @@ def export_bundle(
                 log.warning("accuracy-controlled INT8: %s drop %.2f > max %.2f points", acc_metric, drop, max_drop)
             models["int8_acc"].update(
                 calibration={"file": CALIBRATION_FILE, "size": len(calib_images)},
+                quantization={**quantize_options.to_dict(), "score_offset_value": acc_offset},
                 max_drop=max_drop,
                 drop_type="absolute",
                 metric=acc_metric,

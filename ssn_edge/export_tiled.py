@@ -170,6 +170,10 @@ def export_tiled_bundle(
         if int8:
             import nncf
 
+            if calibration.defects:
+                # Painting defects and the score-offset correction (ssn_edge.quantize) are measured on whole-image
+                # models only; tiled graphs calibrate on the images as they are, and the record says so.
+                calibration = dataclasses.replace(calibration, defects=0.0)
             calib_meta = calibration_record(calibration, calib_images, recipe)
             (tmp / CALIBRATION_FILE).write_text(json.dumps(calib_meta, indent=2))
             files[CALIBRATION_FILE] = tmp / CALIBRATION_FILE

@@ -72,6 +72,13 @@ def _crack(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 _MAKERS = {"scratch": _scratch, "spot": _spot, "crack": _crack}
 
 
+def paint_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Paint one defect of `kind` (DEFECTS) into a square uint8 gray image in place; returns its mask."""
+    if kind not in _MAKERS:
+        raise ValueError(f"unknown defect kind {kind!r} (one of {', '.join(DEFECTS)})")
+    return _MAKERS[kind](img, rng)
+
+
 def make_dataset(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
     """Write an MVTec-layout dataset under root (train/good, test/<type>, ground_truth/<type>); returns root."""
     root = Path(root)

@@ -20,7 +20,10 @@ from ssn_edge.calibration import (
 )
 from ssn_edge.checkpoint import CheckpointError
 from ssn_edge.data import load_arrays, load_dataset, select
+from ssn_edge.export import compile_f32, export_bundle, infer
+from ssn_edge.quantize import QuantizeOptions
 from ssn_edge.runtime.bundle import BundleError, load_bundle, sha256_file
+from ssn_edge.runtime.preprocess import prepare, read_image
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB_SIZE = 4  # of the 8 tiny training images: leaves room for different seeds to differ
@@ -246,7 +249,7 @@ def test_tampered_bundle_is_refused(bundle, tmp_path):
 @pytest.mark.slow
 def test_calibration_record(bundle, tiny_dataset, recipe):
     record = json.loads((bundle.path / CALIBRATION_FILE).read_text())
-    assert record["spec"] == {"source": "recipe", "path": None, "size": CALIB_SIZE, "seed": 0}
+    assert record["spec"] == {"source": "recipe", "path": None, "size": CALIB_SIZE, "seed": 0, "defects": 1.0}
     assert record["count"] == CALIB_SIZE == len(record["images"])
     expected = select_calibration(CalibrationSpec(size=CALIB_SIZE, seed=0), recipe)
     assert [i["path"] for i in record["images"]] == [p.relative_to(tiny_dataset).as_posix() for p in expected]
@@ -546,3 +549,62 @@ def test_decision_agreement_metric_counts_flips_at_the_threshold():
     with pytest.raises(ValueError, match="FP32 decisions"):
         metric_value("decision_agreement", arrays, idx, raw, logits)
 
+
+
+def test_calibration_inputs_paint_defects_deterministically(tmp_path, tiny_dataset):
+    from ssn_edge.calibration import CalibrationSpec, CalibrationError, select_calibration
+    from ssn_edge.quantize import calibration_inputs
+
+    images = select_calibration(CalibrationSpec(source="folder", path=str(tiny_dataset / "train" / "good"), size=6))
+    plain = calibration_inputs(images, (64, 64), defects=0.0)
+    painted = calibration_inputs(images, (64, 64), defects=1.0, seed=3)
+    again = calibration_inputs(images, (64, 64), defects=1.0, seed=3)
+    assert all(p.shape == (1, 3, 64, 64) for p in painted)
+    assert all(np.array_equal(a, b) for a, b in zip(painted, again))
+    changed = [float(np.abs(a - b).max()) for a, b in zip(plain, painted)]
+    assert min(changed) > 0.5  # every image got a visible defect (normalised units)
+    for p, img in zip(plain, images):
+        assert np.array_equal(p[0], prepare(read_image(img), (64, 64)))
+    with pytest.raises(CalibrationError, match="defects"):
+        CalibrationSpec(defects=1.5)
+
+
+def test_score_offset_is_subtracted_inside_the_graph_and_keeps_output_names():
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from ssn_edge.quantize import subtract_from_score
+
+    x = ops.parameter([1, 3, 4, 4], np.float32, name="image")
+    m = ops.reduce_mean(x, [1], keep_dims=True)
+    s = ops.reduce_mean(x, [1, 2, 3], keep_dims=False)
+    m.output(0).get_tensor().set_names({"map"})
+    s.output(0).get_tensor().set_names({"score"})
+    model = ov.Model([ops.result(m), ops.result(s)], [x])
+    shifted = subtract_from_score(model, 0.25)
+    c = ov.Core().compile_model(shifted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    data = np.random.default_rng(0).normal(size=(1, 3, 4, 4)).astype(np.float32)
+    out = c({0: data})
+    assert np.allclose(out[c.output("score")], data.mean() - 0.25, atol=1e-6)
+    assert np.allclose(out[c.output("map")], data.mean(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_int8_export_records_quantization_and_centres_its_score_on_the_calibration_images(tmp_path, tiny_checkpoint):
+    from ssn_edge.calibration import CalibrationSpec, select_calibration
+    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.config import recipe_from_dict
+    from ssn_edge.quantize import calibration_inputs
+
+    spec = CalibrationSpec(source="recipe", size=8)
+    bundle = export_bundle(tiny_checkpoint, tmp_path / "b", fp16=False, int8=True, calibration=spec)
+    q = bundle.metadata["models"]["int8"]["quantization"]
+    assert q["activation_range"] == "minmax" and q["score_offset"] and np.isfinite(q["score_offset_value"])
+    assert bundle.metadata["calibration"]["spec"]["defects"] == 1.0
+    recipe = recipe_from_dict(load_checkpoint(tiny_checkpoint)["recipe"])
+    batch = np.concatenate(calibration_inputs(select_calibration(spec, recipe), (64, 64)))
+    fp32 = infer(compile_f32(tmp_path / "b" / "model_fp32.xml"), batch)[1]
+    int8 = infer(compile_f32(tmp_path / "b" / "model_int8.xml"), batch)[1]
+    assert abs(float(np.mean(int8.astype(np.float64) - fp32))) < 1e-4  # the mean shift was taken out
+    plain = export_bundle(tiny_checkpoint, tmp_path / "p", fp16=False, int8=True, calibration=spec,
+                          quantize_options=QuantizeOptions(activation_range="nncf_default", score_offset=False))
+    assert plain.metadata["models"]["int8"]["quantization"]["score_offset_value"] is None
