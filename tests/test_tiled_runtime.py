@@ -120,3 +120,17 @@ def test_merge_outputs_scores():
     merged, score = merge_outputs(raw, logits, grid, TilingConfig(grid.tile, grid.stride, score="map_max"))
     assert merged.shape == (64, 64) and merged[48, 48] == pytest.approx(5.0, abs=1e-3) and merged[8, 8] == pytest.approx(0.0)
     assert score == pytest.approx(tiled_image_score(logits, float(merged.max()), "map_max"))
+
+
+@pytest.mark.parametrize("tile_batch", [1, 2, 3, 8, 9])
+def test_balanced_chunks_cover_a_row_with_one_batch_size(tile_batch):
+    from ssn_edge.runtime.tiled import balanced_chunks
+
+    for cols in range(1, 41):
+        batch, chunks = balanced_chunks(cols, tile_batch)
+        assert 1 <= batch <= tile_batch
+        covered = [c + k for c, n in chunks for k in range(n)]
+        assert covered == list(range(cols))  # every tile once, in order
+        assert all(1 <= n <= batch for _, n in chunks)
+        assert len(chunks) == -(-cols // tile_batch)  # no more requests than plain chunking
+        assert sum(batch - n for _, n in chunks) < len(chunks)  # padding: less than one tile per request

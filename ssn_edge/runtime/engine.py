@@ -178,6 +178,7 @@ class Engine:
             if name not in names:
                 raise BundleError(f"{self.model_path}: model has no output named {name!r} (has: {', '.join(sorted(names))})")
         self.inference_precision = type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self._runners: dict[int, TiledRunner] = {}
         self.optimal_requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
@@ -214,13 +215,17 @@ class Engine:
     # -- images -> predictions -----------------------------------------------------------------------
 
     def runner(self, tile_batch: int = 8) -> TiledRunner:
-        """The tiled path for a tiled bundle (tiles batched, as many requests in flight as is optimal)."""
+        """The tiled path for a tiled bundle (tiles batched, as many requests in flight as is optimal); one per
+        engine and tile batch, kept: its infer requests are reused image after image."""
         if self.tiling is None:
             raise BundleError(f"{self.bundle.path}: not a tiled bundle")
-        return TiledRunner(
-            self.compiled, self.tiling, self.map_name, self.score_name, self.blur_sigma, self.blur_kernel,
-            tile_batch=tile_batch, requests=max(1, self.optimal_requests),
-        )
+        runners = self._runners
+        if tile_batch not in runners:
+            runners[tile_batch] = TiledRunner(
+                self.compiled, self.tiling, self.map_name, self.score_name, self.blur_sigma, self.blur_kernel,
+                tile_batch=tile_batch, requests=max(1, self.optimal_requests),
+            )
+        return runners[tile_batch]
 
     def predict_tiled(self, image: np.ndarray, path: str | Path | None = None, maps_to: Path | None = None) -> Prediction:
         """One image through a tiled bundle. image: (H, W, 3) RGB, uint8/uint16 or float in [0, 1], or a strip

@@ -252,6 +252,21 @@ class TiledResult:
     infer_ms: float
 
 
+def balanced_chunks(cols: int, tile_batch: int) -> tuple[int, list[tuple[int, int]]]:
+    """Split a row of `cols` tiles into requests of one batch size: (batch, [(first column, real tiles), ...]).
+
+    Every request of an image has the same shape (a short last chunk is padded up to `batch`): OpenVINO 2026.4's
+    CPU plugin aborted or corrupted memory when requests in flight on a dynamic-batch graph had different batch
+    sizes. Chunks are balanced (10 tiles at tile_batch 8: 5 + 5, not 8 + 2) so padding costs at most one tile
+    per chunk.
+    """
+    if cols < 1 or tile_batch < 1:
+        raise ValueError(f"cols and tile_batch must be >= 1, got {cols}, {tile_batch}")
+    n_chunks = -(-cols // tile_batch)
+    batch = -(-cols // n_chunks)
+    return batch, [(c, min(batch, cols - c)) for c in range(0, cols, batch)]
+
+
 class TiledRunner:
     """Runs a compiled tiled graph (an OpenVINO CompiledModel) on one image at a time."""
 
@@ -273,6 +288,10 @@ class TiledRunner:
         self.blur_sigma, self.blur_kernel = blur_sigma, blur_kernel
         self.tile_batch, self.requests = tile_batch, max(1, requests)
         self._request = None
+        # One AsyncInferQueue per runner, reused image after image: creating and destroying a queue (and its
+        # infer requests) per image made OpenVINO 2026.4's CPU plugin abort from a worker thread now and then.
+        self._queue = None
+        self._on_done: Callable | None = None
 
     def _outputs(self, request) -> tuple[np.ndarray, np.ndarray]:
         raw = np.array(request.get_tensor(self.map_name).data, dtype=np.float32, copy=True)
@@ -341,7 +360,8 @@ class TiledRunner:
         sink = MapSink((h, w), full=keep_full, preview_factor=factor, stream=stream)
         merger = BandMerger(grid, cfg, sink)
         boxes = grid.boxes
-        chunks = [(i, c) for i in range(grid.rows) for c in range(0, grid.cols, self.tile_batch)]
+        batch, row_chunks = balanced_chunks(grid.cols, self.tile_batch)
+        chunks = [(i, c, n) for i in range(grid.rows) for c, n in row_chunks]
         results: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
         lock = threading.Lock()
         errors: list[BaseException] = []
@@ -349,11 +369,12 @@ class TiledRunner:
         next_row = 0
         t0 = time.perf_counter()
 
-        def done(request, key: tuple[int, int]) -> None:
+        def done(request, key: tuple[int, int, int]) -> None:
             try:
                 raw, score = self._outputs(request)
+                n = key[2]  # real tiles; the rest of the batch is padding
                 with lock:
-                    results.setdefault(key[0], {})[key[1]] = (raw.reshape(-1, *raw.shape[-2:]), score.reshape(-1))
+                    results.setdefault(key[0], {})[key[1]] = (raw.reshape(-1, *raw.shape[-2:])[:n], score.reshape(-1)[:n])
             except BaseException as exc:  # surfaced in the main thread; an exception here would be lost
                 errors.append(exc)
 
@@ -370,13 +391,16 @@ class TiledRunner:
                 merger.add_row(next_row, anomaly_map(raw, grid.tile, self.blur_sigma, self.blur_kernel))
                 next_row += 1
 
+        if self._queue is None:
+            self._queue = ov.AsyncInferQueue(self.compiled, self.requests)
+            self._queue.set_callback(lambda request, key: self._on_done(request, key))
+        queue = self._queue
+        self._on_done = done
         try:
-            queue = ov.AsyncInferQueue(self.compiled, self.requests)
-            queue.set_callback(done)
-            for i, c in chunks:
-                cols = range(c, min(c + self.tile_batch, grid.cols))
-                x = np.stack([cut(boxes[i * grid.cols + j]) for j in cols])
-                queue.start_async({0: x}, userdata=(i, c))
+            for i, c, n in chunks:
+                tiles = [cut(boxes[i * grid.cols + j]) for j in range(c, c + n)]
+                tiles += [tiles[-1]] * (batch - n)
+                queue.start_async({0: np.stack(tiles)}, userdata=(i, c, n))
                 if errors:
                     break
                 drain()
@@ -385,6 +409,7 @@ class TiledRunner:
                 raise errors[0]
             drain()
         finally:
+            queue.wait_all()  # nothing of this image may still be in flight when the next one starts
             if stream is not None:
                 stream.close()
         infer_ms = (time.perf_counter() - t0) * 1e3
