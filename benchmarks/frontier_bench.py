@@ -288,7 +288,8 @@ def _plot(points, lat) -> None:
         for (d, variant, precision), a, sa, t in points:
             if d != ds or t is None or precision != "int8":
                 continue
-            ax.errorbar(t, a, yerr=sa, fmt="o" if "light" in variant else "s", capsize=3, label=variant)
+            color = f"C{list(VARIANTS).index(variant) % 10}" if variant in VARIANTS else None  # same colour per variant
+            ax.errorbar(t, a, yerr=sa, fmt="o" if "light" in variant else "s", capsize=3, label=variant, color=color)
         wrn = lat.get(("full_head_random_weights", "int8"))
         if wrn is not None:
             ax.axvline(wrn, ls="--", c="gray")
