@@ -13,7 +13,11 @@ Three things, each measured on MVTec bottle against the FP32 model's decisions a
 * **Score-offset correction** (`score_offset: true`): what remains is mostly a constant shift of the score logit
   (+0.54 on normal images): the mean INT8-minus-FP32 score logit over the calibration images (as they are, not
   painted; no labels needed) is subtracted inside the INT8 graph, so every runtime gets it. The value is
-  recorded in the bundle (`models.int8.score_offset`).
+  recorded in the bundle (`models.int8.quantization.score_offset_value`).
+
+Not free: wider ranges mean coarser steps for the map. On Magnetic tile (unsupervised, seed 0) INT8 pixel AUPRO was
+35.8 with these defaults and 40.8 with NNCF's (FP32 44.1), image AUROC unchanged. The report shows both; the CLI
+switches each measure off.
 """
 
 from __future__ import annotations
