@@ -7,7 +7,7 @@
 
 Every variant is the dataset's CPU recipe with one change (VARIANTS); `train` evaluates the PyTorch FP32 model
 on the test split and the exported INT8 model through the runtime, and records both in
-benchmarks/results/frontier.json. Checkpoints: runs/bench/frontier/<dataset>_<variant>_s<seed>/.
+benchmarks/results/frontier.json. Checkpoints: runs/bench/frontier/<dataset>_<variant>_s<seed>/ (benchmarks/runs.py: trained once, reused on rerun).
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import RESULTS, command_line, record_results  # noqa: E402
+from benchmarks.runs import bench_recipe, train_once  # noqa: E402
 
 RUNS = ROOT / "runs" / "bench" / "frontier"
 RECIPES = {"mvtec_bottle": "recipes/mvtec_resnet18_cpu.yaml", "magnetic_tile": "recipes/magnetic_tile_unsupervised.yaml"}
@@ -49,19 +48,10 @@ def _frontier_int8():
 
 
 def _recipe(dataset: str, variant: str, seed: int, epochs: int | None = None):
-    from ssn_edge.config import load_recipe
-
     overrides = {**VARIANTS[variant], "train.seed": seed}
     if epochs is not None:
         overrides["train.epochs"] = epochs
-    recipe = load_recipe(ROOT / RECIPES[dataset], overrides)
-    data = (ROOT / recipe.data.path).resolve()
-    if not data.exists():
-        print(f"skipped: {data} is absent (the shared data folder is not beside this checkout)")
-        sys.exit(0)
-    recipe.data.path = str(data)
-    recipe.model.weights = str((ROOT / recipe.model.weights).resolve())
-    return recipe
+    return bench_recipe(RECIPES[dataset], overrides)
 
 
 def _base(dataset: str, variant: str, seed: int) -> dict:
@@ -71,23 +61,12 @@ def _base(dataset: str, variant: str, seed: int) -> dict:
 def train(args) -> None:
     from ssn_edge.calibration import CalibrationSpec
     from ssn_edge.export import export_bundle
-    from ssn_edge.jobs import train_job
 
     recipe = _recipe(args.dataset, args.variant, args.seed, epochs=args.epochs)
     out = RUNS / f"{args.dataset}_{args.variant}_s{args.seed}" if args.epochs is None else RUNS / f"smoke_{args.dataset}_{args.variant}"
-    done = out / "frontier_train.json"  # written after training: a rerun (say, after a failed export) skips training
-    if args.reuse_from is not None and not done.exists():
-        _adopt(Path(args.reuse_from), out, recipe)
-    if done.exists() and (out / "checkpoint.pt").exists():
-        trained = json.loads(done.read_text())
-        print(f"reusing the finished training in {out} ({trained['train_s']} s)")
-    else:
-        t0 = time.perf_counter()
-        # No PyTorch pass over the test split: the export below evaluates the FP32 IR (OpenVINO, f32) on it anyway,
-        # equal to PyTorch within 1e-5 (benchmarks/results/quantization.json), which saves minutes per run.
-        result = train_job(recipe, out, progress=not args.quiet, evaluate=False)
-        trained = {"train_s": round(time.perf_counter() - t0, 1), "history": result.history, "metrics": result.metrics}
-        _write_json(done, trained)
+    # No PyTorch pass over the test split: the export below evaluates the FP32 IR (OpenVINO, f32) on it anyway,
+    # equal to PyTorch within 1e-5 (benchmarks/results/quantization.json), which saves minutes per run.
+    trained = train_once(recipe, out, args.reuse_from, args.quiet, evaluate=False)
     history, metrics = trained["history"], trained["metrics"]
     epochs = [r["epoch_s"] for r in history]
     diverged = any(not np.isfinite(r["loss"]) for r in history)
@@ -115,34 +94,6 @@ def train(args) -> None:
         return
     record_results("frontier", records)
     print(json.dumps(records, indent=2))
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
-def _adopt(src: Path, out: Path, recipe) -> None:
-    """Take over a finished training of the very same recipe and seed (e.g. train_bench's), instead of repeating it."""
-    from ssn_edge.config import recipe_from_dict
-
-    src = src if src.is_absolute() else ROOT / src
-    theirs = recipe_from_dict(json.loads((src / "recipe.json").read_text())).to_dict()
-    ours = recipe.to_dict()
-    if theirs != ours:
-        diff = {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours.get(k)}
-        raise SystemExit(f"--reuse-from {src}: its recipe differs from this variant's: {diff}")
-    bench = [r for r in json.loads((RESULTS / "training.json").read_text())
-             if src.name == f"{r.get('dataset')}_{r.get('setting')}_{r.get('variant')}_s{r.get('seed', 0)}"]
-    if not bench:
-        raise SystemExit(f"--reuse-from {src}: no record of its training time in benchmarks/results/training.json")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src / "checkpoint.pt", out / "checkpoint.pt")
-    shutil.copy2(src / "recipe.json", out / "recipe.json")
-    _write_json(out / "frontier_train.json", {
-        "train_s": bench[-1]["train_s"], "reused_from": f"{os.path.relpath(src, ROOT)} ({bench[-1]['command']})",
-        "history": json.loads((src / "history.json").read_text()), "metrics": json.loads((src / "metrics.json").read_text())})
 
 
 def wrn50_bundle() -> Path:

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.frontier_bench import _adopt, _write_json  # noqa: E402
 from benchmarks.results import RESULTS, command_line, record_results  # noqa: E402
+from benchmarks.runs import bench_recipe, train_once  # noqa: E402
 
 RUNS = ROOT / "runs" / "bench" / "weak"
 # variant -> (recipe, overrides, setting it trains)
@@ -44,43 +43,21 @@ KEYS = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap", "pixel_auroc")
 
 
 def _recipe(variant: str, seed: int, epochs: int | None):
-    from ssn_edge.config import load_recipe
-
     path, overrides, _ = VARIANTS[variant]
-    overrides = {**overrides, "train.seed": seed, **({"train.epochs": epochs} if epochs else {})}
-    recipe = load_recipe(ROOT / path, overrides)
-    data = (ROOT / recipe.data.path).resolve()
-    if not data.exists():
-        print(f"skipped: {data} is absent (the shared data folder is not beside this checkout)")
-        sys.exit(0)
-    recipe.data.path = str(data)
-    recipe.model.weights = str((ROOT / recipe.model.weights).resolve())
-    return recipe
+    return bench_recipe(path, {**overrides, "train.seed": seed, **({"train.epochs": epochs} if epochs else {})})
 
 
 def train(args) -> None:
     from ssn_edge.calibration import CalibrationSpec
     from ssn_edge.export import export_bundle
-    from ssn_edge.jobs import train_job
 
     recipe = _recipe(args.variant, args.seed, args.epochs)
     out = RUNS / (f"{args.variant}_s{args.seed}" if args.epochs is None else f"smoke_{args.variant}")
-    done = out / "weak_train.json"
-    if args.reuse_from is not None and not done.exists():
-        _adopt(Path(args.reuse_from), out, recipe)
-        (out / "frontier_train.json").replace(done)
-    if done.exists() and (out / "checkpoint.pt").exists():
-        trained = json.loads(done.read_text())
-        print(f"reusing the finished training in {out} ({trained['train_s']} s)")
-    else:
-        t0 = time.perf_counter()
-        result = train_job(recipe, out, progress=not args.quiet)
-        trained = {"train_s": round(time.perf_counter() - t0, 1), "history": result.history, "metrics": result.metrics}
-        _write_json(done, trained)
+    trained = train_once(recipe, out, args.reuse_from, args.quiet)
     history, metrics = trained["history"], trained["metrics"]
     common = {"dataset": "magnetic_tile", "backbone": "resnet18", "setting": VARIANTS[args.variant][2],
               "variant": args.variant, "seed": args.seed, "epochs": recipe.train.epochs,
-              "mask_fraction": recipe.data.mask_fraction if args.variant != "supervised" else 1.0,
+              "mask_fraction": recipe.data.mask_fraction,
               "train_s": trained["train_s"], "epoch_s_median": round(float(np.median([r["epoch_s"] for r in history])), 2),
               "diverged": any(not np.isfinite(r["loss"]) for r in history), "command": command_line()}
     if "reused_from" in trained:

@@ -1,0 +1,78 @@
+"""What the training benchmarks share: a recipe resolved against this checkout, and a training that is run once.
+
+A finished training leaves `trained.json` (time, history, test metrics) beside its checkpoint, so a rerun (say,
+after a failed export) evaluates it again instead of retraining; `--reuse-from` adopts an earlier run of the very
+same recipe and seed (train_bench's), checked field by field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.results import RESULTS
+from ssn_edge.runtime.atomic import atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED = "trained.json"
+
+
+def bench_recipe(path: str | Path, overrides: dict[str, Any]):
+    """The recipe at ROOT/path with overrides, its data and weights paths made absolute; exits (skipped) when the
+    shared data folder is not beside this checkout."""
+    from ssn_edge.config import load_recipe
+
+    recipe = load_recipe(ROOT / path, overrides)
+    data = (ROOT / recipe.data.path).resolve()
+    if not data.exists():
+        print(f"skipped: {data} is absent (the shared data folder is not beside this checkout)")
+        sys.exit(0)
+    recipe.data.path = str(data)
+    recipe.model.weights = str((ROOT / recipe.model.weights).resolve())
+    return recipe
+
+
+def adopt(src: Path, out: Path, recipe) -> None:
+    """Take over a finished training of the very same recipe and seed (e.g. train_bench's), instead of repeating it."""
+    from ssn_edge.config import recipe_from_dict
+
+    src = src if src.is_absolute() else ROOT / src
+    theirs = recipe_from_dict(json.loads((src / "recipe.json").read_text())).to_dict()
+    ours = recipe.to_dict()
+    if theirs != ours:
+        diff = {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours.get(k)}
+        raise SystemExit(f"--reuse-from {src}: its recipe differs from this variant's: {diff}")
+    bench = [r for r in json.loads((RESULTS / "training.json").read_text())
+             if src.name == f"{r.get('dataset')}_{r.get('setting')}_{r.get('variant')}_s{r.get('seed', 0)}"]
+    if not bench:
+        raise SystemExit(f"--reuse-from {src}: no record of its training time in benchmarks/results/training.json")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "checkpoint.pt", out / "checkpoint.pt")
+    shutil.copy2(src / "recipe.json", out / "recipe.json")
+    atomic_write(out / TRAINED, json.dumps({
+        "train_s": bench[-1]["train_s"], "reused_from": f"{os.path.relpath(src, ROOT)} ({bench[-1]['command']})",
+        "history": json.loads((src / "history.json").read_text()), "metrics": json.loads((src / "metrics.json").read_text())},
+        indent=2))
+
+
+def train_once(recipe, out: Path, reuse_from: str | None, quiet: bool, evaluate: bool = True) -> dict[str, Any]:
+    """Train recipe into out unless a finished (or adopted) training is there; returns its `trained.json` record."""
+    from ssn_edge.jobs import train_job
+
+    done = out / TRAINED
+    if reuse_from is not None and not done.exists():
+        adopt(Path(reuse_from), out, recipe)
+    if done.exists() and (out / "checkpoint.pt").exists():
+        trained = json.loads(done.read_text())
+        print(f"reusing the finished training in {out} ({trained['train_s']} s)")
+        return trained
+    t0 = time.perf_counter()
+    result = train_job(recipe, out, progress=not quiet, evaluate=evaluate)
+    trained = {"train_s": round(time.perf_counter() - t0, 1), "history": result.history, "metrics": result.metrics}
+    atomic_write(done, json.dumps(trained, indent=2))
+    return trained
