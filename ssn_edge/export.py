@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -26,7 +27,7 @@ from ssn_edge import __version__
 from ssn_edge.calibration import CALIBRATION_FILE, CalibrationSpec, calibration_record, select_calibration
 from ssn_edge.data import ArraySet, DatasetError, load_arrays, load_dataset, select
 from ssn_edge.metrics import evaluate_all, f1_max, gap_threshold
-from ssn_edge.quantize import QuantizeOptions, advanced_parameters, calibration_inputs, quantize, score_shift, subtract_from_score
+from ssn_edge.quantize import QuantizeOptions, advanced_parameters, calibration_inputs, quantize, subtract_from_score
 from ssn_edge.runtime.bundle import Bundle, BundleError, sha256_file, write_bundle
 from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
 from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare, read_image
@@ -279,49 +280,58 @@ def make_validation_fn(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _infer_model(model, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return infer(compile_f32(model), batch)
+@dataclass
+class Calibration:
+    """What every INT8 path of one export quantizes with, prepared once: the inputs NNCF sees (defects painted in
+    as the spec says) and, for the score-offset correction, the unpainted batch with the FP32 model's scores."""
+
+    inputs: list[np.ndarray]
+    plain: np.ndarray | None = None
+    fp32_scores: np.ndarray | None = None
 
 
-def _offset_corrected(fp32_model, quantized, images: list[Path], size: tuple[int, int], options: QuantizeOptions):
-    """The quantized model, its score shifted back by its mean shift on the (unpainted) calibration images."""
+def prepare_calibration(fp32_model, images: list[Path], size: tuple[int, int], spec: CalibrationSpec,
+                        options: QuantizeOptions) -> Calibration:
+    inputs = calibration_inputs(images, size, spec.defects, spec.seed)
     if not options.score_offset:
+        return Calibration(inputs)
+    plain = np.concatenate(inputs if spec.defects == 0 else calibration_inputs(images, size))
+    return Calibration(inputs, plain, infer(compile_f32(fp32_model), plain)[1])
+
+
+def _offset_corrected(quantized, calib: Calibration):
+    """The quantized model, its score shifted back by its mean shift on the (unpainted) calibration images."""
+    if calib.plain is None:
         return quantized, None
-    shift = score_shift(fp32_model, quantized, calibration_inputs(images, size), _infer_model)
-    log.info("INT8 score-offset correction: %+.4f logits (mean over %d calibration images)", shift, len(images))
+    shift = float(np.mean(infer(compile_f32(quantized), calib.plain)[1].astype(np.float64) - calib.fp32_scores))
+    log.info("INT8 score-offset correction: %+.4f logits (mean over %d calibration images)", shift, len(calib.plain))
     return subtract_from_score(quantized, shift), shift
 
 
-def quantize_int8(ov_model, images: list[Path], size: tuple[int, int], calibration: CalibrationSpec | None = None,
-                  options: QuantizeOptions | None = None):
+def quantize_int8(ov_model, calib: Calibration, options: QuantizeOptions):
     """INT8 by NNCF post-training quantization (ssn_edge.quantize); returns (model, score offset or None)."""
-    calibration, options = calibration or CalibrationSpec(), options or QuantizeOptions()
-    inputs = calibration_inputs(images, size, calibration.defects, calibration.seed)
-    quantized = quantize(ov_model.clone(), inputs, options)
-    return _offset_corrected(ov_model, quantized, images, size, options)
+    return _offset_corrected(quantize(ov_model.clone(), calib.inputs, options), calib)
 
 
 def quantize_int8_acc(
-    ov_model, images: list[Path], size: tuple[int, int], arrays: ArraySet, metric: str, max_drop: float,
-    agreement: Agreement | None = None, calibration: CalibrationSpec | None = None, options: QuantizeOptions | None = None,
+    ov_model, calib: Calibration, options: QuantizeOptions, arrays: ArraySet, metric: str, max_drop: float,
+    agreement: Agreement | None = None,
 ):
     import nncf
 
-    calibration, options = calibration or CalibrationSpec(), options or QuantizeOptions()
-    inputs = calibration_inputs(images, size, calibration.defects, calibration.seed)
     validation = nncf.Dataset(list(range(len(arrays))), lambda i: arrays.images[i : i + 1])
     params = advanced_parameters(options)
     quantized = nncf.quantize_with_accuracy_control(
         ov_model.clone(),
-        nncf.Dataset(inputs),
+        nncf.Dataset(calib.inputs),
         validation,
         make_validation_fn(arrays, metric, agreement),
         max_drop=max_drop,
         drop_type=nncf.DropType.ABSOLUTE,
-        subset_size=len(inputs),
+        subset_size=len(calib.inputs),
         **({"advanced_quantization_parameters": params} if params is not None else {}),
     )
-    return _offset_corrected(ov_model, quantized, images, size, options)
+    return _offset_corrected(quantized, calib)
 
 
 def count_quantized_ops(xml: Path) -> int:
@@ -446,9 +456,10 @@ def export_bundle(
             calib_meta = calibration_record(calibration, calib_images, recipe)
             (tmp / CALIBRATION_FILE).write_text(json.dumps(calib_meta, indent=2))
             files[CALIBRATION_FILE] = tmp / CALIBRATION_FILE
+            calib = prepare_calibration(ov.Core().read_model(fp32_xml), calib_images, size, calibration, quantize_options)
         if int8:
             log.info("quantizing to INT8 on %d calibration images", len(calib_images))
-            quantized, offset = quantize_int8(ov.Core().read_model(fp32_xml), calib_images, size, calibration, quantize_options)
+            quantized, offset = quantize_int8(ov.Core().read_model(fp32_xml), calib, quantize_options)
             save("int8", quantized, compress=False)
             models["int8"].update(calibration={"file": CALIBRATION_FILE, "size": len(calib_images)},
                                   quantization={**quantize_options.to_dict(), "score_offset_value": offset})
@@ -465,8 +476,7 @@ def export_bundle(
                 threshold = fp32_thresholds["image"]
                 agreement = (sigmoid(outputs_by_precision["fp32"][1]) >= threshold, threshold)
             quantized, acc_offset = quantize_int8_acc(
-                ov.Core().read_model(fp32_xml), calib_images, size, arrays, acc_metric, max_drop, agreement,
-                calibration, quantize_options,
+                ov.Core().read_model(fp32_xml), calib, quantize_options, arrays, acc_metric, max_drop, agreement
             )
             save("int8_acc", quantized, compress=False)
             idx = np.arange(len(arrays))

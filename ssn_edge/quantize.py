@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -96,15 +96,8 @@ def quantize(ov_model, inputs: list[np.ndarray], options: QuantizeOptions):
     return nncf.quantize(ov_model, nncf.Dataset(inputs), subset_size=len(inputs), **kwargs)
 
 
-def score_shift(fp32_model, int8_model, inputs: list[np.ndarray], infer: Callable) -> float:
-    """Mean INT8-minus-FP32 score logit over `inputs` (each (1, 3, H, W)); infer(model, batch) -> (maps, scores)."""
-    batch = np.concatenate(inputs)
-    return float(np.mean(infer(int8_model, batch)[1].astype(np.float64) - infer(fp32_model, batch)[1]))
-
-
 def subtract_from_score(ov_model, offset: float, output: str = "score"):
     """The model with `offset` subtracted from its score output, the output keeping its name."""
-    import openvino as ov
     import openvino.opset13 as ops
 
     result = next(r for r in ov_model.get_results() if output in r.output(0).get_names())
@@ -115,5 +108,4 @@ def subtract_from_score(ov_model, offset: float, output: str = "score"):
     shifted.output(0).get_tensor().set_names(set(names))
     result.input(0).replace_source_output(shifted.output(0))
     ov_model.validate_nodes_and_infer_types()
-    assert isinstance(ov_model, ov.Model)
     return ov_model
