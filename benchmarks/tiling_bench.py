@@ -4,6 +4,7 @@ independent tiles, and peak memory of `ssn-edge predict` on an 8192x8192 vs a 20
   python benchmarks/tiling_bench.py train --variant single_512          # (and tiled_single9, tiled_ens4, tiled_ens9)
   python benchmarks/tiling_bench.py table                                # export + evaluate every trained variant
   python benchmarks/tiling_bench.py shared-vs-independent                # 9-tile ensemble, one run
+  python benchmarks/tiling_bench.py edge-profile                         # where the two graphs' maps differ
   python benchmarks/tiling_bench.py rss                                  # 8192 vs 2048 through ssn-edge predict
 
 Checkpoints and bundles go to runs/bench/tiling/<variant>/; records to benchmarks/results/tiling.json.
@@ -189,6 +190,48 @@ def shared_vs_independent(args) -> None:
     print(json.dumps(rec, indent=2))
 
 
+def edge_profile(args) -> None:
+    """Where shared-backbone and independent-tile maps differ: each location's raw map (before merging and seam
+    smoothing, PyTorch FP32, same weights) in both graphs, max |difference| by distance from that tile's edge.
+    An independent tile's backbone zero-pads at the tile edge where the shared one sees the neighbouring image,
+    so the difference should be confined to a band as wide as the padding's reach into the features."""
+    import torch
+
+    from ssn_edge.data import load_dataset, select
+    from ssn_edge.runtime.preprocess import prepare, read_image
+    from ssn_edge.runtime.tiled import to_unit
+    from ssn_edge.train_tiled import predict_tiled_raw, tiled_from_checkpoint
+
+    _require_data()
+    variant = "tiled_ens9"
+    if not checkpoint_of(variant).is_file():
+        print(f"skipped: {checkpoint_of(variant)} not trained")
+        return
+    torch.set_num_threads(args.threads)
+    model, recipe, _ = tiled_from_checkpoint(checkpoint_of(variant))
+    samples = select(load_dataset(DATA), "test")[:: max(1, args.every)]
+    images = np.stack([prepare(to_unit(read_image(s.image)), model.tiling.image_size) for s in samples])
+    shared, _ = predict_tiled_raw(model, images, "image")
+    indep, _ = predict_tiled_raw(model, images, "tiles")
+    diff = np.abs(shared - indep)  # (N, T, h, w)
+    h, w = diff.shape[-2:]
+    scale = model.tiling.tile[0] / h  # image pixels per map pixel
+    yy, xx = np.mgrid[:h, :w]
+    edge = np.minimum(np.minimum(yy, h - 1 - yy), np.minimum(xx, w - 1 - xx))  # map pixels to the tile's edge
+    # Distance to any edge of the tile, the image border too (where both graphs zero-pad alike): conservative.
+    records, rng = [], float(np.median(np.ptp(indep.reshape(len(indep), -1), axis=1)))
+    for d in range(0, int(edge.max()) + 1, args.step):
+        band = edge >= d
+        records.append({**BASE, "variant": variant, "runtime": "torch", "precision": "fp32",
+                        "measure": "tile_map_max_abs_diff_shared_vs_independent", "edge_distance_px": round(d * scale),
+                        "value": round(float(diff[..., band].max()), 5),
+                        "value_mean": round(float(diff[..., band].mean()), 5),
+                        "map_value_range_median": round(rng, 3), "images": len(images), "command": command_line()})
+        print(f"pixels >= {d * scale:4.0f} px from their tile's edge: max |diff| {records[-1]['value']:.4f}  "
+              f"mean {records[-1]['value_mean']:.5f}")
+    record_results("tiling", records)
+
+
 def rss(args) -> None:
     """One large image through `ssn-edge predict` (the single-model tile graph, native resolution)."""
     import cv2
@@ -235,11 +278,16 @@ def main() -> None:
     s = sub.add_parser("shared-vs-independent")
     s.add_argument("--precision", default="fp32")
     s.add_argument("--rounds", type=int, default=2)
+    e = sub.add_parser("edge-profile")
+    e.add_argument("--every", type=int, default=4, help="every k-th test image (default 4)")
+    e.add_argument("--step", type=int, default=2, help="band step in map pixels")
+    e.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("rss")
     r.add_argument("--precision", default="int8")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    {"train": train, "table": table, "shared-vs-independent": shared_vs_independent, "rss": rss}[args.what](args)
+    {"train": train, "table": table, "shared-vs-independent": shared_vs_independent,
+     "edge-profile": edge_profile, "rss": rss}[args.what](args)
 
 
 if __name__ == "__main__":
