@@ -5,6 +5,7 @@ independent tiles, and peak memory of `ssn-edge predict` on an 8192x8192 vs a 20
   python benchmarks/tiling_bench.py table                                # export + evaluate every trained variant
   python benchmarks/tiling_bench.py shared-vs-independent                # 9-tile ensemble, one run
   python benchmarks/tiling_bench.py edge-profile                         # where the two graphs' maps differ
+  python benchmarks/tiling_bench.py graph-match --variant tiled_ens4     # accuracy run in either graph (PyTorch)
   python benchmarks/tiling_bench.py rss                                  # 8192 vs 2048 through ssn-edge predict
 
 Checkpoints and bundles go to runs/bench/tiling/<variant>/; records to benchmarks/results/tiling.json.
@@ -118,7 +119,8 @@ def evaluate_variant(variant: str, precision: str, arrays, images: list[np.ndarr
         maps.append(p.anomaly_map)
     metrics = metrics_from_maps(arrays, np.asarray(scores, dtype=np.float32), np.stack(maps))
     return {**metrics, "latency_ms": float(np.median(times)), "latency_p90_ms": float(np.percentile(times, 90)),
-            "inference_precision": engine.inference_precision, "tiling_graph": engine.tiling.graph if engine.tiling else None}
+            "inference_precision": engine.inference_precision, "tiling_graph": engine.tiling.graph if engine.tiling else None,
+            "heads_trained_on": engine.bundle.metadata.get("heads_trained_on") if engine.tiling else None}
 
 
 def table(args) -> None:
@@ -142,6 +144,7 @@ def table(args) -> None:
             rec = {**BASE, "variant": variant, "runtime": "openvino", "precision": precision,
                    **{k: round(v, 3) for k, v in r.items() if isinstance(v, float)},
                    "inference_precision": r["inference_precision"], "tiling_graph": r["tiling_graph"],
+                   "heads_trained_on": r["heads_trained_on"],
                    "peak_rss_mb": round(rss, 1), "images": len(images), "command": command_line()}
             records.append(rec)
             print(f"{variant:<14} {precision:<5} I-AUROC {rec['image_auroc']:6.2f}  AUPRO {rec['pixel_aupro']:6.2f}  "
@@ -232,6 +235,38 @@ def edge_profile(args) -> None:
     record_results("tiling", records)
 
 
+def graph_match(args) -> None:
+    """A tiled checkpoint evaluated in both graphs (PyTorch FP32, same weights, the 512 test images): what running
+    heads on features other than the ones they learned on costs."""
+    import dataclasses
+
+    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.data import load_dataset, select
+    from ssn_edge.data.arrays import load_arrays
+    from ssn_edge.train_tiled import evaluate_tiled, tiled_from_checkpoint
+
+    _require_data()
+    path = Path(args.checkpoint) if args.checkpoint else checkpoint_of(args.variant)
+    if not path.is_file():
+        print(f"skipped: {path} not trained")
+        return
+    trained_on = load_checkpoint(path).get("trained_on", "independent_tiles")
+    arrays = load_arrays(select(load_dataset(DATA), "test"), (512, 512))
+    model, _, _ = tiled_from_checkpoint(path)
+    records = []
+    for graph in ("image", "tiles"):
+        model.tiling = dataclasses.replace(model.tiling, graph=graph)
+        m = evaluate_tiled(model, arrays)
+        records.append({**BASE, "variant": args.variant, "runtime": "torch", "precision": "fp32",
+                        "heads_trained_on": trained_on, "tiling_graph": graph,
+                        **{k: round(m[k], 3) for k in ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap") if k in m},
+                        "checkpoint": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+                        "images": len(arrays), "command": command_line()})
+        print(f"{args.variant} trained on {trained_on}, run on the {graph} graph: I-AUROC {m['image_auroc']:.2f}  "
+              f"AUPRO {m['pixel_aupro']:.2f}")
+    record_results("tiling", records)
+
+
 def rss(args) -> None:
     """One large image through `ssn-edge predict` (the single-model tile graph, native resolution)."""
     import cv2
@@ -282,12 +317,15 @@ def main() -> None:
     e.add_argument("--every", type=int, default=4, help="every k-th test image (default 4)")
     e.add_argument("--step", type=int, default=2, help="band step in map pixels")
     e.add_argument("--threads", type=int, default=1)
+    g = sub.add_parser("graph-match")
+    g.add_argument("--variant", required=True, choices=[v for v in RECIPES if v.startswith("tiled_ens")])
+    g.add_argument("--checkpoint", help="default: the variant's run folder")
     r = sub.add_parser("rss")
     r.add_argument("--precision", default="int8")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     {"train": train, "table": table, "shared-vs-independent": shared_vs_independent,
-     "edge-profile": edge_profile, "rss": rss}[args.what](args)
+     "edge-profile": edge_profile, "graph-match": graph_match, "rss": rss}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,8 @@ def export_tiled_bundle(
                 {"file": CALIBRATION_FILE, "count": calib_meta["count"], "spec": calib_meta["spec"]} if calib_meta else None
             ),
             "tiling": cfg.to_dict(),
+            # which features the heads learned on; a graph that differs from it shifts maps near tile edges
+            "heads_trained_on": state.get("trained_on", "independent_tiles"),
             "backbone": state["backbone"],
             "recipe": state["recipe"],
             "setting": recipe.train.setting,

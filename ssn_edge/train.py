@@ -31,6 +31,7 @@ from ssn_edge.model.losses import focal_loss, ssn_loss
 from ssn_edge.model.noise import apply_noise, noise_sigma, sample_noise
 from ssn_edge.model.perlin import perlin_masks
 from ssn_edge.model.ssn import SuperSimpleNet
+from ssn_edge.model.tiled import crop_features
 from ssn_edge.supervision import apply_setting
 
 log = logging.getLogger("ssn_edge")
@@ -77,12 +78,42 @@ def make_items(arrays: ArraySet, recipe: Recipe) -> TrainItems:
     return TrainItems(normal, defective)
 
 
+@dataclass
+class SharedFeatures:
+    """Tiled training with a shared backbone: item r's maps are cut from its whole image's maps (image r // T,
+    tile box boxes[r % T], T = len(boxes)), so the heads learn on exactly what the shared-backbone graph gives
+    them at inference, context beyond the tile edge included, instead of a lone tile's zero padding."""
+
+    images: np.ndarray  # (N, 3, H', W') normalised, zero-padded to the tile grid as the "image" graph pads
+    boxes: list[tuple[int, int, int, int]]  # (y0, x0, y1, x1) in image pixels
+
+
+def _flipped_box(box: tuple[int, int, int, int], view: tuple[bool, bool], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where a tile box lies in the flipped image: the flipped tile with its flipped context."""
+    y0, x0, y1, x1 = box
+    h, w = size
+    if view[0]:
+        y0, y1 = h - y1, h - y0
+    if view[1]:
+        x0, x1 = w - x1, w - x0
+    return y0, x0, y1, x1
+
+
 class FeatureSource:
     """Backbone (layer2, layer3) maps for training items: computed once and cached, or on every step."""
 
-    def __init__(self, model: SuperSimpleNet, arrays: ArraySet, items: np.ndarray, cache: bool, batch: int = 16):
+    def __init__(
+        self,
+        model: SuperSimpleNet,
+        arrays: ArraySet,
+        items: np.ndarray,
+        cache: bool,
+        batch: int = 16,
+        shared: SharedFeatures | None = None,
+    ):
         self.model = model
         self.arrays = arrays
+        self.shared = shared
         self.cache: dict[tuple[int, int], tuple[Tensor, Tensor]] | None = None
         if cache:
             self.cache = {}
@@ -93,8 +124,20 @@ class FeatureSource:
                     self.cache[(int(i), int(v))] = (l2[k].clone(), l3[k].clone())
 
     def _compute(self, chunk: np.ndarray) -> tuple[Tensor, Tensor]:
+        if self.shared is not None:
+            return self._compute_shared(chunk)
         x = torch.stack([_flip(torch.from_numpy(self.arrays.images[i]), VIEWS[v]) for i, v in chunk])
         return self.model.features.raw(x)
+
+    def _compute_shared(self, chunk: np.ndarray) -> tuple[Tensor, Tensor]:
+        t = len(self.shared.boxes)
+        x = torch.stack([_flip(torch.from_numpy(self.shared.images[i // t]), VIEWS[v]) for i, v in chunk])
+        l2, l3 = self.model.features.raw(x)
+        crops = [
+            crop_features(l2[k], l3[k], _flipped_box(self.shared.boxes[int(i) % t], VIEWS[v], tuple(x.shape[-2:])))
+            for k, (i, v) in enumerate(chunk)
+        ]
+        return torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops])
 
     def get(self, chunk: np.ndarray) -> tuple[Tensor, Tensor]:
         if self.cache is None:
@@ -304,6 +347,7 @@ def train(
     resume: Path | None = None,
     progress: bool = True,
     epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+    shared: SharedFeatures | None = None,
 ) -> TrainResult:
     # Resolve the supervision first: "auto" becomes what the data allows, weak drops every mask, and the
     # checkpoint (and so the bundle) records the setting that actually trained the model.
@@ -340,7 +384,7 @@ def train(
         model.heads.to(memory_format=torch.channels_last)
 
     items = make_items(train_arrays, recipe)
-    source = FeatureSource(model, train_arrays, items.all, cache=t.cache_features)
+    source = FeatureSource(model, train_arrays, items.all, cache=t.cache_features, shared=shared)
     supervised = t.setting != "unsupervised"
     clip = t.clip_grad_norm if t.clip_grad_norm is not None else (1.0 if supervised else None)
     half = max(1, t.batch_size // 2)

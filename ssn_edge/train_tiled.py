@@ -1,8 +1,12 @@
 """Tiled training and evaluation (spec 6): one model on every tile, or a tiled ensemble (one per location).
 
 Each model is an ordinary SSN trained by `ssn_edge.train.train` on tiles cut from the images at
-data.image_size (independent tiles, as in the paper); an ensemble trains one per tile location, in turn, each
-in its own folder (`loc_00`, ...), so an interrupted run picks up where it stopped. The result is one tiled
+data.image_size; an ensemble trains one per tile location, in turn, each in its own folder (`loc_00`, ...), so an
+interrupted run picks up where it stopped. The heads learn on the features of the graph they will run in: a
+shared-backbone recipe cuts each tile's maps from the whole image's (`SharedFeatures`), otherwise every tile goes
+through the backbone alone (the paper's). Trained one way and run the other, a tile's map differs within ~100 px
+of its edge (benchmarks/tiling_bench.py edge-profile) and accuracy drops: bottle, 4-tile ensemble trained on
+lone tiles, image AUROC 91.3 run on lone tiles vs 82.9 on shared features. The result is one tiled
 checkpoint holding every location's adaptor + heads, the recipe and the backbone identity.
 """
 
@@ -25,7 +29,7 @@ from ssn_edge.model.backbones import weights_fingerprint
 from ssn_edge.model.tiled import TiledSSN
 from ssn_edge.runtime.tiled import graph_input, merge_outputs  # noqa: F401  (graph_input: the runtime's own cut)
 from ssn_edge.runtime.tiling import TileGrid, TilingConfig, tile
-from ssn_edge.train import TrainResult, train
+from ssn_edge.train import SharedFeatures, TrainResult, train
 
 log = logging.getLogger("ssn_edge")
 KIND = "tiled"
@@ -79,6 +83,14 @@ def tile_arrays(arrays: ArraySet, grid: TileGrid, locations: list[int]) -> Array
     return ArraySet(images=images, masks=masks, labels=labels, mask_valid=valid, paths=paths)
 
 
+def _padded_images(arrays: ArraySet, grid: TileGrid) -> np.ndarray:
+    """Whole images zero-padded to the tile grid, as the shared-backbone ("image") graph pads them."""
+    ph, pw = grid.padded_size
+    out = np.zeros((len(arrays), 3, ph, pw), dtype=np.float32)
+    out[:, :, : arrays.images.shape[2], : arrays.images.shape[3]] = arrays.images
+    return out
+
+
 def _tile_recipe(recipe: Recipe) -> Recipe:
     t = recipe.tiling
     data = dataclasses.replace(recipe.data, image_size=tuple(t.tile))
@@ -112,6 +124,17 @@ def train_tiled(
     names = ["single"] if cfg.mode == "single" else [f"loc_{k:02d}" for k in range(grid.count)]
     heads, histories, times = [], {}, {}
     backbone = None
+    padded = _padded_images(train_arrays, grid) if cfg.graph == "image" else None
+    trained_on = "shared_backbone" if padded is not None else "independent_tiles"
+    marker = out_dir / "trained_on.txt"
+    # Folders from before the marker existed hold locations trained on lone tiles.
+    before = marker.read_text().strip() if marker.is_file() else (
+        "independent_tiles" if any(out_dir.glob("*/checkpoint.pt")) else None)
+    if before is not None and before != trained_on:
+        raise ValueError(f"{out_dir} holds locations trained on {before} features; this recipe "
+                         f"trains on {trained_on}: train into a new folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(trained_on + "\n")
     for name, locations in zip(names, groups):
         folder = out_dir / name
         ckpt = folder / "checkpoint.pt"
@@ -123,7 +146,8 @@ def train_tiled(
             log.info("%s: training on %d tiles (%s)", name, len(arrays), "all locations" if len(locations) > 1 else f"location {locations[0]}")
             resume = ckpt if ckpt.is_file() else None
             folder.mkdir(parents=True, exist_ok=True)
-            train(sub, arrays, folder, resume=resume, progress=progress)
+            shared = None if padded is None else SharedFeatures(padded, [grid.boxes[k] for k in locations])
+            train(sub, arrays, folder, resume=resume, progress=progress, shared=shared)
         state = load_checkpoint(ckpt)
         heads.append(state["heads"])
         histories[name] = state.get("history", [])
@@ -133,6 +157,7 @@ def train_tiled(
         "kind": KIND,
         "recipe": recipe.to_dict(),
         "tiling": cfg.to_dict(),
+        "trained_on": trained_on,
         "heads": heads,
         "backbone": backbone,
         "epoch": sub.train.epochs,
@@ -207,7 +232,7 @@ def merged_predictions(cfg: TilingConfig, raw: np.ndarray, logits: np.ndarray) -
 
 
 def evaluate_tiled(model: TiledSSN, arrays: ArraySet, graph: str | None = None) -> dict[str, float]:
-    """Metrics at the tiling's image size; the independent-tile graph unless told otherwise (what training saw)."""
+    """Metrics at the tiling's image size, run in the tiling's graph ("tile" runs as "tiles") unless told otherwise."""
     graph = graph or ("tiles" if model.tiling.graph == "tile" else model.tiling.graph)
     raw, logits = predict_tiled_raw(model, arrays.images, graph)
     scores, maps = merged_predictions(model.tiling, raw, logits)

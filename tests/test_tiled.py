@@ -85,6 +85,7 @@ def test_ensemble_export_and_runtime_match_torch(ensemble_run, tiny_dataset, tmp
     bundle = export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=True)
     meta = bundle.metadata
     assert meta["tiling"]["graph"] == "image" and meta["tiling"]["locations"] == 9
+    assert meta["heads_trained_on"] == "shared_backbone"
     assert set(bundle.precisions) == {"fp32", "int8"}
     model, _, _ = tiled_from_checkpoint(result.checkpoint)
     arrays = split_arrays(tiny_dataset, "test", (64, 64), progress=False)
@@ -173,3 +174,44 @@ def test_bmp_frames_are_read_in_strips_with_the_same_result(single_run, tmp_path
     (tmp_path / "cut.bmp").write_bytes((tmp_path / "frame.bmp").read_bytes()[:-500])
     with pytest.raises(preprocess.ImageError, match="cut.bmp"):
         predict_paths(bundle.path, [tmp_path / "cut.bmp"], tmp_path / "c", precision="fp32")
+
+
+def test_shared_backbone_training_features_are_the_shared_graphs_crops(tiny_dataset):
+    """Item r of a shared-backbone training set gets the crop of its whole image's maps that the "image" graph
+    gives location boxes[r % T] at inference: not the maps of the tile run alone."""
+    from ssn_edge.model.ssn import SuperSimpleNet
+    from ssn_edge.model.tiled import crop_features
+    from ssn_edge.train import FeatureSource, SharedFeatures
+
+    recipe = _tiled_recipe(tiny_dataset, "ensemble")
+    model = SuperSimpleNet(recipe.model).eval()
+    arrays = split_arrays(tiny_dataset, "test", (64, 64), progress=False)
+    images = arrays.images[:2]
+    boxes = [(0, 0, 32, 32), (16, 32, 48, 64)]
+    items = np.array([[r, 0] for r in range(4)])  # image 0 box 0, image 0 box 1, image 1 box 0, image 1 box 1
+    with torch.no_grad():
+        source = FeatureSource(model, arrays, items, cache=True, shared=SharedFeatures(images, boxes))
+        l2, l3 = source.get(items[::-1].copy())
+        w2, w3 = model.features.raw(torch.from_numpy(images))
+        alone2, _ = model.features.raw(torch.from_numpy(np.ascontiguousarray(images[1:, :, 16:48, 32:64])))
+    for k, r in enumerate(items[::-1, 0]):
+        c2, c3 = crop_features(w2[r // 2], w3[r // 2], boxes[r % 2])
+        assert torch.equal(l2[k], c2) and torch.equal(l3[k], c3)
+    assert not torch.allclose(l2[0], alone2[0], atol=1e-3)  # a lone tile would have given other maps
+
+
+def test_flipped_box_mirrors_the_tile_with_its_context():
+    from ssn_edge.train import _flipped_box
+
+    assert _flipped_box((0, 16, 32, 48), (False, False), (64, 80)) == (0, 16, 32, 48)
+    assert _flipped_box((0, 16, 32, 48), (True, False), (64, 80)) == (32, 16, 64, 48)
+    assert _flipped_box((0, 16, 32, 48), (False, True), (64, 80)) == (0, 32, 32, 64)
+
+
+def test_tiled_run_records_which_features_its_heads_learned_on(ensemble_run, tiny_dataset, tmp_path):
+    from ssn_edge.checkpoint import load_checkpoint
+
+    out, result = ensemble_run
+    assert load_checkpoint(result.checkpoint)["trained_on"] == "shared_backbone"
+    with pytest.raises(ValueError, match="trained on shared_backbone features"):
+        train_job(_tiled_recipe(tiny_dataset, "ensemble", shared_backbone=False), out, progress=False)

@@ -5,7 +5,8 @@ Two ways to feed the heads, same weights:
   crop of its layer2/layer3 maps that covers their tile. A tile then costs only adaptor + heads.
 * independent tiles ("tiles" graph, the paper's): every tile goes through the backbone on its own.
 The two differ only near tile borders, where the shared backbone sees the neighbouring image and an
-independent tile sees zero padding; the heads are trained on independent tiles (`ssn_edge.train_tiled`).
+independent tile sees zero padding (measured: `benchmarks/tiling_bench.py edge-profile`). The heads are trained
+on the features of the graph they will run in (`ssn_edge.train_tiled`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ from ssn_edge.model.ssn import FeatureExtractor, SSNHeads
 from ssn_edge.runtime.tiling import TilingConfig
 
 LAYER2_STRIDE, LAYER3_STRIDE = 8, 16
+
+
+def crop_features(l2: Tensor, l3: Tensor, box: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
+    """The layer2/layer3 maps over one tile box (y0, x0, y1, x1 in image pixels) of a whole image's maps: what
+    a location's heads see with a shared backbone, in training and at inference alike."""
+    y0, x0, y1, x1 = box
+    if any(v % LAYER3_STRIDE for v in box):
+        raise ValueError(f"tile box {box} is not on the backbone's {LAYER3_STRIDE}-pixel grid")
+    s2, s3 = LAYER2_STRIDE, LAYER3_STRIDE
+    return l2[..., y0 // s2 : y1 // s2, x0 // s2 : x1 // s2], l3[..., y0 // s3 : y1 // s3, x0 // s3 : x1 // s3]
 
 
 class TiledSSN(nn.Module):
@@ -38,10 +49,8 @@ class TiledSSN(nn.Module):
     def forward_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
         l2, l3 = self.features.raw(image)
         maps, scores = [], []
-        for k, (y0, x0, y1, x1) in enumerate(self.boxes):
-            c2 = l2[..., y0 // LAYER2_STRIDE : y1 // LAYER2_STRIDE, x0 // LAYER2_STRIDE : x1 // LAYER2_STRIDE]
-            c3 = l3[..., y0 // LAYER3_STRIDE : y1 // LAYER3_STRIDE, x0 // LAYER3_STRIDE : x1 // LAYER3_STRIDE]
-            m, s = self.heads_for(k)(self.features.merge(c2, c3))
+        for k, box in enumerate(self.boxes):
+            m, s = self.heads_for(k)(self.features.merge(*crop_features(l2, l3, box)))
             maps.append(m[:, 0])
             scores.append(s)
         return torch.stack(maps, 1), torch.stack(scores, 1)
