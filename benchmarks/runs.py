@@ -33,7 +33,8 @@ def bench_recipe(path: str | Path, overrides: dict[str, Any]):
         print(f"skipped: {data} is absent (the shared data folder is not beside this checkout)")
         sys.exit(0)
     recipe.data.path = str(data)
-    recipe.model.weights = str((ROOT / recipe.model.weights).resolve())
+    if recipe.model.weights:  # None: the torch hub cache or a download (ssn_edge.model.backbones)
+        recipe.model.weights = str((ROOT / recipe.model.weights).resolve())
     return recipe
 
 

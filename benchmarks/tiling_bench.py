@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -56,13 +55,12 @@ def checkpoint_of(variant: str) -> Path:
 
 
 def train(args) -> None:
-    from ssn_edge.config import load_recipe, parse_override
+    from benchmarks.runs import bench_recipe
+    from ssn_edge.config import parse_override
     from ssn_edge.jobs import train_job
 
     _require_data()
-    recipe = load_recipe(ROOT / RECIPES[args.variant], dict(parse_override(s) for s in args.set))
-    recipe.data.path = str(DATA)
-    recipe.model.weights = str((ROOT / recipe.model.weights).resolve()) if recipe.model.weights else None
+    recipe = bench_recipe(RECIPES[args.variant], dict(parse_override(s) for s in args.set))
     out = RUNS / args.variant
     t0 = time.perf_counter()
     result = train_job(recipe, out, progress=not args.quiet)

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import command_line, peak_rss_mb, record_results  # noqa: E402
-from ssn_edge.config import load_recipe, parse_override  # noqa: E402
+from benchmarks.runs import bench_recipe  # noqa: E402
+from ssn_edge.config import parse_override  # noqa: E402
 
 
 def _recipe(args):
@@ -27,16 +28,7 @@ def _recipe(args):
     if args.epochs is not None:
         overrides["train.epochs"] = args.epochs
     overrides["train.seed"] = args.seed
-    recipe = load_recipe(args.recipe, overrides)
-    data = Path(recipe.data.path)
-    if not data.is_absolute():
-        data = (ROOT / data).resolve()
-    if not data.exists():
-        print(f"skipped: {data} is absent (the shared data folder is not beside this checkout)")
-        sys.exit(0)
-    recipe.data.path = str(data)
-    if recipe.model.weights and not Path(recipe.model.weights).is_absolute():
-        recipe.model.weights = str((ROOT / recipe.model.weights).resolve())
+    recipe = bench_recipe(args.recipe, overrides)
     return recipe
 
 
@@ -78,7 +70,6 @@ def accuracy(args) -> None:
 
 def cache_ratio(args) -> None:
     """One epoch without and one with the cache, same process, same recipe: the ratio is the speed-up."""
-    import numpy as np
     import torch
 
     from ssn_edge.jobs import split_arrays

@@ -30,7 +30,7 @@ from ssn_edge.metrics import evaluate_all, f1_max, gap_threshold
 from ssn_edge.quantize import QuantizeOptions, advanced_parameters, calibration_inputs, quantize, subtract_from_score
 from ssn_edge.runtime.bundle import Bundle, BundleError, sha256_file, write_bundle
 from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
-from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare, read_image
+from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("ssn_edge")
 
@@ -408,7 +408,6 @@ def export_bundle(
             checkpoint, out_dir, fp16=fp16, int8=int8, calibration=calibration, weights=weights,
             overwrite=overwrite, threshold_data=threshold_data, graph=graph,
         )
-    precisions = ["fp32"] + [p for p, on in (("fp16", fp16), ("int8", int8), ("int8_acc", int8_acc)) if on]
     _check_options(max_drop, acc_metric)
     if out_dir.exists() and not overwrite:
         raise BundleError(f"{out_dir}: already exists (choose another --out or pass --overwrite)")

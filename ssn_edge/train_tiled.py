@@ -27,7 +27,7 @@ from ssn_edge.data import ArraySet
 from ssn_edge.evaluate import metrics_from_predictions
 from ssn_edge.model.backbones import weights_fingerprint
 from ssn_edge.model.tiled import TiledSSN
-from ssn_edge.runtime.tiled import graph_input, merge_outputs  # noqa: F401  (graph_input: the runtime's own cut)
+from ssn_edge.runtime.tiled import merge_outputs
 from ssn_edge.runtime.tiling import TileGrid, TilingConfig, tile
 from ssn_edge.train import SharedFeatures, TrainResult, train
 

@@ -19,7 +19,6 @@ from ssn_edge.calibration import (
     select_calibration,
 )
 from ssn_edge.checkpoint import CheckpointError
-from ssn_edge.data import load_arrays, load_dataset, select
 from ssn_edge.export import compile_f32, export_bundle, infer
 from ssn_edge.quantize import QuantizeOptions
 from ssn_edge.runtime.bundle import BundleError, load_bundle, sha256_file

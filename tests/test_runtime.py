@@ -17,7 +17,7 @@ import pytest
 ov = pytest.importorskip("openvino")
 import openvino.opset13 as ops  # noqa: E402
 
-from ssn_edge.runtime.bundle import BundleError, load_bundle, write_bundle  # noqa: E402
+from ssn_edge.runtime.bundle import BundleError, write_bundle  # noqa: E402
 from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageError, prepare, read_image  # noqa: E402
 
 SIZE = 64
