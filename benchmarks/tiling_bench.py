@@ -186,6 +186,7 @@ def shared_vs_independent(args) -> None:
            "map_max_abs_diff": round(max(diffs), 4), "map_mean_of_max_abs_diff": round(float(np.mean(diffs)), 4),
            "map_value_range_median": round(float(np.median(ranges)), 3),
            "score_max_abs_diff": round(max(score_diffs), 5), "images": len(images), "rounds": args.rounds,
+           "heads_trained_on": engines["image"].bundle.metadata.get("heads_trained_on", "independent_tiles"),
            "command": command_line()}
     record_results("tiling", [rec])
     print(json.dumps(rec, indent=2))
@@ -209,7 +210,8 @@ def edge_profile(args) -> None:
         print(f"skipped: {checkpoint_of(variant)} not trained")
         return
     torch.set_num_threads(args.threads)
-    model, recipe, _ = tiled_from_checkpoint(checkpoint_of(variant))
+    model, recipe, state = tiled_from_checkpoint(checkpoint_of(variant))
+    trained_on = state.get("trained_on", "independent_tiles")
     samples = select(load_dataset(DATA), "test")[:: max(1, args.every)]
     images = np.stack([prepare(to_unit(read_image(s.image)), model.tiling.image_size) for s in samples])
     shared, _ = predict_tiled_raw(model, images, "image")
@@ -224,7 +226,8 @@ def edge_profile(args) -> None:
     for d in range(0, int(edge.max()) + 1, args.step):
         band = edge >= d
         records.append({**BASE, "variant": variant, "runtime": "torch", "precision": "fp32",
-                        "measure": "tile_map_max_abs_diff_shared_vs_independent", "edge_distance_px": round(d * scale),
+                        "measure": "tile_map_max_abs_diff_shared_vs_independent", "heads_trained_on": trained_on,
+                        "edge_distance_px": round(d * scale),
                         "value": round(float(diff[..., band].max()), 5),
                         "value_mean": round(float(diff[..., band].mean()), 5),
                         "map_value_range_median": round(rng, 3), "images": len(images), "command": command_line()})
