@@ -61,7 +61,7 @@ def train(args) -> None:
 
     _require_data()
     recipe = bench_recipe(RECIPES[args.variant], dict(parse_override(s) for s in args.set))
-    out = RUNS / args.variant
+    out = RUNS / (args.run_name or args.variant)
     t0 = time.perf_counter()
     result = train_job(recipe, out, progress=not args.quiet)
     train_s = time.perf_counter() - t0
@@ -69,6 +69,7 @@ def train(args) -> None:
     epochs = [r["epoch_s"] for r in history if "epoch_s" in r]
     record_results("tiling", [{
         **BASE, "variant": args.variant, "runtime": "torch", "precision": "fp32", "seed": recipe.train.seed,
+        "run": out.name, "overrides": " ".join(args.set) or None,
         "epochs": recipe.train.epochs, "train_s": round(train_s, 1),
         "epoch_s_median": round(float(np.median(epochs)), 2) if epochs else None,
         **{k: round(v, 3) for k, v in result.metrics.items() if k.startswith(("image_", "pixel_"))},
@@ -308,6 +309,7 @@ def main() -> None:
     t = sub.add_parser("train")
     t.add_argument("--variant", required=True, choices=list(RECIPES))
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--run-name", help="folder under runs/bench/tiling (default: the variant), to try a recipe change")
     t.add_argument("--quiet", action="store_true")
     tb = sub.add_parser("table")
     tb.add_argument("--variants", nargs="*", choices=["single_256", *RECIPES], help="default: all")
