@@ -8,6 +8,7 @@ the same annotated subset for every seed). Variants (all ResNet18, the same test
   unsupervised  recipes/magnetic_tile_unsupervised.yaml   normal images only
   cam           recipes/magnetic_tile_weak.yaml + cam     class-activation-map baseline, image labels only
   ssn_weak      recipes/magnetic_tile_weak.yaml           SSN: image labels on real defects, pixels from synthetic ones
+  ssn_weak_pseudo  the same, + pseudo-masks from epoch 2    the map's top region on real defects, a margin unknown
   mixed_10/50   recipes/magnetic_tile_mixed.yaml          masks on 10 % / 50 % of the defects, labels on the rest
   supervised    recipes/magnetic_tile_supervised.yaml     every mask
 Each run's PyTorch FP32 metrics and its exported INT8 model's (OpenVINO) go to benchmarks/results/weak.json.
@@ -35,6 +36,7 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "unsupervised": ("recipes/magnetic_tile_unsupervised.yaml", {}, "unsupervised"),
     "cam": ("recipes/magnetic_tile_weak.yaml", {"model.cls_head": "cam"}, "weak"),
     "ssn_weak": ("recipes/magnetic_tile_weak.yaml", {}, "weak"),
+    "ssn_weak_pseudo": ("recipes/magnetic_tile_weak.yaml", {"train.pseudo_mask_epoch": 2}, "weak"),
     "mixed_10": ("recipes/magnetic_tile_mixed.yaml", {"data.mask_fraction": 0.1}, "mixed"),
     "mixed_50": ("recipes/magnetic_tile_mixed.yaml", {"data.mask_fraction": 0.5}, "mixed"),
     "supervised": ("recipes/magnetic_tile_supervised.yaml", {}, "supervised"),
@@ -117,16 +119,18 @@ def table(args) -> None:
         return f"seeds {','.join(map(str, seeds))}" + ("" if len(seeds) >= 3 else f": {len(seeds)} of the 3 the issue asks")
 
     checks = []
-    if (p := paired("ssn_weak", "supervised")):
-        weak, sup, seeds = p
-        gap = sup["image_auroc"] - weak["image_auroc"]
-        checks.append(f"weak image AUROC {weak['image_auroc']:.2f} vs supervised {sup['image_auroc']:.2f}: "
-                      f"{gap:.2f} points below (target <= 1): {'met' if gap <= 1 else 'NOT met'} ({seeds_note(seeds)})")
-    if (p := paired("ssn_weak", "cam")):
-        weak, cam, seeds = p
-        ratio = weak["pixel_ap"] / max(cam["pixel_ap"], 1e-9)
-        checks.append(f"weak pixel AP {weak['pixel_ap']:.2f} vs CAM {cam['pixel_ap']:.2f}: {ratio:.2f}x (target >= 3): "
-                      f"{'met' if ratio >= 3 else 'NOT met'} ({seeds_note(seeds)})")
+    for ours in ("ssn_weak", "ssn_weak_pseudo"):
+        if (p := paired(ours, "supervised")):
+            weak, sup, seeds = p
+            gap = sup["image_auroc"] - weak["image_auroc"]
+            checks.append(f"{ours} image AUROC {weak['image_auroc']:.2f} vs supervised {sup['image_auroc']:.2f}: "
+                          f"{abs(gap):.2f} points {'below' if gap > 0 else 'above'} (target: at most 1 below): "
+                          f"{'met' if gap <= 1 else 'NOT met'} ({seeds_note(seeds)})")
+        if (p := paired(ours, "cam")):
+            weak, cam, seeds = p
+            ratio = weak["pixel_ap"] / max(cam["pixel_ap"], 1e-9)
+            checks.append(f"{ours} pixel AP {weak['pixel_ap']:.2f} vs CAM {cam['pixel_ap']:.2f}: {ratio:.2f}x "
+                          f"(target >= 3): {'met' if ratio >= 3 else 'NOT met'} ({seeds_note(seeds)})")
     if (p := paired("mixed_10", "supervised")):
         mixed, sup, seeds = p
         for m in ("pixel_aupro", "pixel_ap"):

@@ -80,6 +80,10 @@ class TrainConfig:
     flip_augment: bool = True  # with defective images (not unsupervised): they are also seen flipped (x4)
     eval_every: int = 0  # epochs between evaluations on the test split (0: only at the end)
     cls_focal_gamma: float = 4.0  # the image score's focal-loss gamma (paper: 4; the map's stays 4)
+    # weak/mixed: from this epoch (0-based) on, label-only defects train with pseudo-masks from the model's own
+    # map (ssn_edge.pseudo): its top pseudo_top fraction of pixels, a margin around them unknown. None: off.
+    pseudo_mask_epoch: int | None = None
+    pseudo_top: float = 0.01
 
 
 @dataclass

@@ -32,6 +32,7 @@ from ssn_edge.model.noise import apply_noise, noise_sigma, sample_noise
 from ssn_edge.model.perlin import perlin_masks
 from ssn_edge.model.ssn import SuperSimpleNet
 from ssn_edge.model.tiled import crop_features
+from ssn_edge.pseudo import PseudoMaskConfig, with_pseudo_masks
 from ssn_edge.supervision import apply_setting
 
 log = logging.getLogger("ssn_edge")
@@ -146,14 +147,22 @@ class FeatureSource:
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
+UNKNOWN = -1.0  # a ground-truth pixel whose truth is unknown (a pseudo-mask's margin): no pixel loss there
+
+
 def feature_masks(arrays: ArraySet, chunk: np.ndarray, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Ground-truth masks at feature size (bilinear, then > 0.5, as in the paper) and per-sample validity."""
-    masks = torch.stack(
-        [_flip(torch.from_numpy(arrays.masks[i]).float()[None], VIEWS[v]) for i, v in chunk]
-    )
-    small = F.interpolate(masks, size=size, mode="bilinear", align_corners=False) > 0.5
+    """Ground-truth masks at feature size (bilinear, then > 0.5, as in the paper; UNKNOWN where arrays.ignore
+    touches a feature pixel that is not a defect) and per-sample validity."""
+    def small(planes: np.ndarray) -> Tensor:
+        big = torch.stack([_flip(torch.from_numpy(planes[i]).float()[None], VIEWS[v]) for i, v in chunk])
+        return F.interpolate(big, size=size, mode="bilinear", align_corners=False)
+
+    defect = small(arrays.masks) > 0.5
+    gt = defect.float()
+    if arrays.ignore is not None:
+        gt[(small(arrays.ignore) > 0.25) & ~defect] = UNKNOWN
     valid = torch.from_numpy(arrays.mask_valid[chunk[:, 0]].copy())
-    return small.float(), valid
+    return gt, valid
 
 
 def build_optimizer(model: SuperSimpleNet, recipe: Recipe) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -225,6 +234,8 @@ def train_step(
     mask_valid = torch.cat([mask_valid, mask_valid])
     size = tuple(adapted.shape[-2:])
     perlin = torch.from_numpy(perlin_masks(len(adapted), size, rng, n.perlin_threshold, n.empty_prob))[:, None]
+    known = gt >= 0
+    gt = gt.clamp(min=0)
     synthetic = perlin.float() * (1 - gt)  # noise only outside real defects
     if generator is None:
         eps = sample_noise(adapted, n)
@@ -242,8 +253,9 @@ def train_step(
 
     target = torch.clamp(synthetic + gt, max=1.0)
     # A defective image with no usable mask: its pixels are unknown except where we put noise ourselves.
-    pixel_valid = mask_valid[:, None, None, None] | (synthetic > 0)
-    label = ((target.flatten(1).amax(1) > 0) | ~mask_valid).float()  # ~mask_valid: defective, mask unknown
+    pixel_valid = (mask_valid[:, None, None, None] & known) | (synthetic > 0)
+    # ~mask_valid: defective, mask unknown; unknown pixels in view: may hold the defect, so not called normal
+    label = ((target.flatten(1).amax(1) > 0) | ~mask_valid | ~known.flatten(1).all(1)).float()
 
     map_logits, score = model.heads.decide(noised, cls_features, detach_map=not supervised)
     if model.heads.cam:
@@ -398,8 +410,15 @@ def train(
 
     model.heads.train()
     bar = tqdm(range(start_epoch, t.epochs), desc="train", disable=not progress, initial=start_epoch, total=t.epochs)
+    pseudo: dict[str, float] = {}
     for epoch in bar:
         t0 = time.perf_counter()
+        if t.pseudo_mask_epoch is not None and supervised and epoch == max(t.pseudo_mask_epoch, start_epoch):
+            # Weak defects get pseudo-masks from the map the model has learned so far (ssn_edge.pseudo); a
+            # resumed run makes them again from the resumed model.
+            train_arrays, pseudo = with_pseudo_masks(model, train_arrays, PseudoMaskConfig(top=t.pseudo_top), seed=t.seed)
+            log.info("pseudo-masks: %d of %d label-only defective images (%.2f %% of their pixels marked defect)",
+                     pseudo["pseudo_masked"], pseudo["pseudo_candidates"], 100 * pseudo.get("pseudo_defect_fraction", 0))
         if supervised:
             order = rng.permutation(len(items.normal))
             batches = [
@@ -442,6 +461,8 @@ def train(
                     gen_losses.append(value)
         scheduler.step()
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_s": time.perf_counter() - t0}
+        if pseudo and epoch == max(t.pseudo_mask_epoch, start_epoch):
+            record.update(pseudo)
         if learned:
             # What the heads were trained on this epoch: mean |eps| / feature std (<= beta), fraction saturated.
             record["eps_rel_mean"] = float(np.mean([p["eps_rel_mean"] for p in eps_parts]))

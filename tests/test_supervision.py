@@ -210,3 +210,15 @@ def test_cam_baseline_exports_and_runs_in_the_runtime(tmp_path, manifest_dataset
     pred = engine.predict_images([np.full((64, 64, 3), 0.5, np.float32)])[0]
     assert pred.anomaly_map.shape == (64, 64) and np.isfinite(pred.score)
     assert engine.bundle.metadata["setting"] == "weak"
+
+
+def test_weak_run_switches_to_pseudo_masks_at_the_recipes_epoch(tmp_path, manifest_dataset):
+    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.jobs import train_job
+
+    d = tiny_recipe_dict(manifest_dataset)
+    d["train"].update(setting="weak", epochs=2, pseudo_mask_epoch=1)
+    result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False)
+    history = load_checkpoint(result.checkpoint)["history"]
+    assert "pseudo_masked" not in history[0] and history[1]["pseudo_candidates"] == 9
+    assert all(np.isfinite(r["loss"]) for r in history)

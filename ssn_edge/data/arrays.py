@@ -26,6 +26,8 @@ class ArraySet:
     labels: np.ndarray
     mask_valid: np.ndarray
     paths: list[str]
+    # (N,H,W) bool or None: pixels whose truth is unknown inside an otherwise valid mask (pseudo-mask margins)
+    ignore: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)

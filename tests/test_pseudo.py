@@ -1,0 +1,93 @@
+"""Pseudo-masks for weakly labelled defects: the map's top region, a margin left unknown (spec 5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import tiny_recipe_dict
+from ssn_edge.config import recipe_from_dict
+from ssn_edge.data import ArraySet
+from ssn_edge.pseudo import PseudoMaskConfig, pseudo_masks
+
+
+def _peaked(size: int = 64, at: tuple[int, int] = (20, 40), height: float = 5.0) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return (height * np.exp(-((yy - at[0]) ** 2 + (xx - at[1]) ** 2) / 8.0) - 1.0).astype(np.float32)
+
+
+def test_top_region_becomes_defect_with_an_unknown_margin_and_the_rest_normal():
+    cfg = PseudoMaskConfig(top=0.01, unsure=0.02, margin=4)
+    defect, unknown = pseudo_masks(_peaked()[None], normal_level=0.0, cfg=cfg)
+    assert defect[0, 20, 40] and defect[0].sum() <= int(0.01 * 64 * 64) + 2  # the peak, about 1 % of pixels
+    assert not (defect & unknown).any()
+    ring = unknown[0]
+    assert ring[20, 40 + 4] or ring[20 + 4, 40]  # just outside the defect: unknown
+    assert not defect[0, 0, 0] and not ring[0, 0]  # far away: normal
+
+
+def test_a_map_within_the_normal_range_gives_no_pixel_target():
+    defect, unknown = pseudo_masks(_peaked(height=0.5)[None], normal_level=1.0, cfg=PseudoMaskConfig())
+    assert not defect.any() and unknown.all()
+
+
+def test_unknown_pixels_get_no_pixel_loss_and_keep_the_crop_defective():
+    from ssn_edge.model.ssn import SuperSimpleNet
+    from ssn_edge.train import UNKNOWN, feature_masks, train_step
+
+    d = tiny_recipe_dict(Path("unused"))
+    d["train"]["setting"] = "weak"
+    recipe = recipe_from_dict(d)
+    n, size = 2, 64
+    masks = np.zeros((n, size, size), dtype=bool)
+    ignore = np.zeros((n, size, size), dtype=bool)
+    masks[1, 8:16, 8:16] = True
+    ignore[1, 4:20, 4:20] = True
+    ignore[1, 8:16, 8:16] = False
+    arrays = ArraySet(np.random.default_rng(0).normal(size=(n, 3, size, size)).astype(np.float32), masks,
+                      np.array([0, 1]), np.ones(n, dtype=bool), ["a", "b"], ignore=ignore)
+    gt, valid = feature_masks(arrays, np.array([[0, 0], [1, 0]]), (16, 16))
+    assert (gt[0] == 0).all() and (gt[1] == 1).any() and (gt[1] == UNKNOWN).any()
+    assert not ((gt[1] == UNKNOWN) & (gt[1] == 1)).any()
+
+    model = SuperSimpleNet(recipe.model)
+    l2, l3 = model.features.raw(torch.from_numpy(arrays.images))
+    import ssn_edge.train as tr
+
+    seen = {}
+    original = tr.ssn_loss
+
+    def spy(map_logits, score, target, label, pixel_valid, **kw):
+        seen.update(target=target, label=label, valid=pixel_valid)
+        return original(map_logits, score, target, label, pixel_valid, **kw)
+
+    tr.ssn_loss = spy
+    try:
+        loss, _ = train_step(model, recipe, l2, l3, gt, valid, np.random.default_rng(0))
+    finally:
+        tr.ssn_loss = original
+    assert torch.isfinite(loss)
+    unknown = torch.cat([gt, gt]) == UNKNOWN
+    assert not (seen["valid"] & unknown & (seen["target"] == 0)).any()  # unknown pixels: no "normal" loss
+    assert seen["target"].min() >= 0
+    assert seen["label"][1] == 1 and seen["label"][3] == 1
+
+
+def test_weak_run_with_pseudo_masks_records_how_many_it_made(tmp_path):
+    from ssn_edge.pseudo import with_pseudo_masks
+    from ssn_edge.model.ssn import SuperSimpleNet
+
+    recipe = recipe_from_dict(tiny_recipe_dict(Path("unused")))
+    model = SuperSimpleNet(recipe.model)
+    rng = np.random.default_rng(1)
+    n, size = 6, 64
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    arrays = ArraySet(rng.normal(size=(n, 3, size, size)).astype(np.float32), np.zeros((n, size, size), dtype=bool),
+                      labels, labels == 0, [str(i) for i in range(n)])
+    out, stats = with_pseudo_masks(model, arrays, PseudoMaskConfig(top=0.02, normal_quantile=0.0))
+    assert stats["pseudo_candidates"] == 3 and stats["pseudo_masked"] == 3  # every map exceeds the lowest level
+    assert out.mask_valid.all() and out.masks[3:].any() and not out.masks[:3].any()
+    assert out.ignore is not None and not (out.ignore & out.masks).any()
+    assert arrays.ignore is None and not arrays.masks.any()  # the caller's arrays are untouched
