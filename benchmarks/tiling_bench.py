@@ -200,10 +200,8 @@ def edge_profile(args) -> None:
     so the difference should be confined to a band as wide as the padding's reach into the features."""
     import torch
 
-    from ssn_edge.data import load_dataset, select
-    from ssn_edge.runtime.preprocess import prepare, read_image
-    from ssn_edge.runtime.tiled import to_unit
-    from ssn_edge.train_tiled import predict_tiled_raw, tiled_from_checkpoint
+    from ssn_edge.data import load_arrays, load_dataset, select
+    from ssn_edge.train_tiled import heads_trained_on, predict_tiled_raw, tiled_from_checkpoint
 
     _require_data()
     variant = "tiled_ens9"
@@ -211,10 +209,10 @@ def edge_profile(args) -> None:
         print(f"skipped: {checkpoint_of(variant)} not trained")
         return
     torch.set_num_threads(args.threads)
-    model, recipe, state = tiled_from_checkpoint(checkpoint_of(variant))
-    trained_on = state.get("trained_on", "independent_tiles")
+    model, _, state = tiled_from_checkpoint(checkpoint_of(variant))
+    trained_on = heads_trained_on(state)
     samples = select(load_dataset(DATA), "test")[:: max(1, args.every)]
-    images = np.stack([prepare(to_unit(read_image(s.image)), model.tiling.image_size) for s in samples])
+    images = load_arrays(samples, model.tiling.image_size).images
     shared, _ = predict_tiled_raw(model, images, "image")
     indep, _ = predict_tiled_raw(model, images, "tiles")
     diff = np.abs(shared - indep)  # (N, T, h, w)
@@ -242,19 +240,17 @@ def graph_match(args) -> None:
     heads on features other than the ones they learned on costs."""
     import dataclasses
 
-    from ssn_edge.checkpoint import load_checkpoint
-    from ssn_edge.data import load_dataset, select
-    from ssn_edge.data.arrays import load_arrays
-    from ssn_edge.train_tiled import evaluate_tiled, tiled_from_checkpoint
+    from ssn_edge.data import load_arrays, load_dataset, select
+    from ssn_edge.train_tiled import evaluate_tiled, heads_trained_on, tiled_from_checkpoint
 
     _require_data()
     path = Path(args.checkpoint) if args.checkpoint else checkpoint_of(args.variant)
     if not path.is_file():
         print(f"skipped: {path} not trained")
         return
-    trained_on = load_checkpoint(path).get("trained_on", "independent_tiles")
-    arrays = load_arrays(select(load_dataset(DATA), "test"), (512, 512))
-    model, _, _ = tiled_from_checkpoint(path)
+    model, _, state = tiled_from_checkpoint(path)
+    trained_on = heads_trained_on(state)
+    arrays = load_arrays(select(load_dataset(DATA), "test"), model.tiling.image_size)
     records = []
     for graph in ("image", "tiles"):
         model.tiling = dataclasses.replace(model.tiling, graph=graph)

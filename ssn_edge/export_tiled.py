@@ -122,7 +122,7 @@ def export_tiled_bundle(
 ) -> Bundle:
     import openvino as ov
 
-    from ssn_edge.train_tiled import tiled_from_checkpoint
+    from ssn_edge.train_tiled import heads_trained_on, tiled_from_checkpoint
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -212,7 +212,7 @@ def export_tiled_bundle(
             ),
             "tiling": cfg.to_dict(),
             # which features the heads learned on; a graph that differs from it shifts maps near tile edges
-            "heads_trained_on": state.get("trained_on", "independent_tiles"),
+            "heads_trained_on": heads_trained_on(state),
             "backbone": state["backbone"],
             "recipe": state["recipe"],
             "setting": recipe.train.setting,

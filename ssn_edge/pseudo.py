@@ -13,6 +13,7 @@ default (train.pseudo_mask_epoch: None). The early map localises real defects to
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import cv2
@@ -82,8 +83,7 @@ def with_pseudo_masks(model, arrays: ArraySet, cfg: PseudoMaskConfig, normals: i
     masks[weak[got]] = defect[got]
     ignore[weak[got]] = unknown[got]
     valid[weak[got]] = True
-    out = ArraySet(images=arrays.images, masks=masks, labels=arrays.labels, mask_valid=valid, paths=arrays.paths,
-                   ignore=ignore)
+    out = dataclasses.replace(arrays, masks=masks, mask_valid=valid, ignore=ignore)
     stats = {"pseudo_masked": int(got.sum()), "pseudo_candidates": int(len(weak)),
              "pseudo_defect_fraction": float(defect[got].mean()) if got.any() else 0.0,
              "pseudo_normal_level": normal_level}

@@ -410,9 +410,9 @@ def train(
 
     model.heads.train()
     bar = tqdm(range(start_epoch, t.epochs), desc="train", disable=not progress, initial=start_epoch, total=t.epochs)
-    pseudo: dict[str, float] = {}
     for epoch in bar:
         t0 = time.perf_counter()
+        pseudo: dict[str, float] = {}
         if t.pseudo_mask_epoch is not None and supervised and epoch == max(t.pseudo_mask_epoch, start_epoch):
             # Weak defects get pseudo-masks from the map the model has learned so far (ssn_edge.pseudo); a
             # resumed run makes them again from the resumed model.
@@ -461,8 +461,7 @@ def train(
                     gen_losses.append(value)
         scheduler.step()
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_s": time.perf_counter() - t0}
-        if pseudo and epoch == max(t.pseudo_mask_epoch, start_epoch):
-            record.update(pseudo)
+        record.update(pseudo)
         if learned:
             # What the heads were trained on this epoch: mean |eps| / feature std (<= beta), fraction saturated.
             record["eps_rel_mean"] = float(np.mean([p["eps_rel_mean"] for p in eps_parts]))

@@ -29,6 +29,7 @@ from ssn_edge.data import ArraySet
 from ssn_edge.evaluate import metrics_from_predictions
 from ssn_edge.model.backbones import weights_fingerprint
 from ssn_edge.model.tiled import TiledSSN
+from ssn_edge.runtime.atomic import atomic_write
 from ssn_edge.runtime.tiled import merge_outputs
 from ssn_edge.runtime.tiling import TileGrid, TilingConfig, tile
 from ssn_edge.train import SharedFeatures, TrainResult, train
@@ -85,12 +86,17 @@ def tile_arrays(arrays: ArraySet, grid: TileGrid, locations: list[int]) -> Array
     return ArraySet(images=images, masks=masks, labels=labels, mask_valid=valid, paths=paths)
 
 
-def _padded_images(arrays: ArraySet, grid: TileGrid) -> np.ndarray:
-    """Whole images zero-padded to the tile grid, as the shared-backbone ("image") graph pads them."""
+def _padded_images(images: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """Whole images (N, 3, H, W) zero-padded to the tile grid, as the shared-backbone ("image") graph pads them."""
     ph, pw = grid.padded_size
-    out = np.zeros((len(arrays), 3, ph, pw), dtype=np.float32)
-    out[:, :, : arrays.images.shape[2], : arrays.images.shape[3]] = arrays.images
+    out = np.zeros((len(images), 3, ph, pw), dtype=np.float32)
+    out[:, :, : images.shape[2], : images.shape[3]] = images
     return out
+
+
+def heads_trained_on(state: dict) -> str:
+    """Which features a tiled checkpoint's heads learned on; checkpoints from before the record: lone tiles."""
+    return state.get("trained_on", "independent_tiles")
 
 
 def _tile_recipe(recipe: Recipe) -> Recipe:
@@ -126,7 +132,7 @@ def train_tiled(
     names = ["single"] if cfg.mode == "single" else [f"loc_{k:02d}" for k in range(grid.count)]
     heads, histories, times = [], {}, {}
     backbone = None
-    padded = _padded_images(train_arrays, grid) if cfg.graph == "image" else None
+    padded = _padded_images(train_arrays.images, grid) if cfg.graph == "image" else None
     trained_on = "shared_backbone" if padded is not None else "independent_tiles"
     marker = out_dir / "trained_on.txt"
     # Folders from before the marker existed hold locations trained on lone tiles.
@@ -136,7 +142,7 @@ def train_tiled(
         raise ValueError(f"{out_dir} holds locations trained on {before} features; this recipe "
                          f"trains on {trained_on}: train into a new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(trained_on + "\n")
+    atomic_write(marker, trained_on + "\n")
     for name, locations in zip(names, groups):
         folder = out_dir / name
         ckpt = folder / "checkpoint.pt"
@@ -206,14 +212,11 @@ def predict_tiled_raw(model: TiledSSN, images: np.ndarray, graph: str, batch_siz
     """Normalised images (N, 3, H, W) at the tiling's image size -> raw maps (N, T, h, w), logits (N, T)."""
     cfg = dataclasses.replace(model.tiling, graph=graph)
     grid = cfg.grid(cfg.image_size)
-    ph, pw = grid.padded_size
     maps, logits = [], []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
         if graph == "image":
-            padded = np.zeros((len(x), 3, ph, pw), dtype=np.float32)
-            padded[:, :, : x.shape[2], : x.shape[3]] = x
-            inp = torch.from_numpy(padded)
+            inp = torch.from_numpy(_padded_images(x, grid))
         else:
             tiles = np.stack([tile(img.transpose(1, 2, 0), grid).transpose(0, 3, 1, 2) for img in x])
             inp = torch.from_numpy(np.ascontiguousarray(tiles))

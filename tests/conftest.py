@@ -43,3 +43,25 @@ def tiny_checkpoint(tmp_path_factory, tiny_dataset) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     result = train_job(recipe_from_dict(tiny_recipe_dict(tiny_dataset)), out, progress=False)
     return result.checkpoint
+
+
+def loss_inputs(model, recipe, l2, l3, gt, valid, seed: int = 0):
+    """Run train_step once and catch what it handed ssn_loss: (loss, parts, {target, label, pixel_valid}); the
+    dict stays empty when ssn_loss was not called."""
+    import numpy as np
+
+    import ssn_edge.train as tr
+
+    seen: dict = {}
+    original = tr.ssn_loss
+
+    def spy(map_logits, score, target, label, pixel_valid, **kwargs):
+        seen.update(target=target, label=label, pixel_valid=pixel_valid)
+        return original(map_logits, score, target, label, pixel_valid, **kwargs)
+
+    tr.ssn_loss = spy
+    try:
+        loss, parts = tr.train_step(model, recipe, l2, l3, gt, valid, np.random.default_rng(seed))
+    finally:
+        tr.ssn_loss = original
+    return loss, parts, seen

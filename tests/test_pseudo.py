@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import tiny_recipe_dict
+from conftest import loss_inputs, tiny_recipe_dict
 from ssn_edge.config import recipe_from_dict
 from ssn_edge.data import ArraySet
 from ssn_edge.pseudo import PseudoMaskConfig, pseudo_masks
@@ -35,7 +35,7 @@ def test_a_map_within_the_normal_range_gives_no_pixel_target():
 
 def test_unknown_pixels_get_no_pixel_loss_and_keep_the_crop_defective():
     from ssn_edge.model.ssn import SuperSimpleNet
-    from ssn_edge.train import UNKNOWN, feature_masks, train_step
+    from ssn_edge.train import UNKNOWN, feature_masks
 
     d = tiny_recipe_dict(Path("unused"))
     d["train"]["setting"] = "weak"
@@ -54,23 +54,10 @@ def test_unknown_pixels_get_no_pixel_loss_and_keep_the_crop_defective():
 
     model = SuperSimpleNet(recipe.model)
     l2, l3 = model.features.raw(torch.from_numpy(arrays.images))
-    import ssn_edge.train as tr
-
-    seen = {}
-    original = tr.ssn_loss
-
-    def spy(map_logits, score, target, label, pixel_valid, **kw):
-        seen.update(target=target, label=label, valid=pixel_valid)
-        return original(map_logits, score, target, label, pixel_valid, **kw)
-
-    tr.ssn_loss = spy
-    try:
-        loss, _ = train_step(model, recipe, l2, l3, gt, valid, np.random.default_rng(0))
-    finally:
-        tr.ssn_loss = original
+    loss, _, seen = loss_inputs(model, recipe, l2, l3, gt, valid)
     assert torch.isfinite(loss)
     unknown = torch.cat([gt, gt]) == UNKNOWN
-    assert not (seen["valid"] & unknown & (seen["target"] == 0)).any()  # unknown pixels: no "normal" loss
+    assert not (seen["pixel_valid"] & unknown & (seen["target"] == 0)).any()  # unknown pixels: no "normal" loss
     assert seen["target"].min() >= 0
     assert seen["label"][1] == 1 and seen["label"][3] == 1
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_recipe_dict
+from conftest import loss_inputs, tiny_recipe_dict
 from ssn_edge.config import RecipeError, recipe_from_dict
 from ssn_edge.data import ArraySet, Sample
 from ssn_edge.supervision import apply_setting, hide_masks, infer_setting
@@ -125,8 +125,7 @@ def test_cam_map_is_the_gap_classifier_applied_per_position():
 
 def test_cam_trains_on_image_labels_only():
     from ssn_edge.model.ssn import SuperSimpleNet
-    from ssn_edge.train import feature_masks, train_step
-    import ssn_edge.train as tr
+    from ssn_edge.train import feature_masks
 
     recipe = _cam_recipe()
     arrays, _ = apply_setting(_arrays(2, 0, 2, size=64), "weak")
@@ -134,13 +133,7 @@ def test_cam_trains_on_image_labels_only():
     chunk = np.array([[0, 0], [1, 0], [2, 0], [3, 0]])
     l2, l3 = model.features.raw(torch.from_numpy(arrays.images))
     gt, valid = feature_masks(arrays, chunk, (16, 16))
-    called = []
-    original = tr.ssn_loss
-    tr.ssn_loss = lambda *a, **k: called.append(1) or original(*a, **k)
-    try:
-        loss, parts = train_step(model, recipe, l2, l3, gt, valid, np.random.default_rng(0))
-    finally:
-        tr.ssn_loss = original
+    loss, parts, called = loss_inputs(model, recipe, l2, l3, gt, valid)
     assert not called and set(parts) == {"cls_focal"}  # no pixel loss reaches the CAM
     loss.backward()
     assert model.heads.classification.fc.weight.grad.abs().sum() > 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_recipe_dict
+from conftest import loss_inputs, tiny_recipe_dict
 from ssn_edge.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ssn_edge.config import RecipeError, load_recipe, recipe_from_dict
 from ssn_edge.data import ArraySet
@@ -80,20 +80,7 @@ def test_supervised_noise_stays_outside_real_defects_and_labels_follow():
     chunk = np.array([[0, 0], [1, 0], [2, 0], [3, 0]])
     l2, l3 = model.features.raw(torch.from_numpy(arrays.images))
     gt, valid = feature_masks(arrays, chunk, (16, 16))
-    captured = {}
-    import ssn_edge.train as tr
-
-    original = tr.ssn_loss
-
-    def spy(map_logits, score, target, label, pixel_valid, **kwargs):
-        captured.update(target=target, label=label, pixel_valid=pixel_valid)
-        return original(map_logits, score, target, label, pixel_valid, **kwargs)
-
-    tr.ssn_loss = spy
-    try:
-        train_step(model, recipe, l2, l3, gt, valid, np.random.default_rng(0))
-    finally:
-        tr.ssn_loss = original
+    _, _, captured = loss_inputs(model, recipe, l2, l3, gt, valid)
     target, label = captured["target"], captured["label"]
     gt2 = torch.cat([gt, gt])
     assert torch.equal(target * gt2, gt2)  # real defects are targets
