@@ -7,7 +7,8 @@
 
 Every variant is the dataset's CPU recipe with one change (VARIANTS); `train` evaluates the PyTorch FP32 model
 on the test split and the exported INT8 model through the runtime, and records both in
-benchmarks/results/frontier.json. Checkpoints: runs/bench/frontier/<dataset>_<variant>_s<seed>/ (benchmarks/runs.py: trained once, reused on rerun).
+benchmarks/results/frontier.json. Checkpoints: run_dir(): runs/bench/frontier/<dataset or recipe>_<variant>_s<seed>/ (benchmarks/runs.py: trained once,
+reused on rerun). Records name their recipe; the table groups by it.
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ from benchmarks.results import RESULTS, command_line, record_results  # noqa: E4
 from benchmarks.runs import bench_recipe, train_once  # noqa: E402
 
 RUNS = ROOT / "runs" / "bench" / "frontier"
-RECIPES = {"mvtec_bottle": "recipes/mvtec_resnet18_cpu.yaml", "magnetic_tile": "recipes/magnetic_tile_unsupervised.yaml"}
+RECIPES = {"mvtec_bottle": "recipes/mvtec_resnet18_cpu.yaml", "magnetic_tile": "recipes/magnetic_tile_unsupervised_cpu.yaml"}
+# The recipes of rows recorded before records named theirs (and of the run folders named without a recipe).
+EARLIER = {"mvtec_bottle": "recipes/mvtec_resnet18_cpu.yaml", "magnetic_tile": "recipes/magnetic_tile_unsupervised.yaml"}
 # Each variant: overrides of the dataset's CPU recipe.
 VARIANTS: dict[str, dict] = {
     "fixed_noise": {"noise.kind": "fixed", "noise.sigma": 0.015, "noise.smooth": None},  # the paper's noise
     "adaptive_noise": {},  # the CPU recipes' noise: sigma x per-channel std
     "learned_noise": {"noise.kind": "learned", "noise.beta": 0.5},
     "light_head": {"model.cls_head": "light"},
+    # two other light heads, measured against light_head's design (ssn_edge/model/ssn.py)
+    "light_separable": {"model.cls_head": "light_separable"},
+    "light_bottleneck": {"model.cls_head": "light_bottleneck"},
     "light_head_learned_noise": {"model.cls_head": "light", "noise.kind": "learned", "noise.beta": 0.5},
 }
 
@@ -55,7 +61,19 @@ def _recipe(dataset: str, variant: str, seed: int, epochs: int | None = None):
 
 
 def _base(dataset: str, variant: str, seed: int) -> dict:
-    return {"dataset": dataset, "backbone": "resnet18", "setting": "unsupervised", "variant": variant, "seed": seed}
+    return {"dataset": dataset, "backbone": "resnet18", "setting": "unsupervised", "variant": variant, "seed": seed,
+            "recipe": RECIPES[dataset]}
+
+
+def run_dir(dataset: str, variant: str, seed: int) -> Path:
+    """runs/bench/frontier/<dataset>_<variant>_s<seed>, with the recipe's name in place of the dataset's where the
+    dataset's recipe changed, so a new recipe never reuses a run of the earlier one."""
+    prefix = dataset if RECIPES[dataset] == EARLIER[dataset] else Path(RECIPES[dataset]).stem
+    return RUNS / f"{prefix}_{variant}_s{seed}"
+
+
+def recipe_of(record: dict) -> str:
+    return record.get("recipe") or EARLIER[record["dataset"]]
 
 
 def train(args) -> None:
@@ -63,7 +81,7 @@ def train(args) -> None:
     from ssn_edge.export import export_bundle
 
     recipe = _recipe(args.dataset, args.variant, args.seed, epochs=args.epochs)
-    out = RUNS / f"{args.dataset}_{args.variant}_s{args.seed}" if args.epochs is None else RUNS / f"smoke_{args.dataset}_{args.variant}"
+    out = run_dir(args.dataset, args.variant, args.seed) if args.epochs is None else RUNS / f"smoke_{args.dataset}_{args.variant}"
     # No PyTorch pass over the test split: the export below evaluates the FP32 IR (OpenVINO, f32) on it anyway,
     # equal to PyTorch within 1e-5 (benchmarks/results/quantization.json), which saves minutes per run.
     trained = train_once(recipe, out, args.reuse_from, args.quiet, evaluate=False)
@@ -121,17 +139,22 @@ def wrn50_bundle() -> Path:
     return out / "bundle"
 
 
+LIGHT_HEADS = ("light_head", "light_separable", "light_bottleneck")
+
+
 def latency(args) -> None:
-    """Batch-1 latency at 256x256 of the full head, the light head and WRN50-2, INT8 and f32, interleaved in one
-    process so machine load hits all alike; records each and the light/full INT8 ratio."""
+    """Batch-1 latency at 256x256 of the full head, each light head trained for this dataset and seed, and WRN50-2,
+    INT8 and f32, interleaved in one process so machine load hits all alike; records each and every light/full
+    INT8 ratio (latency does not depend on the weights: any dataset's bundles of the same architecture do)."""
     from ssn_edge.runtime.bench import time_latency, _random_input
     from ssn_edge.runtime.engine import Engine
 
-    bundles = {v: RUNS / f"{args.dataset}_{v}_s{args.seed}" / "bundle" for v in ("adaptive_noise", "light_head")}
-    missing = [str(b) for b in bundles.values() if not b.exists()]
+    bundles = {v: run_dir(args.dataset, v, args.seed) / "bundle" for v in ("adaptive_noise", *LIGHT_HEADS)}
+    missing = [str(bundles[v]) for v in ("adaptive_noise", "light_head") if not bundles[v].exists()]
     if missing:
         print(f"skipped: train these first: {', '.join(missing)}")
         return
+    bundles = {v: b for v, b in bundles.items() if b.exists()}
     bundles["wrn50"] = wrn50_bundle()
     engines = {(v, p): Engine(b, precision=p, mode="latency") for v, b in bundles.items() for p in ("int8", "fp32")}
     x = _random_input(engines[("adaptive_noise", "int8")].compiled)
@@ -140,21 +163,24 @@ def latency(args) -> None:
         for k, e in engines.items():
             times[k].append(time_latency(e.compiled, x, warmup=5, runs=20)["latency_ms"])
     med = {k: float(np.median(v)) for k, v in times.items()}
-    arch = {"adaptive_noise": ("resnet18", "full_head"), "light_head": ("resnet18", "light_head"),
+    arch = {"adaptive_noise": ("resnet18", "full_head"), **{v: ("resnet18", v) for v in LIGHT_HEADS},
             "wrn50": ("wide_resnet50_2", "full_head_random_weights")}
     records = [{"dataset": args.dataset, "backbone": arch[v][0], "variant": arch[v][1], "runtime": "openvino",
                 "precision": p, "inference_precision": engines[(v, p)].inference_precision,
                 "latency_ms": round(med[(v, p)], 2), "rounds": args.rounds, "command": command_line()}
                for v, p in engines]
-    full, light = med[("adaptive_noise", "int8")], med[("light_head", "int8")]
-    records.append({**_base(args.dataset, "light_head", args.seed), "runtime": "openvino", "precision": "int8",
-                    "ratio": round(light / full, 3), "ratio_of": "light_head_vs_full_head_int8_latency",
-                    "latency_light_ms": round(light, 2), "latency_full_ms": round(full, 2), "rounds": args.rounds,
-                    "command": command_line()})
+    full = med[("adaptive_noise", "int8")]
+    for v in LIGHT_HEADS:
+        if (v, "int8") in med:
+            light = med[(v, "int8")]
+            records.append({**_base(args.dataset, v, args.seed), "runtime": "openvino", "precision": "int8",
+                            "ratio": round(light / full, 3), "ratio_of": "light_head_vs_full_head_int8_latency",
+                            "latency_light_ms": round(light, 2), "latency_full_ms": round(full, 2),
+                            "rounds": args.rounds, "command": command_line()})
+            print(f"INT8 latency {v} / full = {light / full:.3f}")
     record_results("frontier", records)
     for (v, p), t in med.items():
         print(f"{v:<16} {p:<5} {t:8.2f} ms")
-    print(f"INT8 latency light / full = {light / full:.3f}")
 
 
 def epoch_ratio(args) -> None:
@@ -177,12 +203,57 @@ def epoch_ratio(args) -> None:
     print(f"epoch time learned {medians['learned_noise']:.1f} s / fixed {medians['fixed_noise']:.1f} s = {ratio:.3f}")
 
 
-HEAD_OF = {"light_head": "light_head", "light_head_learned_noise": "light_head"}  # the rest use the full head
+HEAD_OF = {"light_head": "light_head", "light_head_learned_noise": "light_head", "light_separable": "light_separable",
+           "light_bottleneck": "light_bottleneck"}  # the rest use the full head
+
+
+def _fp32_by_seed(acc: list[dict], dataset: str, recipe: str, variant: str) -> dict[int, dict]:
+    """The FP32 record per seed (the latest one: a rerun replaces it) of one variant under one recipe."""
+    out = {}
+    for r in acc:
+        if (r["dataset"], recipe_of(r), r["variant"], r["precision"]) == (dataset, recipe, variant, "fp32"):
+            out[r["seed"]] = r
+    return out
+
+
+def checks(acc: list[dict]) -> list[str]:
+    """The issue's checks 1 and 2 on FP32 means, per dataset and recipe, over the seeds both variants have."""
+    lines = []
+    for dataset, recipe in sorted({(r["dataset"], recipe_of(r)) for r in acc}):
+        def pair(a: str, b: str):
+            ra, rb = (_fp32_by_seed(acc, dataset, recipe, v) for v in (a, b))
+            seeds = sorted(set(ra) & set(rb))
+            if not seeds:
+                return None
+            mean = lambda rs, k: float(np.mean([rs[s][k] for s in seeds]))  # noqa: E731
+            return ({k: mean(ra, k) for k in ("image_auroc", "pixel_aupro")},
+                    {k: mean(rb, k) for k in ("image_auroc", "pixel_aupro")}, seeds)
+
+        where = f"{dataset} ({recipe})"
+        for ours in ("learned_noise", "adaptive_noise"):
+            p = pair(ours, "fixed_noise")
+            if p:
+                o, f, seeds = p
+                ok = o["image_auroc"] >= f["image_auroc"] and o["pixel_aupro"] >= f["pixel_aupro"]
+                lines.append(f"{where}: {ours} vs fixed_noise, image AUROC {o['image_auroc']:.2f} vs {f['image_auroc']:.2f}, "
+                             f"AUPRO {o['pixel_aupro']:.2f} vs {f['pixel_aupro']:.2f} (target >=, seeds {seeds}): "
+                             f"{'met' if ok else 'NOT met'}")
+        for light in LIGHT_HEADS:
+            p = pair(light, "adaptive_noise")
+            if not p:
+                continue
+            lt, full, seeds = p
+            da, du = full["image_auroc"] - lt["image_auroc"], full["pixel_aupro"] - lt["pixel_aupro"]
+            ok = da <= 1.0 and du <= 2.0
+            lines.append(f"{where}: {light} vs full head, image AUROC {lt['image_auroc']:.2f} vs {full['image_auroc']:.2f} "
+                         f"({da:+.2f} below; target <= 1), AUPRO {lt['pixel_aupro']:.2f} vs {full['pixel_aupro']:.2f} "
+                         f"({du:+.2f} below; target <= 2) (seeds {seeds}): {'met' if ok else 'NOT met'}")
+    return lines
 
 
 def table(args) -> None:
-    """Mean ± spread over seeds per (dataset, variant, runtime/precision) as a Markdown table, and a plot of image
-    AUROC vs INT8 latency (benchmarks/results/frontier.md, frontier.png)."""
+    """Mean ± spread over seeds per (dataset, recipe, variant, precision) as a Markdown table, the issue's checks, and
+    a plot of image AUROC vs INT8 latency for each dataset's current recipe (benchmarks/results/frontier.md, .png)."""
     path = RESULTS / "frontier.json"
     if not path.exists():
         print("no frontier results yet")
@@ -190,39 +261,46 @@ def table(args) -> None:
     rows = json.loads(path.read_text())
     acc = [r for r in rows if "ratio_of" not in r and "image_auroc" in r]
     lat = {(r["variant"], r["precision"]): r["latency_ms"] for r in rows if "latency_ms" in r and "ratio_of" not in r}
-    groups: dict[tuple, list] = {}
+    groups: dict[tuple, dict] = {}
     for r in acc:
-        # FP32 rows come from PyTorch or from the FP32 IR in OpenVINO (f32 hint; equal within 1e-5): one group
-        groups.setdefault((r["dataset"], r["variant"], r["precision"]), []).append(r)
+        # FP32 rows come from PyTorch or from the FP32 IR in OpenVINO (f32 hint; equal within 1e-5): one group;
+        # one record per seed, the latest (a rerun replaces it)
+        groups.setdefault((r["dataset"], recipe_of(r), r["variant"], r["precision"]), {})[r["seed"]] = r
 
     def ms(rs, k):
         v = [r[k] for r in rs if r.get(k) is not None]
         return (float(np.mean(v)), float(np.std(v))) if v else (float("nan"), float("nan"))
 
-    lines = ["| dataset | variant | runtime/precision | seeds | image AUROC | AUPRO | pixel AP | latency ms (OpenVINO, batch 1) | train s | diverged |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| dataset | recipe | variant | runtime/precision | seeds | image AUROC | AUPRO | pixel AP | latency ms (OpenVINO, batch 1) | train s | diverged |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     points = []
-    for key, rs in sorted(groups.items()):
+    for key, by_seed in sorted(groups.items()):
+        rs = list(by_seed.values())
         (a, sa), (u, su), (pa, spa) = ms(rs, "image_auroc"), ms(rs, "pixel_aupro"), ms(rs, "pixel_ap")
-        head = HEAD_OF.get(key[1], "full_head")
-        t = lat.get((head, key[2]))  # this precision's latency (fp32: the FP32 IR with the f32 hint)
+        head = HEAD_OF.get(key[2], "full_head")
+        t = lat.get((head, key[3]))  # this precision's latency (fp32: the FP32 IR with the f32 hint)
         runtimes = "+".join(sorted({r["runtime"] for r in rs}))
-        lines.append(f"| {key[0]} | {key[1]} | {runtimes}/{key[2]} | {len(rs)} | {a:.2f} ± {sa:.2f} | {u:.2f} ± {su:.2f} | "
-                     f"{pa:.2f} ± {spa:.2f} | {'-' if t is None else f'{t:.1f}'} | {ms(rs, 'train_s')[0]:.0f} | "
-                     f"{sum(bool(r.get('diverged')) for r in rs)} |")
-        points.append((key, a, sa, lat.get((head, "int8"))))
+        lines.append(f"| {key[0]} | {Path(key[1]).name} | {key[2]} | {runtimes}/{key[3]} | {len(rs)} | {a:.2f} ± {sa:.2f} | "
+                     f"{u:.2f} ± {su:.2f} | {pa:.2f} ± {spa:.2f} | {'-' if t is None else f'{t:.1f}'} | "
+                     f"{ms(rs, 'train_s')[0]:.0f} | {sum(bool(r.get('diverged')) for r in rs)} |")
+        if key[1] == RECIPES[key[0]]:
+            points.append(((key[0], key[2], key[3]), a, sa, lat.get((head, "int8"))))
     for (v, p), t in sorted(lat.items()):
         if v.startswith("full_head_random"):
-            lines.append(f"| - | wide_resnet50_2 (random weights, untrained: latency only) | openvino/{p} | - | - | - | - | "
+            lines.append(f"| - | - | wide_resnet50_2 (random weights, untrained: latency only) | openvino/{p} | - | - | - | - | "
                          f"{t:.1f} | - | - |")
     ratios = [r for r in rows if "ratio_of" in r]
-    lines += ["", "| ratio_of | dataset | ratio | details |", "| --- | --- | --- | --- |"]
+    lines += ["", "| ratio_of | dataset | variant | ratio | details |", "| --- | --- | --- | --- | --- |"]
     for r in ratios:
         detail = ", ".join(f"{k}={r[k]}" for k in r if k.startswith(("latency_", "epoch_s_")))
-        lines.append(f"| {r['ratio_of']} | {r['dataset']} | {r['ratio']} | {detail} |")
+        lines.append(f"| {r['ratio_of']} | {r['dataset']} | {r.get('variant', '-')} | {r['ratio']} | {detail} |")
+    lines += [""] + [f"- {c}" for c in checks(acc)]
     text = "\n".join(lines) + "\n"
-    (RESULTS / "frontier.md").write_text("# Edge-backbone frontier (written by `python benchmarks/frontier_bench.py table`)\n\n"
-                                         "Mean ± standard deviation over seeds; latency: batch 1, 256x256, this 2-core CPU.\n\n" + text)
+    (RESULTS / "frontier.md").write_text(
+        "# Edge-backbone frontier (written by `python benchmarks/frontier_bench.py table`)\n\n"
+        "Mean ± standard deviation over seeds (the latest record per seed); latency: batch 1, 256x256, this 2-core CPU. "
+        "Rows of a dataset's earlier recipe stay, labelled; the plot shows each dataset's current recipe "
+        f"({', '.join(f'{d}: {Path(r).name}' for d, r in RECIPES.items())}).\n\n" + text)
     print(text)
     _plot(points, lat)
 

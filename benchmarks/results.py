@@ -17,7 +17,8 @@ from typing import Any, Iterable
 from ssn_edge.runtime.atomic import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IDENTITY = ("dataset", "backbone", "setting", "variant", "runtime", "precision", "seed", "ratio_of")
+# "recipe": a benchmark whose dataset moved to a new recipe keeps the earlier recipe's records beside the new ones
+IDENTITY = ("dataset", "backbone", "setting", "variant", "runtime", "precision", "seed", "ratio_of", "recipe")
 
 
 def command_line() -> str:

@@ -36,6 +36,8 @@ class ModelConfig:
     cls_kernel: int = 5
     # "full": Conv kxk over C+1 channels at feature resolution (paper; ~55 % of ResNet18-SSN compute);
     # "light": Conv1x1 C+1 -> cls_hidden, then depthwise kxk stride 2 (LightClassificationHead);
+    # "light_separable": the same with BN+ReLU between and stride 1 (SeparableClassificationHead);
+    # "light_bottleneck": Conv1x1 C+1 -> cls_hidden/4, BN, ReLU, dense kxk stride 2 (BottleneckClassificationHead);
     # "cam": the weak-supervision baseline, GAP classifier whose class-activation map is the map (CamHead).
     cls_head: str = "full"
 
@@ -123,7 +125,7 @@ class Recipe:
 
 _CHOICES = {
     "model.cls_input": ("adapted", "backbone"),
-    "model.cls_head": ("full", "light", "cam"),
+    "model.cls_head": ("full", "light", "light_separable", "light_bottleneck", "cam"),
     "noise.kind": ("fixed", "adaptive", "learned"),
     "train.setting": ("unsupervised", "supervised", "weak", "mixed", "auto"),
     "train.precision": ("fp32", "bf16"),

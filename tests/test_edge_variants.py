@@ -71,10 +71,11 @@ def test_light_head_is_selected_and_routes_channels(cls_input, adaptor_channels,
     assert head.reduce.weight.grad is not None and head.reduce.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["light", "light_separable", "light_bottleneck"])
 @pytest.mark.parametrize("size", [(64, 64), (64, 40), (72, 56)])  # 40 -> 10 -> 5 and 72 -> 18 -> 9: odd halves
-def test_light_model_keeps_the_inference_graph(size):
+def test_light_model_keeps_the_inference_graph(size, kind):
     full = SuperSimpleNet(_cfg()).eval()
-    light = SuperSimpleNet(_cfg(cls_head="light", adaptor_channels=32)).eval()
+    light = SuperSimpleNet(_cfg(cls_head=kind, adaptor_channels=32)).eval()
     assert inspect.signature(light.forward) == inspect.signature(full.forward)
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
@@ -84,7 +85,7 @@ def test_light_model_keeps_the_inference_graph(size):
     assert torch.isfinite(ml).all() and torch.isfinite(sl).all()
     # Only the classification head's own weights differ; backbone, adaptor, segmentation keys stay.
     outside = lambda sd: {k for k in sd if not k.startswith("heads.classification.")}  # noqa: E731
-    light_full_width = SuperSimpleNet(_cfg(cls_head="light"))
+    light_full_width = SuperSimpleNet(_cfg(cls_head=kind))
     assert outside(light_full_width.state_dict()) == outside(full.state_dict())
 
 
@@ -126,6 +127,14 @@ def test_head_macs_match_the_spec_numbers():
         assert wrn[key] == pytest.approx(spec, rel=0.05), key
 
 
+@pytest.mark.parametrize("kind", ["light_separable", "light_bottleneck"])
+def test_other_light_heads_are_as_light(kind):
+    full = head_macs(384, 64, 64, ModelConfig())
+    other = head_macs(384, 64, 64, ModelConfig(cls_head=kind))
+    assert other["classification"] / full["cls_full"] < 0.05  # the light head's order, not the full one's
+    assert other["total"] < 0.5 * full["total"]
+
+
 def test_light_head_needs_far_fewer_macs():
     full = head_macs(384, 64, 64, ModelConfig())
     light = head_macs(384, 64, 64, ModelConfig(cls_head="light"))
@@ -160,7 +169,7 @@ def _measured_macs(heads: SSNHeads, channels: int, h: int, w: int) -> dict[str, 
     return counts
 
 
-@pytest.mark.parametrize("cls_head", ["full", "light"])
+@pytest.mark.parametrize("cls_head", ["full", "light", "light_separable", "light_bottleneck"])
 @pytest.mark.parametrize("cls_input,adaptor_channels", [("adapted", None), ("adapted", 24), ("backbone", 24)])
 def test_head_macs_count_what_the_modules_compute(cls_head, cls_input, adaptor_channels):
     cfg = _cfg(cls_head=cls_head, cls_input=cls_input, adaptor_channels=adaptor_channels)
