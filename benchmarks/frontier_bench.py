@@ -43,6 +43,9 @@ VARIANTS: dict[str, dict] = {
     "light_bottleneck": {"model.cls_head": "light_bottleneck"},
     "light_head_learned_noise": {"model.cls_head": "light", "noise.kind": "learned", "noise.beta": 0.5},
 }
+LIGHT_HEADS = ("light_head", "light_separable", "light_bottleneck")  # the variants that differ only by their head
+# The head whose latency a variant's row shows (latency records name heads: full_head or a LIGHT_HEADS variant).
+HEAD_OF = {**{v: v for v in LIGHT_HEADS}, "light_head_learned_noise": "light_head"}  # the rest use the full head
 
 
 def _frontier_int8():
@@ -139,9 +142,6 @@ def wrn50_bundle() -> Path:
     return out / "bundle"
 
 
-LIGHT_HEADS = ("light_head", "light_separable", "light_bottleneck")
-
-
 def latency(args) -> None:
     """Batch-1 latency at 256x256 of the full head, each light head trained for this dataset and seed, and WRN50-2,
     INT8 and f32, interleaved in one process so machine load hits all alike; records each and every light/full
@@ -203,25 +203,22 @@ def epoch_ratio(args) -> None:
     print(f"epoch time learned {medians['learned_noise']:.1f} s / fixed {medians['fixed_noise']:.1f} s = {ratio:.3f}")
 
 
-HEAD_OF = {"light_head": "light_head", "light_head_learned_noise": "light_head", "light_separable": "light_separable",
-           "light_bottleneck": "light_bottleneck"}  # the rest use the full head
-
-
-def _fp32_by_seed(acc: list[dict], dataset: str, recipe: str, variant: str) -> dict[int, dict]:
-    """The FP32 record per seed (the latest one: a rerun replaces it) of one variant under one recipe."""
-    out = {}
+def by_seed(acc: list[dict]) -> dict[tuple, dict[int, dict]]:
+    """Accuracy records per (dataset, recipe, variant, precision), one per seed: the latest (a rerun replaces it).
+    FP32 records come from PyTorch or from the FP32 IR in OpenVINO (f32 hint; equal within 1e-5): one group."""
+    groups: dict[tuple, dict[int, dict]] = {}
     for r in acc:
-        if (r["dataset"], recipe_of(r), r["variant"], r["precision"]) == (dataset, recipe, variant, "fp32"):
-            out[r["seed"]] = r
-    return out
+        groups.setdefault((r["dataset"], recipe_of(r), r["variant"], r["precision"]), {})[r["seed"]] = r
+    return groups
 
 
 def checks(acc: list[dict]) -> list[str]:
     """The issue's checks 1 and 2 on FP32 means, per dataset and recipe, over the seeds both variants have."""
+    groups = by_seed(acc)
     lines = []
     for dataset, recipe in sorted({(r["dataset"], recipe_of(r)) for r in acc}):
         def pair(a: str, b: str):
-            ra, rb = (_fp32_by_seed(acc, dataset, recipe, v) for v in (a, b))
+            ra, rb = (groups.get((dataset, recipe, v, "fp32"), {}) for v in (a, b))
             seeds = sorted(set(ra) & set(rb))
             if not seeds:
                 return None
@@ -261,11 +258,7 @@ def table(args) -> None:
     rows = json.loads(path.read_text())
     acc = [r for r in rows if "ratio_of" not in r and "image_auroc" in r]
     lat = {(r["variant"], r["precision"]): r["latency_ms"] for r in rows if "latency_ms" in r and "ratio_of" not in r}
-    groups: dict[tuple, dict] = {}
-    for r in acc:
-        # FP32 rows come from PyTorch or from the FP32 IR in OpenVINO (f32 hint; equal within 1e-5): one group;
-        # one record per seed, the latest (a rerun replaces it)
-        groups.setdefault((r["dataset"], recipe_of(r), r["variant"], r["precision"]), {})[r["seed"]] = r
+    groups = by_seed(acc)
 
     def ms(rs, k):
         v = [r[k] for r in rs if r.get(k) is not None]
@@ -274,8 +267,8 @@ def table(args) -> None:
     lines = ["| dataset | recipe | variant | runtime/precision | seeds | image AUROC | AUPRO | pixel AP | latency ms (OpenVINO, batch 1) | train s | diverged |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     points = []
-    for key, by_seed in sorted(groups.items()):
-        rs = list(by_seed.values())
+    for key, per_seed in sorted(groups.items()):
+        rs = list(per_seed.values())
         (a, sa), (u, su), (pa, spa) = ms(rs, "image_auroc"), ms(rs, "pixel_aupro"), ms(rs, "pixel_ap")
         head = HEAD_OF.get(key[2], "full_head")
         t = lat.get((head, key[3]))  # this precision's latency (fp32: the FP32 IR with the f32 hint)

@@ -123,9 +123,11 @@ class Recipe:
         return _plain(dataclasses.asdict(self))
 
 
+CLS_HEADS = ("full", "light", "light_separable", "light_bottleneck", "cam")  # model.cls_head (ssn_edge/model/ssn.py)
+
 _CHOICES = {
     "model.cls_input": ("adapted", "backbone"),
-    "model.cls_head": ("full", "light", "light_separable", "light_bottleneck", "cam"),
+    "model.cls_head": CLS_HEADS,
     "noise.kind": ("fixed", "adaptive", "learned"),
     "train.setting": ("unsupervised", "supervised", "weak", "mixed", "auto"),
     "train.precision": ("fp32", "bf16"),

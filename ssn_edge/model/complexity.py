@@ -8,7 +8,7 @@ GMAC, segmentation head 1.6, adaptor 0.6.
 
 from __future__ import annotations
 
-from ssn_edge.config import ModelConfig
+from ssn_edge.config import CLS_HEADS, ModelConfig
 
 
 def _halved(n: int, kernel: int) -> int:
@@ -34,7 +34,7 @@ def classification_macs(in_channels: int, h: int, w: int, hidden: int, kernel: i
         return c * narrow * h * w + narrow * hidden * kernel * kernel * _halved(h, kernel) * _halved(w, kernel) + fc
     if kind == "cam":  # no M_o input; the GAP classifier runs per position to give the map
         return (c - 1) * hidden * kernel * kernel * h * w + hidden * h * w
-    raise ValueError(f"unknown classification head {kind!r} (full, light, light_separable, light_bottleneck, cam)")
+    raise ValueError(f"unknown classification head {kind!r} ({', '.join(CLS_HEADS)})")
 
 
 def head_macs(channels: int, h: int, w: int, cfg: ModelConfig) -> dict[str, int]:
@@ -52,8 +52,8 @@ def head_macs(channels: int, h: int, w: int, cfg: ModelConfig) -> dict[str, int]
     segmentation = 0 if cfg.cls_head == "cam" else (width * cfg.seg_hidden + cfg.seg_hidden) * hw
     full = classification_macs(cls_in, h, w, cfg.cls_hidden, cfg.cls_kernel, "full")
     light = classification_macs(cls_in, h, w, cfg.cls_hidden, cfg.cls_kernel, "light")
-    if cfg.cls_head not in ("full", "light", "light_separable", "light_bottleneck", "cam"):
-        raise ValueError(f"model.cls_head {cfg.cls_head!r} is not one of full, light, light_separable, light_bottleneck, cam")
+    if cfg.cls_head not in CLS_HEADS:
+        raise ValueError(f"model.cls_head {cfg.cls_head!r} is not one of {', '.join(CLS_HEADS)}")
     chosen = classification_macs(cls_in, h, w, cfg.cls_hidden, cfg.cls_kernel, cfg.cls_head)
     return {
         "adaptor": adaptor,

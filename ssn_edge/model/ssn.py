@@ -65,21 +65,28 @@ def pooled_score(x: Tensor, map_logits: Tensor, fc: nn.Linear) -> Tensor:
     return fc(pooled.float()).squeeze(1)
 
 
-class ClassificationHead(nn.Module):
-    """concat(features, M_o) -> Conv kxk -> BN -> ReLU; global max + avg of that and of M_o -> Linear -> score logit."""
+class _ConvPoolHead(nn.Module):
+    """A classification head: self.conv (set by the subclass, ending in `hidden` channels) over concat(features,
+    M_o), then pooled_score with Linear(2 * hidden + 2 -> 1)."""
 
-    def __init__(self, channels: int, hidden: int = 128, kernel: int = 5):
+    def __init__(self, conv: nn.Module, hidden: int):
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(channels + 1, hidden, kernel, padding=kernel // 2),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(),
-        )
+        self.conv = conv
         self.fc = nn.Linear(2 * hidden + 2, 1)
 
     def forward(self, features: Tensor, map_logits: Tensor) -> Tensor:
-        x = self.conv(torch.cat([features, map_logits], dim=1))
-        return pooled_score(x, map_logits, self.fc)
+        return pooled_score(self.conv(torch.cat([features, map_logits], dim=1)), map_logits, self.fc)
+
+
+class ClassificationHead(_ConvPoolHead):
+    """concat(features, M_o) -> Conv kxk -> BN -> ReLU; global max + avg of that and of M_o -> Linear -> score logit."""
+
+    def __init__(self, channels: int, hidden: int = 128, kernel: int = 5):
+        super().__init__(nn.Sequential(
+            nn.Conv2d(channels + 1, hidden, kernel, padding=kernel // 2),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(),
+        ), hidden)
 
 
 class LightClassificationHead(nn.Module):
@@ -107,7 +114,7 @@ class LightClassificationHead(nn.Module):
         return pooled_score(x, map_logits, self.fc)
 
 
-class SeparableClassificationHead(nn.Module):
+class SeparableClassificationHead(_ConvPoolHead):
     """A light head with a nonlinear bottleneck (model.cls_head: light_separable): MobileNet's separable conv.
 
     Conv1x1(C+1 -> hidden) -> BN -> ReLU -> depthwise Conv kxk (stride 1: the full head's resolution) -> BN ->
@@ -116,22 +123,17 @@ class SeparableClassificationHead(nn.Module):
     """
 
     def __init__(self, channels: int, hidden: int = 128, kernel: int = 5):
-        super().__init__()
-        self.conv = nn.Sequential(
+        super().__init__(nn.Sequential(
             nn.Conv2d(channels + 1, hidden, 1, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU(),
             nn.Conv2d(hidden, hidden, kernel, padding=kernel // 2, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU(),
-        )
-        self.fc = nn.Linear(2 * hidden + 2, 1)
-
-    def forward(self, features: Tensor, map_logits: Tensor) -> Tensor:
-        return pooled_score(self.conv(torch.cat([features, map_logits], dim=1)), map_logits, self.fc)
+        ), hidden)
 
 
-class BottleneckClassificationHead(nn.Module):
+class BottleneckClassificationHead(_ConvPoolHead):
     """The full head in miniature (model.cls_head: light_bottleneck): a dense kxk conv, on few channels, strided.
 
     Conv1x1(C+1 -> hidden / 4) -> BN -> ReLU -> Conv kxk stride 2 (hidden / 4 -> hidden) -> BN -> ReLU; pooling as
@@ -140,20 +142,15 @@ class BottleneckClassificationHead(nn.Module):
     """
 
     def __init__(self, channels: int, hidden: int = 128, kernel: int = 5):
-        super().__init__()
         narrow = max(hidden // 4, 1)
-        self.conv = nn.Sequential(
+        super().__init__(nn.Sequential(
             nn.Conv2d(channels + 1, narrow, 1, bias=False),
             nn.BatchNorm2d(narrow),
             nn.ReLU(),
             nn.Conv2d(narrow, hidden, kernel, stride=2, padding=kernel // 2, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU(),
-        )
-        self.fc = nn.Linear(2 * hidden + 2, 1)
-
-    def forward(self, features: Tensor, map_logits: Tensor) -> Tensor:
-        return pooled_score(self.conv(torch.cat([features, map_logits], dim=1)), map_logits, self.fc)
+        ), hidden)
 
 
 class CamHead(nn.Module):
