@@ -40,6 +40,10 @@ class ModelConfig:
     # "light_bottleneck": Conv1x1 C+1 -> cls_hidden/4, BN, ReLU, dense kxk stride 2 (BottleneckClassificationHead);
     # "cam": the weak-supervision baseline, GAP classifier whose class-activation map is the map (CamHead).
     cls_head: str = "full"
+    # "none": the score is the classification head's logit (paper). "map_max": the head's logit is added to the
+    # map's max logit (SimpleNet's score) and its fc starts at zero, so the head learns a correction to the map
+    # instead of a score from scratch; for light heads, whose pooled features alone score worse than the map.
+    score_anchor: str = "none"
 
 
 @dataclass
@@ -128,6 +132,7 @@ CLS_HEADS = ("full", "light", "light_separable", "light_bottleneck", "cam")  # m
 _CHOICES = {
     "model.cls_input": ("adapted", "backbone"),
     "model.cls_head": CLS_HEADS,
+    "model.score_anchor": ("none", "map_max"),
     "noise.kind": ("fixed", "adaptive", "learned"),
     "train.setting": ("unsupervised", "supervised", "weak", "mixed", "auto"),
     "train.precision": ("fp32", "bf16"),
@@ -208,7 +213,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     if not isinstance(values, dict):
         raise RecipeError("a recipe must be a YAML mapping at the top level")
-    return _build(Recipe, values, "")
+    recipe = _build(Recipe, values, "")
+    if recipe.model.score_anchor != "none" and recipe.model.cls_head == "cam":
+        raise RecipeError("model.score_anchor: the CAM head has no segmentation map to anchor its score to; use none")
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:

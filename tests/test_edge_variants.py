@@ -111,6 +111,39 @@ def test_cls_head_choice_is_validated():
         _recipe(model={"cls_head": "tiny"})
 
 
+@pytest.mark.parametrize("kind", ["full", "light"])
+def test_map_max_anchor_starts_at_the_map_max_and_learns_a_correction(kind):
+    heads = SSNHeads(384, _cfg(cls_head=kind, score_anchor="map_max")).eval()
+    plain = SSNHeads(384, _cfg(cls_head=kind)).eval()
+    plain.load_state_dict(heads.state_dict())  # same weights, same keys: only the score's formula differs
+    feats = torch.randn(3, 384, 10, 8)
+    with torch.no_grad():
+        m, s = heads(feats)
+        _, s_plain = plain(feats)
+    # The fc starts at zero: the score is exactly the map's max logit, per image.
+    assert torch.allclose(s, m.amax(dim=(1, 2, 3)), atol=1e-6) and torch.all(s_plain == 0)
+    with torch.no_grad():
+        heads.classification.fc.bias.fill_(0.5)
+        plain.classification.fc.bias.fill_(0.5)
+        m, s = heads(feats)
+        _, s_plain = plain(feats)
+    assert torch.allclose(s, s_plain + m.amax(dim=(1, 2, 3)), atol=1e-6)
+    # Unsupervised training detaches the map from the score: the anchor must not open a path into it.
+    heads.train()
+    adapted = heads.adaptor(feats)
+    _, score = heads.decide(adapted, adapted, detach_map=True)
+    score.sum().backward()
+    assert all(p.grad is None for p in heads.segmentation.parameters())
+
+
+def test_score_anchor_is_validated():
+    assert _recipe(model={"score_anchor": "map_max", "cls_head": "light"}).model.score_anchor == "map_max"
+    with pytest.raises(RecipeError, match="model.score_anchor"):
+        _recipe(model={"score_anchor": "mean"})
+    with pytest.raises(RecipeError, match="CAM head"):
+        _recipe(model={"score_anchor": "map_max", "cls_head": "cam"})
+
+
 # ---------------------------------------------------------------- MAC counts
 
 

@@ -87,6 +87,30 @@ def test_fp32_matches_pytorch(bundle, tiny_checkpoint, test_arrays):
 
 
 @pytest.mark.slow
+def test_anchored_light_head_exports_its_score(tiny_dataset, tmp_path):
+    """model.score_anchor adds the map's max to the score inside the graph: the IR must compute the same score."""
+    import openvino as ov
+
+    from conftest import tiny_recipe_dict
+    from ssn_edge.config import recipe_from_dict
+    from ssn_edge.evaluate import predict_raw
+    from ssn_edge.jobs import split_arrays, train_job
+    from ssn_edge.train import model_from_checkpoint
+
+    d = tiny_recipe_dict(tiny_dataset)
+    d["model"].update(cls_head="light", score_anchor="map_max")
+    ckpt = train_job(recipe_from_dict(d), tmp_path / "run", progress=False).checkpoint
+    b = export_bundle(ckpt, tmp_path / "bundle", fp16=False, int8=False)
+    model, _, _ = model_from_checkpoint(ckpt)
+    x = split_arrays(tiny_dataset, "test", (64, 64), progress=False).images[:4]
+    ref_maps, ref_scores = predict_raw(model, x)
+    assert not np.allclose(ref_scores, ref_maps.reshape(len(x), -1).max(1), atol=1e-4)  # trained: fc is not zero
+    out = ov.Core().compile_model(b.model_path("fp32"), "CPU", F32)(x)
+    assert np.abs(out["score"] - ref_scores).max() < 1e-3
+    assert b.metadata["recipe"]["model"]["score_anchor"] == "map_max"
+
+
+@pytest.mark.slow
 def test_fp16_present_and_smaller(bundle):
     assert bundle.precisions == ["fp32", "fp16", "int8"]
     entry = bundle.metadata["models"]["fp16"]

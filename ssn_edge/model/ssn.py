@@ -187,6 +187,7 @@ class SSNHeads(nn.Module):
         super().__init__()
         width = cfg.adaptor_channels or channels
         self.cls_input = cfg.cls_input
+        self.score_anchor = getattr(cfg, "score_anchor", "none")  # getattr: configs from before the option
         self.adaptor = nn.Conv2d(channels, width, 1)
         kind = getattr(cfg, "cls_head", "full")  # getattr: a config object from before cls_head existed
         self.cam = kind == "cam"
@@ -208,6 +209,10 @@ class SSNHeads(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if self.score_anchor == "map_max":
+            # Start at the map's max: the head then only learns what improves on it.
+            nn.init.zeros_(self.classification.fc.weight)
+            nn.init.zeros_(self.classification.fc.bias)
 
     def decide(self, adapted: Tensor, cls_features: Tensor, detach_map: bool = False) -> tuple[Tensor, Tensor]:
         """Map logits (B, 1, h, w) and score logits (B,) from (possibly noised) adapted features.
@@ -219,6 +224,8 @@ class SSNHeads(nn.Module):
         map_logits = self.segmentation(adapted)
         cls_map = map_logits.detach() if detach_map else map_logits
         score = self.classification(cls_features, cls_map)
+        if self.score_anchor == "map_max":
+            score = score + cls_map.amax(dim=(1, 2, 3)).to(score.dtype)
         return map_logits, score
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
