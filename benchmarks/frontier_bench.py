@@ -250,9 +250,11 @@ def checks(acc: list[dict]) -> list[str]:
                 da, du = full["image_auroc"] - lt["image_auroc"], full["pixel_aupro"] - lt["pixel_aupro"]
                 ok = da <= 1.0 and du <= 2.0
                 name = "full head" if full_variant == "adaptive_noise" else f"full head with the same score ({full_variant})"
+                gap = lambda d: f"{abs(d):.2f} {'below' if d > 0 else 'above'}"  # noqa: E731
                 lines.append(f"{where}: {light} vs {name}, image AUROC {lt['image_auroc']:.2f} vs {full['image_auroc']:.2f} "
-                             f"({da:+.2f} below; target <= 1), AUPRO {lt['pixel_aupro']:.2f} vs {full['pixel_aupro']:.2f} "
-                             f"({du:+.2f} below; target <= 2) (seeds {seeds}): {'met' if ok else 'NOT met'}")
+                             f"({gap(da)}; target: at most 1 below), AUPRO {lt['pixel_aupro']:.2f} vs "
+                             f"{full['pixel_aupro']:.2f} ({gap(du)}; target: at most 2 below) (seeds {seeds}): "
+                             f"{'met' if ok else 'NOT met'}")
     return lines
 
 

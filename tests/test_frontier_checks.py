@@ -18,7 +18,17 @@ def test_light_head_check_uses_the_margins_and_common_seeds():
     assert "seeds [0, 1]" in line and line.endswith(": met")
     acc.append(_rec("light_head", 1, 78.0, 58.0, cur))  # a rerun of seed 1 replaces it: 1.4 points below
     (line,) = [c for c in fb.checks(acc) if "light_head" in c]
-    assert line.endswith("NOT met") and "+1.40 below" in line
+    assert line.endswith("NOT met") and "(1.40 below;" in line
+
+
+def test_an_anchored_light_head_is_checked_against_both_full_heads():
+    cur = fb.RECIPES["mvtec_bottle"]
+    acc = [_rec("adaptive_noise", 0, 90.0, 60.0, cur, "mvtec_bottle"), _rec("anchored_score", 0, 95.0, 60.0, cur, "mvtec_bottle"),
+           _rec("light_head_anchored", 0, 93.5, 61.0, cur, "mvtec_bottle")]
+    paper, same = [c for c in fb.checks(acc) if "light_head_anchored" in c]
+    # above the paper's full head (met), 1.5 below the full head with the same score (not met)
+    assert "vs full head," in paper and "(3.50 above;" in paper and paper.endswith(": met")
+    assert "(anchored_score)" in same and "(1.50 below;" in same and same.endswith("NOT met")
 
 
 def test_noise_check_is_per_recipe_and_needs_both_metrics():
