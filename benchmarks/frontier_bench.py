@@ -49,7 +49,8 @@ VARIANTS: dict[str, dict] = {
 LIGHT_HEADS = ("light_head", "light_separable", "light_bottleneck", "light_head_anchored")  # the light-head variants
 # The full-head variant each light head is measured against besides the paper's (adaptive_noise): same score.
 SAME_SCORE = {"light_head_anchored": "anchored_score"}
-# The head whose latency a variant's row shows (latency records name heads: full_head or a LIGHT_HEADS variant).
+# The head whose latency a variant's row shows (latency records name heads: full_head, full_head_anchored or a
+# LIGHT_HEADS variant).
 HEAD_OF = {**{v: v for v in LIGHT_HEADS}, "light_head_learned_noise": "light_head",
            "anchored_score": "full_head_anchored"}  # the rest use the full head
 
@@ -221,6 +222,7 @@ def by_seed(acc: list[dict]) -> dict[tuple, dict[int, dict]]:
 def checks(acc: list[dict]) -> list[str]:
     """The issue's checks 1 and 2 on FP32 means, per dataset and recipe, over the seeds both variants have."""
     groups = by_seed(acc)
+    gap = lambda d: f"{abs(d):.2f} {'below' if d > 0 else 'above'}"  # noqa: E731  (d: full minus light)
     lines = []
     for dataset, recipe in sorted({(r["dataset"], recipe_of(r)) for r in acc}):
         def pair(a: str, b: str):
@@ -250,7 +252,6 @@ def checks(acc: list[dict]) -> list[str]:
                 da, du = full["image_auroc"] - lt["image_auroc"], full["pixel_aupro"] - lt["pixel_aupro"]
                 ok = da <= 1.0 and du <= 2.0
                 name = "full head" if full_variant == "adaptive_noise" else f"full head with the same score ({full_variant})"
-                gap = lambda d: f"{abs(d):.2f} {'below' if d > 0 else 'above'}"  # noqa: E731
                 lines.append(f"{where}: {light} vs {name}, image AUROC {lt['image_auroc']:.2f} vs {full['image_auroc']:.2f} "
                              f"({gap(da)}; target: at most 1 below), AUPRO {lt['pixel_aupro']:.2f} vs "
                              f"{full['pixel_aupro']:.2f} ({gap(du)}; target: at most 2 below) (seeds {seeds}): "
