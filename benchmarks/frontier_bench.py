@@ -36,12 +36,12 @@ EARLIER = {"mvtec_bottle": "recipes/mvtec_resnet18_cpu.yaml", "magnetic_tile": "
 VARIANTS: dict[str, dict] = {
     "fixed_noise": {"noise.kind": "fixed", "noise.sigma": 0.015, "noise.smooth": None},  # the paper's noise
     "adaptive_noise": {},  # the CPU recipes' noise: sigma x per-channel std
-    "learned_noise": {"noise.kind": "learned", "noise.beta": 0.5},
+    "learned_noise": {"noise.kind": "learned", "noise.beta": 1.5},  # starts at about adaptive sigma 1.0 (generator.py)
     "light_head": {"model.cls_head": "light"},
     # two other light heads, measured against light_head's design (ssn_edge/model/ssn.py)
     "light_separable": {"model.cls_head": "light_separable"},
     "light_bottleneck": {"model.cls_head": "light_bottleneck"},
-    "light_head_learned_noise": {"model.cls_head": "light", "noise.kind": "learned", "noise.beta": 0.5},
+    "light_head_learned_noise": {"model.cls_head": "light", "noise.kind": "learned", "noise.beta": 1.5},
     # the score as a learned correction to the map's max logit (model.score_anchor), on the full and the light head
     "anchored_score": {"model.score_anchor": "map_max"},
     "light_head_anchored": {"model.cls_head": "light", "model.score_anchor": "map_max"},

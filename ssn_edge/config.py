@@ -55,8 +55,9 @@ class NoiseConfig:
     smooth: float | None = None  # blur the Gaussian noise spatially with this sigma (feature pixels), same variance
     perlin_threshold: float = 0.2  # 0.2 MVTec AD; 0.6 for thin, small defects (VisA, KSDD2)
     empty_prob: float = 0.5  # probability that a sample gets no synthetic anomaly
-    # kind "learned" only (spec 4): eps = tanh(G(A, z)) * beta * per-channel std(A), G trained adversarially.
-    beta: float = 0.1  # bound on |eps| relative to each channel's feature std (0.05: detection, 0.1: localisation)
+    # kind "learned" only (spec 4): eps = tanh(n + G(A, n, z)) * beta * per-channel std(A), n unit noise blurred by
+    # smooth, G trained adversarially (ssn_edge.model.generator).
+    beta: float = 0.1  # bound on |eps| relative to each channel's feature std (1.5: about adaptive sigma 1.0 at start)
     z_dim: int = 16  # random vector fed to G (stochasticity)
     gen_hidden: int = 128  # G's hidden width (1x1 convs)
     gen_lr: float = 1e-4  # G's AdamW learning rate

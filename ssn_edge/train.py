@@ -295,7 +295,7 @@ def build_generator(model: SuperSimpleNet, recipe: Recipe) -> tuple[NoiseGenerat
         raise ValueError(f"noise.heads_per_gen must be >= 1, got {n.heads_per_gen}")
     if n.mag_weight < 0:
         raise ValueError(f"noise.mag_weight must be >= 0, got {n.mag_weight}")
-    generator = NoiseGenerator(model.heads.adaptor.out_channels, n.z_dim, n.gen_hidden, n.beta)
+    generator = NoiseGenerator(model.heads.adaptor.out_channels, n.z_dim, n.gen_hidden, n.beta, n.smooth)
     return generator, torch.optim.AdamW(generator.parameters(), lr=n.gen_lr)
 
 

@@ -219,14 +219,17 @@ def test_generator_is_bounded_by_beta_std_relative_and_masked():
     scales = torch.logspace(-2, 1, 12)[None, :, None, None]  # channels 0.01 .. 10
     feats = (torch.randn(4, 12, 8, 8) * scales + 3.0).requires_grad_()
     gen = NoiseGenerator(12, z_dim=4, hidden=16, beta=0.05)
-    z = torch.randn(4, 4)
-    out = gen.perturb(feats, z)
+    z, n = torch.randn(4, 4), torch.randn(4, 12, 8, 8)
+    out = gen.perturb(feats, z, n)
     std = feats.detach().std(dim=(0, 2, 3), keepdim=True, correction=0)
     assert out.eps.shape == feats.shape
     assert (out.eps.abs() <= 0.05 * std + 1e-6).all()
     assert out.eps.abs().amax(dim=(0, 2, 3)).min() > 0  # every channel perturbed, small ones too
     # beta is relative to the feature scale: 100x the features, 100x the noise (same z).
-    err = (gen(feats.detach() * 100, z) - out.eps * 100).abs() / (100 * out.scale)
+    with torch.no_grad():
+        gen.net[-1].weight.normal_()  # a trained G, not the zero-init one: its input features matter too
+    out = gen.perturb(feats, z, n)
+    err = (gen(feats.detach() * 100, z, n) - out.eps * 100).abs() / (100 * out.scale)
     assert err.max() < 1e-3  # relative to the bound: float32 rounding of small channels around a large mean
     # G never trains the adaptor: its input is detached.
     out.eps.sum().backward()
@@ -241,6 +244,24 @@ def test_generator_is_bounded_by_beta_std_relative_and_masked():
     assert (delta.amax(dim=1, keepdim=True)[mask.bool()] > 0).all()
     stats = out.stats()
     assert 0 < stats["eps_rel_mean"] <= 0.05 and 0 <= stats["eps_saturated"] <= 1
+
+
+def test_generator_starts_as_bounded_smooth_noise_and_varies_over_the_map():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 12, 16, 16) * 3.0
+    gen = NoiseGenerator(12, z_dim=4, hidden=16, beta=1.5, smooth=1.0)
+    n = torch.randn(2, 12, 16, 16)
+    out = gen.perturb(feats, torch.randn(2, 4), n)
+    std = feats.std(dim=(0, 2, 3), keepdim=True, correction=0)
+    # Zero-init last layer: G starts as tanh(n) scaled, whatever the features, so no learnt shape yet.
+    assert torch.allclose(out.eps, torch.tanh(n) * 1.5 * std, atol=1e-6)
+    # Drawn without n: blurred unit noise, so neighbouring pixels correlate and the map is not constant.
+    drawn = gen.perturb(feats).unit
+    assert drawn.std(dim=(2, 3)).min() > 0.1
+    right = torch.corrcoef(torch.stack([drawn[..., :-1].flatten(), drawn[..., 1:].flatten()]))[0, 1]
+    assert right > 0.5
+    iid = NoiseGenerator(12, z_dim=4, hidden=16, beta=1.5).perturb(feats).unit  # smooth None: i.i.d. pixels
+    assert abs(torch.corrcoef(torch.stack([iid[..., :-1].flatten(), iid[..., 1:].flatten()]))[0, 1]) < 0.1
 
 
 def _gen_setup(**noise):
@@ -322,7 +343,10 @@ def test_learned_noise_training_logs_learns_and_resumes(tmp_path):
     frozen = train(_recipe(model_kw, {**noise, "heads_per_gen": 10**6}, epochs=2), arrays, tmp_path / "frozen", progress=False)
     g_full, g_init = state["generator"]["state"], load_checkpoint(frozen.checkpoint)["generator"]["state"]
     assert g_full.keys() == g_init.keys()
-    assert all(not torch.equal(g_full[k], g_init[k]) for k in g_full)
+    # The output layer starts at zero (G starts as plain noise), so one step moves it; the first layer's bias
+    # gets its first gradient only once the output layer is non-zero.
+    assert not torch.equal(g_full["net.2.weight"], g_init["net.2.weight"])
+    assert not torch.equal(g_full["net.0.weight"], g_init["net.0.weight"])
 
     # --resume restores heads, generator, both optimisers and the step counter: the same weights as one run.
     half = train(_recipe(model_kw, noise, epochs=1), arrays, tmp_path / "half", progress=False)
