@@ -91,6 +91,9 @@ class TrainConfig:
     # map (ssn_edge.pseudo): its top pseudo_top fraction of pixels, a margin around them unknown. None: off.
     pseudo_mask_epoch: int | None = None
     pseudo_top: float = 0.01
+    # mixed: the share of each batch's defective half drawn from defects with a mask, the rest from label-only
+    # ones; None: uniform over all defects, so with masks on 10 % of them a batch of 8 defects holds 0.8 masks.
+    masked_share: float | None = None
 
 
 @dataclass
@@ -217,6 +220,9 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     recipe = _build(Recipe, values, "")
     if recipe.model.score_anchor != "none" and recipe.model.cls_head == "cam":
         raise RecipeError("model.score_anchor: the CAM head has no segmentation map to anchor its score to; use none")
+    share = recipe.train.masked_share
+    if share is not None and not 0.0 <= share <= 1.0:
+        raise RecipeError(f"train.masked_share must be between 0 and 1 (or null), got {share}")
     return recipe
 
 

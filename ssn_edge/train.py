@@ -64,6 +64,19 @@ class TrainItems:
         return np.concatenate([self.normal, self.defective]) if len(self.defective) else self.normal
 
 
+def draw_defective(defective: np.ndarray, mask_valid: np.ndarray, n: int, share: float | None,
+                   rng: np.random.Generator) -> np.ndarray:
+    """n (image, view) pairs for a batch's defective half, with replacement. share (train.masked_share): that
+    fraction from defects with a mask and the rest from label-only ones, so a few masks are not drowned out by
+    many labels (mixed); None, or only one kind present: uniform over all."""
+    has_mask = mask_valid[defective[:, 0]]
+    if share is None or has_mask.all() or not has_mask.any():
+        return defective[rng.integers(0, len(defective), n)]
+    k = int(round(n * share))
+    masked, label_only = defective[has_mask], defective[~has_mask]
+    return np.concatenate([masked[rng.integers(0, len(masked), k)], label_only[rng.integers(0, len(label_only), n - k)]])
+
+
 def make_items(arrays: ArraySet, recipe: Recipe) -> TrainItems:
     good = np.flatnonzero(arrays.labels == 0)
     bad = np.flatnonzero(arrays.labels == 1)
@@ -422,7 +435,8 @@ def train(
         if supervised:
             order = rng.permutation(len(items.normal))
             batches = [
-                np.concatenate([items.normal[order[s : s + half]], items.defective[rng.integers(0, len(items.defective), half)]])
+                np.concatenate([items.normal[order[s : s + half]],
+                                draw_defective(items.defective, train_arrays.mask_valid, half, t.masked_share, rng)])
                 for s in range(0, len(order), half)
             ]
         else:

@@ -29,6 +29,19 @@ def test_an_anchored_light_head_is_checked_against_both_full_heads():
     # above the paper's full head (met), 1.5 below the full head with the same score (not met)
     assert "vs full head," in paper and "(3.50 above;" in paper and paper.endswith(": met")
     assert "(anchored_score)" in same and "(1.50 below;" in same and same.endswith("NOT met")
+    assert "latency not timed" in paper
+
+
+def test_the_light_head_check_needs_the_latency_half_when_timed():
+    cur = fb.RECIPES["mvtec_bottle"]
+    acc = [_rec("adaptive_noise", 0, 90.0, 60.0, cur, "mvtec_bottle"), _rec("anchored_score", 0, 90.0, 60.0, cur, "mvtec_bottle"),
+           _rec("light_head_anchored", 0, 90.0, 60.0, cur, "mvtec_bottle")]
+    fast = {("full_head", "int8"): 20.0, ("full_head_anchored", "int8"): 25.0, ("light_head_anchored", "int8"): 11.0}
+    paper, same = [c for c in fb.checks(acc, fast) if "light_head_anchored" in c]
+    assert "0.550x" in paper and paper.endswith(": met") and "0.440x" in same and same.endswith(": met")
+    slow = {**fast, ("light_head_anchored", "int8"): 13.0}  # 0.65 of the paper's full head, 0.52 of the anchored one
+    paper, same = [c for c in fb.checks(acc, slow) if "light_head_anchored" in c]
+    assert "0.650x" in paper and paper.endswith("NOT met") and same.endswith(": met")
 
 
 def test_noise_check_is_per_recipe_and_needs_both_metrics():

@@ -215,3 +215,29 @@ def test_weak_run_switches_to_pseudo_masks_at_the_recipes_epoch(tmp_path, manife
     history = load_checkpoint(result.checkpoint)["history"]
     assert "pseudo_masked" not in history[0] and history[1]["pseudo_candidates"] == 9
     assert all(np.isfinite(r["loss"]) for r in history)
+
+
+def test_masked_share_draws_that_share_of_a_batchs_defects_from_masked_images():
+    from ssn_edge.train import draw_defective
+
+    defective = np.array([[i, v] for i in range(10) for v in range(2)])  # 10 images x 2 flip views
+    mask_valid = np.zeros(12, dtype=bool)
+    mask_valid[3] = True  # masks on 1 image of 10 (2 items of 20)
+    drawn = draw_defective(defective, mask_valid, 8, 0.5, np.random.default_rng(0))
+    assert drawn.shape == (8, 2) and mask_valid[drawn[:, 0]].sum() == 4
+    assert set(map(tuple, drawn[:4])) <= {(3, 0), (3, 1)}
+    # None: uniform, the masked image about 10 % of draws
+    uniform = draw_defective(defective, mask_valid, 4000, None, np.random.default_rng(0))
+    assert 0.07 < mask_valid[uniform[:, 0]].mean() < 0.13
+    # share 0 draws no mask; with only one kind present the share cannot apply: uniform over what there is
+    assert not mask_valid[draw_defective(defective, mask_valid, 8, 0.0, np.random.default_rng(1))[:, 0]].any()
+    all_masked = np.ones(12, dtype=bool)
+    assert len(draw_defective(defective, all_masked, 8, 0.5, np.random.default_rng(1))) == 8
+
+
+def test_masked_share_is_validated():
+    from ssn_edge.config import RecipeError, recipe_from_dict
+
+    with pytest.raises(RecipeError, match="masked_share"):
+        recipe_from_dict({"train": {"masked_share": 1.5}})
+    assert recipe_from_dict({"train": {"masked_share": 0.5}}).train.masked_share == 0.5
