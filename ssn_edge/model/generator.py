@@ -5,10 +5,9 @@
 n is unit Gaussian noise over the map, blurred like the adaptive noise (noise.smooth), and G is two 1x1 convs
 over concat(A, n, z): the adapted features A (detached: G never trains the adaptor), n, and a random vector z
 broadcast over the map. G's last layer starts at zero, so training starts from bounded adaptive noise and G
-learns an adversarial *departure* from it. Why: with z a vector and no n (the first design), every pixel's
-perturbation was a function of its own features plus one per-image offset, so the noise had almost no
-spatial randomness of its own and shrank to nothing where A is near its mean; on bottle that run localised
-worse than chance (pixel AUROC 38 after 3 epochs) and, at beta 1.0 over 12 epochs, collapsed (AUPRO 14).
+learns an adversarial *departure* from it. Why: in the first design (G over concat(A, z), z a vector, no n)
+the perturbation's pattern over the map came from A alone, z being constant over it, and training on it went
+badly: on bottle, pixel AUROC 38 after 3 epochs (fixed noise: 71) and, at beta 1.0 over 12 epochs, AUPRO 14.
 
 std(A) is each channel's standard deviation over the batch and the map, detached. Because of that factor,
 beta is *relative to the feature scale*: |eps| <= beta * std per channel, so the same beta means the same
