@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ssn_edge.model.noise import smooth_unit_noise
+from ssn_edge.model.noise import unit_noise
 
 SATURATED = 0.95  # |tanh| above this counts as saturated in the logged statistics
 
@@ -93,9 +93,7 @@ class NoiseGenerator(nn.Module):
         if z is None:
             z = torch.randn(a.shape[0], self.z_dim)
         if noise is None:
-            noise = torch.randn_like(x)
-            if self.smooth:
-                noise = smooth_unit_noise(noise, self.smooth)
+            noise = unit_noise(x, self.smooth)
         zmap = z.to(x.dtype)[:, :, None, None].expand(-1, -1, *a.shape[-2:])
         n = noise.to(x.dtype)
         unit = torch.tanh(n + self.net(torch.cat([x, n, zmap], dim=1)))

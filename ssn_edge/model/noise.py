@@ -34,11 +34,16 @@ def smooth_unit_noise(eps: Tensor, sigma: float) -> Tensor:
     return F.conv2d(F.pad(eps, (radius, radius, 0, 0), mode="reflect" if eps.shape[-1] > radius else "replicate"), kw, groups=c)
 
 
+def unit_noise(like: Tensor, smooth: float | None) -> Tensor:
+    """Unit Gaussian noise (float32) with the shape of `like`, blurred by `smooth` (feature pixels) when set:
+    what the fixed and adaptive noise scale, and what the learned generator starts from."""
+    eps = torch.randn_like(like, dtype=torch.float32)
+    return smooth_unit_noise(eps, smooth) if smooth else eps
+
+
 def sample_noise(features: Tensor, cfg: NoiseConfig) -> Tensor:
     """eps with the shape of `features` (B, C, h, w)."""
-    eps = torch.randn_like(features, dtype=torch.float32)
-    if cfg.smooth:
-        eps = smooth_unit_noise(eps, cfg.smooth)
+    eps = unit_noise(features, cfg.smooth)
     if cfg.kind == "fixed":
         return eps * cfg.sigma
     if cfg.kind == "adaptive":
