@@ -9,9 +9,11 @@ the same annotated subset for every seed). Variants (all ResNet18, the same test
   cam           recipes/magnetic_tile_weak.yaml + cam     class-activation-map baseline, image labels only
   ssn_weak      recipes/magnetic_tile_weak.yaml           SSN: image labels on real defects, pixels from synthetic ones
   ssn_weak_pseudo  the same, + pseudo-masks from epoch 2    the map's top region on real defects, a margin unknown
+  ssn_weak_detached  + train.label_only_score_to_map false: real defects supervise the image score only
   ssn_weak_anchored, mixed_10_anchored  + model.score_anchor map_max: label-only defects' score loss reaches the map's max
   mixed_10/50   recipes/magnetic_tile_mixed.yaml          masks on 10 % / 50 % of the defects, labels on the rest
   mixed_10_balanced  mixed_10, half of each batch's defects from the masked ones (train.masked_share 0.5)
+  mixed_10_balanced_detached  + train.label_only_score_to_map false: a mask-less defect's score loss stays off the map
   supervised    recipes/magnetic_tile_supervised.yaml     every mask
 Each run's PyTorch FP32 metrics and its exported INT8 model's (OpenVINO) go to benchmarks/results/weak.json.
 """
@@ -39,6 +41,9 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "cam": ("recipes/magnetic_tile_weak.yaml", {"model.cls_head": "cam"}, "weak"),
     "ssn_weak": ("recipes/magnetic_tile_weak.yaml", {}, "weak"),
     "ssn_weak_pseudo": ("recipes/magnetic_tile_weak.yaml", {"train.pseudo_mask_epoch": 2}, "weak"),
+    # the issue's first suggestion: synthetic anomalies give the map its pixel targets, real weakly labelled defects
+    # supervise the image score only (their score loss stays off the map)
+    "ssn_weak_detached": ("recipes/magnetic_tile_weak.yaml", {"train.label_only_score_to_map": False}, "weak"),
     # the score as a correction to the map's max (model.score_anchor): a label-only defect's score loss then
     # reaches the map through its max, a multiple-instance signal where its mask is missing
     "ssn_weak_anchored": ("recipes/magnetic_tile_weak.yaml", {"model.score_anchor": "map_max"}, "weak"),
@@ -47,6 +52,10 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "mixed_10_anchored": ("recipes/magnetic_tile_mixed.yaml", {"data.mask_fraction": 0.1, "model.score_anchor": "map_max"}, "mixed"),
     # half of each batch's defects drawn from the 10 % with masks (train.masked_share), not 1 in 10
     "mixed_10_balanced": ("recipes/magnetic_tile_mixed.yaml", {"data.mask_fraction": 0.1, "train.masked_share": 0.5}, "mixed"),
+    # and the label-only defects' score loss kept off the map: with no pixel loss on those images to hold it,
+    # it could only push their whole map up
+    "mixed_10_balanced_detached": ("recipes/magnetic_tile_mixed.yaml", {"data.mask_fraction": 0.1, "train.masked_share": 0.5,
+                                                                        "train.label_only_score_to_map": False}, "mixed"),
     "supervised": ("recipes/magnetic_tile_supervised.yaml", {}, "supervised"),
 }
 KEYS = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap", "pixel_auroc")
@@ -127,7 +136,7 @@ def table(args) -> None:
         return f"seeds {','.join(map(str, seeds))}" + ("" if len(seeds) >= 3 else f": {len(seeds)} of the 3 the issue asks")
 
     checks = []
-    for ours in ("ssn_weak", "ssn_weak_pseudo", "ssn_weak_anchored"):
+    for ours in ("ssn_weak", "ssn_weak_pseudo", "ssn_weak_anchored", "ssn_weak_detached"):
         if (p := paired(ours, "supervised")):
             weak, sup, seeds = p
             gap = sup["image_auroc"] - weak["image_auroc"]
@@ -139,7 +148,7 @@ def table(args) -> None:
             ratio = weak["pixel_ap"] / max(cam["pixel_ap"], 1e-9)
             checks.append(f"{ours} pixel AP {weak['pixel_ap']:.2f} vs CAM {cam['pixel_ap']:.2f}: {ratio:.2f}x "
                           f"(target >= 3): {'met' if ratio >= 3 else 'NOT met'} ({seeds_note(seeds)})")
-    for ours in ("mixed_10", "mixed_10_anchored", "mixed_10_balanced"):
+    for ours in ("mixed_10", "mixed_10_anchored", "mixed_10_balanced", "mixed_10_balanced_detached"):
         if (p := paired(ours, "supervised")):
             mixed, sup, seeds = p
             for m in ("pixel_aupro", "pixel_ap"):

@@ -94,6 +94,10 @@ class TrainConfig:
     # mixed: the share of each batch's defective half drawn from defects with a mask, the rest from label-only
     # ones; None: uniform over all defects, so with masks on 10 % of them a batch of 8 defects holds 0.8 masks.
     masked_share: float | None = None
+    # weak/mixed: whether a label-only defect's score loss reaches the map (through the classification head's
+    # map input). True (paper): the score bends the map on every defective image. False: only where the pixels'
+    # truth is known, so 90 % mask-less defects cannot push their whole map up with no pixel loss to hold it.
+    label_only_score_to_map: bool = True
 
 
 @dataclass

@@ -270,7 +270,10 @@ def train_step(
     # ~mask_valid: defective, mask unknown; unknown pixels in view: may hold the defect, so not called normal
     label = ((target.flatten(1).amax(1) > 0) | ~mask_valid | ~known.flatten(1).all(1)).float()
 
-    map_logits, score = model.heads.decide(noised, cls_features, detach_map=not supervised)
+    detach: bool | Tensor = not supervised
+    if supervised and not t.label_only_score_to_map:
+        detach = ~mask_valid  # label-only defects: their score loss stays off the map
+    map_logits, score = model.heads.decide(noised, cls_features, detach_map=detach)
     if model.heads.cam:
         # The CAM baseline learns from image labels alone (real and synthetic): its map gets no pixel loss.
         cls = focal_loss(score, label, gamma=t.cls_focal_gamma)

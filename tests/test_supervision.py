@@ -241,3 +241,33 @@ def test_masked_share_is_validated():
     with pytest.raises(RecipeError, match="masked_share"):
         recipe_from_dict({"train": {"masked_share": 1.5}})
     assert recipe_from_dict({"train": {"masked_share": 0.5}}).train.masked_share == 0.5
+
+
+@pytest.mark.parametrize("to_map, rows, reaches", [(True, [2], True), (False, [2], False), (False, [1], True)])
+def test_label_only_score_to_map_decides_whether_a_mask_less_defects_score_bends_the_map(monkeypatch, to_map, rows, reaches):
+    """Only the score's loss is kept, so any gradient in the segmentation head came through the map input of the
+    classification head: row 1 is a defect with a mask, row 2 one with its label only."""
+    import ssn_edge.train as tr
+    from ssn_edge.model.losses import focal_loss
+    from ssn_edge.model.ssn import SuperSimpleNet
+
+    d = tiny_recipe_dict(Path("unused"))
+    d["train"].update(setting="mixed", label_only_score_to_map=to_map)
+    recipe = recipe_from_dict(d)
+    arrays = _arrays(1, masked=1, unmasked=1, size=64)
+    torch.manual_seed(0)
+    model = SuperSimpleNet(recipe.model)
+    chunk = np.array([[r, 0] for r in rows])
+    l2, l3 = model.features.raw(torch.from_numpy(arrays.images[rows]))
+    gt, valid = tr.feature_masks(arrays, chunk, (16, 16))
+    monkeypatch.setattr(tr, "ssn_loss", lambda m, score, target, label, pv, **kw: (focal_loss(score, label, gamma=0.0), {}))
+    loss, _ = tr.train_step(model, recipe, l2, l3, gt, valid, np.random.default_rng(0))
+    loss.backward()
+    seg = sum(float(p.grad.abs().sum()) for p in model.heads.segmentation.parameters() if p.grad is not None)
+    assert (seg > 0) == reaches
+    assert model.heads.classification.fc.weight.grad.abs().sum() > 0  # the score itself always learns
+
+
+def test_label_only_score_to_map_is_a_boolean():
+    with pytest.raises(RecipeError, match="label_only_score_to_map"):
+        recipe_from_dict({"train": {"label_only_score_to_map": "no"}})

@@ -214,15 +214,19 @@ class SSNHeads(nn.Module):
             nn.init.zeros_(self.classification.fc.weight)
             nn.init.zeros_(self.classification.fc.bias)
 
-    def decide(self, adapted: Tensor, cls_features: Tensor, detach_map: bool = False) -> tuple[Tensor, Tensor]:
+    def decide(self, adapted: Tensor, cls_features: Tensor, detach_map: bool | Tensor = False) -> tuple[Tensor, Tensor]:
         """Map logits (B, 1, h, w) and score logits (B,) from (possibly noised) adapted features.
 
-        detach_map: the unsupervised stop-grad, so the classification loss cannot bend the map.
+        detach_map: the unsupervised stop-grad, so the classification loss cannot bend the map; a (B,) bool
+        tensor stops it for those images only.
         """
         if self.cam:
             return self.classification(cls_features)
         map_logits = self.segmentation(adapted)
-        cls_map = map_logits.detach() if detach_map else map_logits
+        if isinstance(detach_map, Tensor):
+            cls_map = torch.where(detach_map[:, None, None, None], map_logits.detach(), map_logits)
+        else:
+            cls_map = map_logits.detach() if detach_map else map_logits
         score = self.classification(cls_features, cls_map)
         if self.score_anchor == "map_max":
             score = score + cls_map.amax(dim=(1, 2, 3)).to(score.dtype)
