@@ -91,6 +91,7 @@ class TrainConfig:
     # map (ssn_edge.pseudo): its top pseudo_top fraction of pixels, a margin around them unknown. None: off.
     pseudo_mask_epoch: int | None = None
     pseudo_top: float = 0.01
+    pseudo_rest: str = "normal"  # the pixels outside a pseudo-mask's defect and margin: "normal" or "unknown"
     # mixed: the share of each batch's defective half drawn from defects with a mask, the rest from label-only
     # ones; None: uniform over all defects, so with masks on 10 % of them a batch of 8 defects holds 0.8 masks.
     masked_share: float | None = None
@@ -98,6 +99,12 @@ class TrainConfig:
     # map input). True (paper): the score bends the map on every defective image. False: only where the pixels'
     # truth is known, so 90 % mask-less defects cannot push their whole map up with no pixel loss to hold it.
     label_only_score_to_map: bool = True
+    # weak/mixed: a multiple-instance loss on label-only defects. Each step, up to mil_items of the batch's
+    # defects without a mask get their *whole* map (no crop, no noise) and the mean of its top mil_top fraction
+    # of logits is pushed towards defect: some pixels of the image must be defective, which ones is unknown.
+    # The whole map, because a training crop may miss a small defect. None: off.
+    mil_top: float | None = None
+    mil_items: int = 4
 
 
 @dataclass
@@ -144,6 +151,7 @@ _CHOICES = {
     "noise.kind": ("fixed", "adaptive", "learned"),
     "train.setting": ("unsupervised", "supervised", "weak", "mixed", "auto"),
     "train.precision": ("fp32", "bf16"),
+    "train.pseudo_rest": ("normal", "unknown"),
     "tiling.mode": ("single", "ensemble"),
     "tiling.score": ("mean", "max", "map_max"),
 }
@@ -224,6 +232,11 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     recipe = _build(Recipe, values, "")
     if recipe.model.score_anchor != "none" and recipe.model.cls_head == "cam":
         raise RecipeError("model.score_anchor: the CAM head has no segmentation map to anchor its score to; use none")
+    mil = recipe.train.mil_top
+    if mil is not None and not 0.0 < mil <= 1.0:
+        raise RecipeError(f"train.mil_top must be in (0, 1] (or null), got {mil}")
+    if recipe.train.mil_items < 1:
+        raise RecipeError(f"train.mil_items must be >= 1, got {recipe.train.mil_items}")
     share = recipe.train.masked_share
     if share is not None and not 0.0 <= share <= 1.0:
         raise RecipeError(f"train.masked_share must be between 0 and 1 (or null), got {share}")

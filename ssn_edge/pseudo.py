@@ -27,6 +27,10 @@ from ssn_edge.data import ArraySet
 @dataclass(frozen=True)
 class PseudoMaskConfig:
     top: float = 0.01  # fraction of an image's pixels that may become defect
+    # "normal": a pixel outside the defect, its margin and the unsure band is taught as normal. "unknown":
+    # only the defect is taught, every other pixel stays unknown (positives only: a defect the map half-finds
+    # is not taught as half normal; Magnetic tile's uneven and fray defects cover a quarter of the image).
+    rest: str = "normal"
     unsure: float = 0.05  # the next-highest fraction up to this one is left unknown
     margin: int = 8  # pixels (image resolution) around the defect region left unknown
     normal_quantile: float = 0.999  # a defect pixel must exceed this quantile of normal training images' maps
@@ -44,8 +48,11 @@ def pseudo_masks(maps: np.ndarray, normal_level: float, cfg: PseudoMaskConfig) -
         if not d.any():
             unknown[i] = True  # nothing stands out: no pixel target at all, as before
             continue
-        ring = cv2.dilate(d.astype(np.uint8), kernel).astype(bool)
         defect[i] = d
+        if cfg.rest == "unknown":
+            unknown[i] = ~d
+            continue
+        ring = cv2.dilate(d.astype(np.uint8), kernel).astype(bool)
         unknown[i] = (ring | (m >= lo)) & ~d
     return defect, unknown
 

@@ -27,7 +27,7 @@ from ssn_edge.data import ArraySet
 from ssn_edge.evaluate import evaluate_model
 from ssn_edge.model.backbones import weights_fingerprint
 from ssn_edge.model.generator import NoiseGenerator
-from ssn_edge.model.losses import focal_loss, ssn_loss
+from ssn_edge.model.losses import focal_loss, ssn_loss, top_k_mil_loss
 from ssn_edge.model.noise import apply_noise, noise_sigma, sample_noise
 from ssn_edge.model.perlin import perlin_masks
 from ssn_edge.model.ssn import SuperSimpleNet
@@ -235,6 +235,11 @@ def train_step(
     t, n = recipe.train, recipe.noise
     supervised = t.setting != "unsupervised"  # real defects in the batch: the score may shape the map
     feats = model.features.merge(l2, l3)
+    mil = None
+    if t.mil_top is not None and supervised and not model.heads.cam and not generator_step:
+        label_only = torch.nonzero(~mask_valid).flatten()[: t.mil_items]
+        if len(label_only):  # before the crop: the whole map, clean, as at inference
+            mil = top_k_mil_loss(model.heads.segmentation(model.heads.adaptor(feats[label_only])), t.mil_top)
     feats, gt = _random_crop([feats, gt], crop, rng)
     if t.channels_last:
         feats = feats.contiguous(memory_format=torch.channels_last)
@@ -279,6 +284,9 @@ def train_step(
         cls = focal_loss(score, label, gamma=t.cls_focal_gamma)
         return cls, {"cls_focal": float(cls.detach())}
     loss, parts = ssn_loss(map_logits, score, target, label, pixel_valid, cls_gamma=t.cls_focal_gamma)
+    if mil is not None:
+        loss = loss + mil
+        parts["mil"] = float(mil.detach())
     if generator is None:
         return loss, parts
     parts.update(generated.stats())
@@ -380,6 +388,7 @@ def train(
     # Resolve the supervision first: "auto" becomes what the data allows, weak drops every mask, and the
     # checkpoint (and so the bundle) records the setting that actually trained the model.
     train_arrays, supervision = apply_setting(train_arrays, recipe.train.setting, recipe.data.mask_fraction)
+    annotated = train_arrays.mask_valid.copy()  # real masks: pseudo-masks must not change the batch balance
     log.info("training data: %s", supervision.describe())
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, setting=supervision.setting))
     t = recipe.train
@@ -432,14 +441,15 @@ def train(
         if t.pseudo_mask_epoch is not None and supervised and epoch == max(t.pseudo_mask_epoch, start_epoch):
             # Weak defects get pseudo-masks from the map the model has learned so far (ssn_edge.pseudo); a
             # resumed run makes them again from the resumed model.
-            train_arrays, pseudo = with_pseudo_masks(model, train_arrays, PseudoMaskConfig(top=t.pseudo_top), seed=t.seed)
+            config = PseudoMaskConfig(top=t.pseudo_top, rest=t.pseudo_rest)
+            train_arrays, pseudo = with_pseudo_masks(model, train_arrays, config, seed=t.seed)
             log.info("pseudo-masks: %d of %d label-only defective images (%.2f %% of their pixels marked defect)",
                      pseudo["pseudo_masked"], pseudo["pseudo_candidates"], 100 * pseudo.get("pseudo_defect_fraction", 0))
         if supervised:
             order = rng.permutation(len(items.normal))
             batches = [
                 np.concatenate([items.normal[order[s : s + half]],
-                                draw_defective(items.defective, train_arrays.mask_valid, half, t.masked_share, rng)])
+                                draw_defective(items.defective, annotated, half, t.masked_share, rng)])
                 for s in range(0, len(order), half)
             ]
         else:

@@ -78,3 +78,47 @@ def test_weak_run_with_pseudo_masks_records_how_many_it_made(tmp_path):
     assert out.mask_valid.all() and out.masks[3:].any() and not out.masks[:3].any()
     assert out.ignore is not None and not (out.ignore & out.masks).any()
     assert arrays.ignore is None and not arrays.masks.any()  # the caller's arrays are untouched
+
+
+def test_positives_only_pseudo_masks_leave_every_other_pixel_unknown():
+    cfg = PseudoMaskConfig(top=0.25, rest="unknown")
+    defect, unknown = pseudo_masks(_peaked()[None], normal_level=0.0, cfg=cfg)
+    peak = _peaked()
+    assert defect[0, 20, 40] and (defect[0] == (peak > 0.0)).all()  # every pixel above the normal level, no more
+    assert (unknown[0] == ~defect[0]).all()  # nothing is taught as normal, not even far away
+    # the top fraction still caps what one image can give
+    capped, _ = pseudo_masks(_peaked()[None], normal_level=-2.0, cfg=PseudoMaskConfig(top=0.01, rest="unknown"))
+    assert 0 < capped.sum() <= int(0.01 * 64 * 64) + 8  # + ties: the peak is rings of up to 8 equal pixels
+
+
+def test_top_k_mil_loss_pushes_only_the_highest_pixels_up():
+    from ssn_edge.model.losses import top_k_mil_loss
+
+    logits = torch.zeros(2, 1, 10, 10)
+    logits[:, 0, 3, 3] = 2.0
+    logits.requires_grad_(True)
+    loss = top_k_mil_loss(logits, top=0.01)  # k = 1 of 100 pixels
+    loss.backward()
+    grad = logits.grad[:, 0]
+    assert (grad[:, 3, 3] < 0).all()  # descent raises the top pixel
+    grad[:, 3, 3] = 0
+    assert (grad == 0).all()  # and no other: the rest of a label-only image is unknown, not normal
+    higher = logits.detach().clone()
+    higher[:, 0, 3, 3] = 4.0
+    assert top_k_mil_loss(higher, 0.01) < loss  # a more confident top region costs less
+
+
+def test_mil_loss_joins_the_step_only_for_defects_without_a_mask():
+    from ssn_edge.model.ssn import SuperSimpleNet
+
+    d = tiny_recipe_dict(Path("unused"))
+    d["train"].update(setting="weak", mil_top=0.05, mil_items=1)
+    recipe = recipe_from_dict(d)
+    model = SuperSimpleNet(recipe.model)
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32))
+    l2, l3 = model.features.raw(x)
+    gt = torch.zeros(2, 1, 16, 16)
+    _, parts, _ = loss_inputs(model, recipe, l2, l3, gt, torch.tensor([True, False]))
+    assert parts["mil"] > 0
+    _, parts, _ = loss_inputs(model, recipe, l2, l3, gt, torch.tensor([True, True]))
+    assert "mil" not in parts  # every mask known: nothing to learn by multiple instances

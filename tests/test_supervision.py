@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -271,3 +272,29 @@ def test_label_only_score_to_map_decides_whether_a_mask_less_defects_score_bends
 def test_label_only_score_to_map_is_a_boolean():
     with pytest.raises(RecipeError, match="label_only_score_to_map"):
         recipe_from_dict({"train": {"label_only_score_to_map": "no"}})
+
+
+def test_pseudo_masks_do_not_count_as_annotated_when_batches_are_balanced(tmp_path, manifest_dataset, monkeypatch):
+    import ssn_edge.train as tr
+    from ssn_edge.jobs import train_job
+
+    seen = []
+    original = tr.draw_defective
+
+    def spy(defective, mask_valid, n, share, rng):
+        seen.append(int(mask_valid[defective[:, 0]].sum()))
+        return original(defective, mask_valid, n, share, rng)
+
+    monkeypatch.setattr(tr, "draw_defective", spy)
+    make = tr.with_pseudo_masks  # a tiny model's map after one epoch stands out nowhere: take every map as defect
+    monkeypatch.setattr(tr, "with_pseudo_masks",
+                        lambda model, arrays, cfg, seed: make(model, arrays, dataclasses.replace(cfg, normal_quantile=0.0), seed=seed))
+    d = tiny_recipe_dict(manifest_dataset)
+    d["data"]["mask_fraction"] = 0.5
+    d["train"].update(setting="mixed", epochs=2, pseudo_mask_epoch=1, pseudo_rest="unknown", pseudo_top=0.5,
+                      masked_share=0.5)
+    result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False)
+    from ssn_edge.checkpoint import load_checkpoint
+    history = load_checkpoint(result.checkpoint)["history"]
+    assert history[1]["pseudo_masked"] > 0  # some label-only defects got a pseudo-mask ...
+    assert len(set(seen)) == 1 and seen[0] > 0  # ... yet the pool of annotated defects never grew

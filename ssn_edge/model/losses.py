@@ -38,6 +38,15 @@ def focal_loss(logits: Tensor, target: Tensor, gamma: float = 4.0, valid: Tensor
     return loss.mean()
 
 
+def top_k_mil_loss(map_logits: Tensor, top: float) -> Tensor:
+    """Multiple-instance loss for defective images whose mask is unknown: the mean of each map's top `top`
+    fraction of logits is pushed towards defect (cross-entropy with target 1). Only the pixels the map already
+    ranks highest are pushed, and no pixel is called normal."""
+    flat = map_logits.float().flatten(1)
+    k = max(1, int(round(top * flat.shape[1])))
+    return F.softplus(-flat.topk(k, dim=1).values.mean(1)).mean()
+
+
 def ssn_loss(
     map_logits: Tensor,
     score_logits: Tensor,
