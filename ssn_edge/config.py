@@ -92,6 +92,7 @@ class TrainConfig:
     pseudo_mask_epoch: int | None = None
     pseudo_top: float = 0.01
     pseudo_rest: str = "normal"  # the pixels outside a pseudo-mask's defect and margin: "normal" or "unknown"
+    pseudo_refresh: bool = False  # make them again at every later epoch, from the model as it is then
     # mixed: the share of each batch's defective half drawn from defects with a mask, the rest from label-only
     # ones; None: uniform over all defects, so with masks on 10 % of them a batch of 8 defects holds 0.8 masks.
     masked_share: float | None = None

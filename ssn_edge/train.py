@@ -389,6 +389,7 @@ def train(
     # checkpoint (and so the bundle) records the setting that actually trained the model.
     train_arrays, supervision = apply_setting(train_arrays, recipe.train.setting, recipe.data.mask_fraction)
     annotated = train_arrays.mask_valid.copy()  # real masks: pseudo-masks must not change the batch balance
+    as_given = train_arrays  # pseudo-masks are always made from this, so a refresh replaces the last ones
     log.info("training data: %s", supervision.describe())
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, setting=supervision.setting))
     t = recipe.train
@@ -438,11 +439,13 @@ def train(
     for epoch in bar:
         t0 = time.perf_counter()
         pseudo: dict[str, float] = {}
-        if t.pseudo_mask_epoch is not None and supervised and epoch == max(t.pseudo_mask_epoch, start_epoch):
+        first = t.pseudo_mask_epoch is not None and epoch == max(t.pseudo_mask_epoch, start_epoch)
+        again = t.pseudo_refresh and t.pseudo_mask_epoch is not None and epoch > max(t.pseudo_mask_epoch, start_epoch)
+        if supervised and (first or again):
             # Weak defects get pseudo-masks from the map the model has learned so far (ssn_edge.pseudo); a
             # resumed run makes them again from the resumed model.
             config = PseudoMaskConfig(top=t.pseudo_top, rest=t.pseudo_rest)
-            train_arrays, pseudo = with_pseudo_masks(model, train_arrays, config, seed=t.seed)
+            train_arrays, pseudo = with_pseudo_masks(model, as_given, config, seed=t.seed)
             log.info("pseudo-masks: %d of %d label-only defective images (%.2f %% of their pixels marked defect)",
                      pseudo["pseudo_masked"], pseudo["pseudo_candidates"], 100 * pseudo.get("pseudo_defect_fraction", 0))
         if supervised:

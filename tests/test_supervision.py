@@ -298,3 +298,23 @@ def test_pseudo_masks_do_not_count_as_annotated_when_batches_are_balanced(tmp_pa
     history = load_checkpoint(result.checkpoint)["history"]
     assert history[1]["pseudo_masked"] > 0  # some label-only defects got a pseudo-mask ...
     assert len(set(seen)) == 1 and seen[0] > 0  # ... yet the pool of annotated defects never grew
+
+
+def test_refreshed_pseudo_masks_are_remade_from_the_data_as_given_every_epoch(tmp_path, manifest_dataset, monkeypatch):
+    import ssn_edge.train as tr
+    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.jobs import train_job
+
+    make = tr.with_pseudo_masks  # every map taken as defect, so every candidate gets a pseudo-mask
+    monkeypatch.setattr(tr, "with_pseudo_masks",
+                        lambda model, arrays, cfg, seed: make(model, arrays, dataclasses.replace(cfg, normal_quantile=0.0), seed=seed))
+    d = tiny_recipe_dict(manifest_dataset)
+    d["train"].update(setting="weak", epochs=3, pseudo_mask_epoch=1, pseudo_rest="unknown", pseudo_refresh=True)
+    history = load_checkpoint(train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False).checkpoint)["history"]
+    assert "pseudo_candidates" not in history[0]
+    # the second time, the label-only defects are candidates again (not already "annotated" by the first pass)
+    assert history[1]["pseudo_candidates"] == history[2]["pseudo_candidates"] == 9
+    assert history[2]["pseudo_masked"] == 9
+    d["train"]["pseudo_refresh"] = False
+    history = load_checkpoint(train_job(recipe_from_dict(d), tmp_path / "once", progress=False, evaluate=False).checkpoint)["history"]
+    assert "pseudo_candidates" in history[1] and "pseudo_candidates" not in history[2]
