@@ -16,6 +16,7 @@ the same annotated subset for every seed). Variants (all ResNet18, the same test
   mixed_10_balanced_detached  + train.label_only_score_to_map false: a mask-less defect's score loss stays off the map
   mixed_10_balanced_pseudo  + pseudo-masks (positives only) on the label-only defects from epoch 2
   mixed_10_balanced_pseudo_refresh  the same from epoch 1, remade every epoch from the model as it is then
+  ssn_weak_detached_pseudo  ssn_weak_detached + the positives-only pseudo-masks of mixed_10_balanced_pseudo
   ssn_weak_mil  ssn_weak_detached + a top-1 % multiple-instance loss on label-only defects' whole maps
   supervised    recipes/magnetic_tile_supervised.yaml     every mask
 Each run's PyTorch FP32 metrics and its exported INT8 model's (OpenVINO) go to benchmarks/results/weak.json.
@@ -68,6 +69,10 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "mixed_10_balanced_pseudo_refresh": ("recipes/magnetic_tile_mixed.yaml", {"data.mask_fraction": 0.1, "train.masked_share": 0.5,
                                                                               "train.pseudo_mask_epoch": 1, "train.pseudo_rest": "unknown",
                                                                               "train.pseudo_top": 0.25, "train.pseudo_refresh": True}, "mixed"),
+    # weak with the same positives-only pseudo-masks (the weak map's confident pixels), score kept off the map
+    "ssn_weak_detached_pseudo": ("recipes/magnetic_tile_weak.yaml", {"train.label_only_score_to_map": False,
+                                                                      "train.pseudo_mask_epoch": 2, "train.pseudo_rest": "unknown",
+                                                                      "train.pseudo_top": 0.25}, "weak"),
     # a multiple-instance loss on each label-only defect's whole map (the mean of its top 1 % of logits towards
     # defect), the score loss kept off the map as in ssn_weak_detached
     "ssn_weak_mil": ("recipes/magnetic_tile_weak.yaml", {"train.label_only_score_to_map": False, "train.mil_top": 0.01}, "weak"),
