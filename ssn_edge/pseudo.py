@@ -16,7 +16,8 @@ Magnetic tile, masks on 10 % of the defects (variant mixed_10_balanced_pseudo, s
 2 of 4) pixel AP rose to 42.50 ± 3.60 from 36.76 ± 7.59 (higher on each seed), AUPRO 73.30 vs 75.59; supervised
 56.40 / 76.11. Remaking them every epoch from epoch 1 (train.pseudo_refresh) did not add to that (seeds 0-2: AP
 40.23, AUPRO 76.30). In the weak setting (ssn_weak_detached_pseudo, seed 0) AUPRO rose to 72.64 from 61.03 but
-pixel AP fell to 13.31 from 15.54. Against the hidden masks the final model's pseudo-masks were 84 % precise at 9 % recall (seed 0).
+pixel AP fell to 13.31 from 15.54. Against the hidden masks the final model's pseudo-masks were 84 % precise
+at 9 % recall (seed 0).
 """
 
 from __future__ import annotations

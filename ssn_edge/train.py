@@ -388,8 +388,9 @@ def train(
     # Resolve the supervision first: "auto" becomes what the data allows, weak drops every mask, and the
     # checkpoint (and so the bundle) records the setting that actually trained the model.
     train_arrays, supervision = apply_setting(train_arrays, recipe.train.setting, recipe.data.mask_fraction)
-    annotated = train_arrays.mask_valid.copy()  # real masks: pseudo-masks must not change the batch balance
-    as_given = train_arrays  # pseudo-masks are always made from this, so a refresh replaces the last ones
+    # Pseudo-masks are always made from the data as given (a refresh replaces the last ones), and the batch balance
+    # counts its real masks only (as_given.mask_valid), so pseudo-masks never pass for annotation.
+    as_given = train_arrays
     log.info("training data: %s", supervision.describe())
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, setting=supervision.setting))
     t = recipe.train
@@ -435,13 +436,13 @@ def train(
     ckpt_path = out_dir / "checkpoint.pt"
 
     model.heads.train()
+    pseudo_from = None if t.pseudo_mask_epoch is None else max(t.pseudo_mask_epoch, start_epoch)
     bar = tqdm(range(start_epoch, t.epochs), desc="train", disable=not progress, initial=start_epoch, total=t.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         pseudo: dict[str, float] = {}
-        first = t.pseudo_mask_epoch is not None and epoch == max(t.pseudo_mask_epoch, start_epoch)
-        again = t.pseudo_refresh and t.pseudo_mask_epoch is not None and epoch > max(t.pseudo_mask_epoch, start_epoch)
-        if supervised and (first or again):
+        make_pseudo = pseudo_from is not None and (epoch == pseudo_from or (t.pseudo_refresh and epoch > pseudo_from))
+        if supervised and make_pseudo:
             # Weak defects get pseudo-masks from the map the model has learned so far (ssn_edge.pseudo); a
             # resumed run makes them again from the resumed model.
             config = PseudoMaskConfig(top=t.pseudo_top, rest=t.pseudo_rest)
@@ -452,7 +453,7 @@ def train(
             order = rng.permutation(len(items.normal))
             batches = [
                 np.concatenate([items.normal[order[s : s + half]],
-                                draw_defective(items.defective, annotated, half, t.masked_share, rng)])
+                                draw_defective(items.defective, as_given.mask_valid, half, t.masked_share, rng)])
                 for s in range(0, len(order), half)
             ]
         else:

@@ -81,13 +81,12 @@ def test_weak_run_with_pseudo_masks_records_how_many_it_made(tmp_path):
 
 
 def test_positives_only_pseudo_masks_leave_every_other_pixel_unknown():
-    cfg = PseudoMaskConfig(top=0.25, rest="unknown")
-    defect, unknown = pseudo_masks(_peaked()[None], normal_level=0.0, cfg=cfg)
     peak = _peaked()
+    defect, unknown = pseudo_masks(peak[None], normal_level=0.0, cfg=PseudoMaskConfig(top=0.25, rest="unknown"))
     assert defect[0, 20, 40] and (defect[0] == (peak > 0.0)).all()  # every pixel above the normal level, no more
     assert (unknown[0] == ~defect[0]).all()  # nothing is taught as normal, not even far away
     # the top fraction still caps what one image can give
-    capped, _ = pseudo_masks(_peaked()[None], normal_level=-2.0, cfg=PseudoMaskConfig(top=0.01, rest="unknown"))
+    capped, _ = pseudo_masks(peak[None], normal_level=-2.0, cfg=PseudoMaskConfig(top=0.01, rest="unknown"))
     assert 0 < capped.sum() <= int(0.01 * 64 * 64) + 8  # + ties: the peak is rings of up to 8 equal pixels
 
 

@@ -274,8 +274,19 @@ def test_label_only_score_to_map_is_a_boolean():
         recipe_from_dict({"train": {"label_only_score_to_map": "no"}})
 
 
+def _every_map_a_defect(monkeypatch) -> None:
+    """A tiny model's map after an epoch stands out nowhere: pseudo-masks with the normal level at its lowest, so
+    every label-only defect gets one."""
+    import ssn_edge.train as tr
+
+    make = tr.with_pseudo_masks
+    monkeypatch.setattr(tr, "with_pseudo_masks",
+                        lambda model, arrays, cfg, seed: make(model, arrays, dataclasses.replace(cfg, normal_quantile=0.0), seed=seed))
+
+
 def test_pseudo_masks_do_not_count_as_annotated_when_batches_are_balanced(tmp_path, manifest_dataset, monkeypatch):
     import ssn_edge.train as tr
+    from ssn_edge.checkpoint import load_checkpoint
     from ssn_edge.jobs import train_job
 
     seen = []
@@ -286,28 +297,22 @@ def test_pseudo_masks_do_not_count_as_annotated_when_batches_are_balanced(tmp_pa
         return original(defective, mask_valid, n, share, rng)
 
     monkeypatch.setattr(tr, "draw_defective", spy)
-    make = tr.with_pseudo_masks  # a tiny model's map after one epoch stands out nowhere: take every map as defect
-    monkeypatch.setattr(tr, "with_pseudo_masks",
-                        lambda model, arrays, cfg, seed: make(model, arrays, dataclasses.replace(cfg, normal_quantile=0.0), seed=seed))
+    _every_map_a_defect(monkeypatch)
     d = tiny_recipe_dict(manifest_dataset)
     d["data"]["mask_fraction"] = 0.5
     d["train"].update(setting="mixed", epochs=2, pseudo_mask_epoch=1, pseudo_rest="unknown", pseudo_top=0.5,
                       masked_share=0.5)
     result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False)
-    from ssn_edge.checkpoint import load_checkpoint
     history = load_checkpoint(result.checkpoint)["history"]
     assert history[1]["pseudo_masked"] > 0  # some label-only defects got a pseudo-mask ...
     assert len(set(seen)) == 1 and seen[0] > 0  # ... yet the pool of annotated defects never grew
 
 
 def test_refreshed_pseudo_masks_are_remade_from_the_data_as_given_every_epoch(tmp_path, manifest_dataset, monkeypatch):
-    import ssn_edge.train as tr
     from ssn_edge.checkpoint import load_checkpoint
     from ssn_edge.jobs import train_job
 
-    make = tr.with_pseudo_masks  # every map taken as defect, so every candidate gets a pseudo-mask
-    monkeypatch.setattr(tr, "with_pseudo_masks",
-                        lambda model, arrays, cfg, seed: make(model, arrays, dataclasses.replace(cfg, normal_quantile=0.0), seed=seed))
+    _every_map_a_defect(monkeypatch)
     d = tiny_recipe_dict(manifest_dataset)
     d["train"].update(setting="weak", epochs=3, pseudo_mask_epoch=1, pseudo_rest="unknown", pseudo_refresh=True)
     history = load_checkpoint(train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False).checkpoint)["history"]
