@@ -32,7 +32,7 @@ from ssn_edge.model.noise import apply_noise, noise_sigma, sample_noise
 from ssn_edge.model.perlin import perlin_masks
 from ssn_edge.model.ssn import SuperSimpleNet
 from ssn_edge.model.tiled import crop_features
-from ssn_edge.pseudo import PseudoMaskConfig, with_pseudo_masks
+from ssn_edge.pseudo import KnnPseudoConfig, PseudoMaskConfig, knn_pseudo_masks, with_pseudo_masks
 from ssn_edge.supervision import apply_setting
 
 log = logging.getLogger("ssn_edge")
@@ -283,7 +283,8 @@ def train_step(
         # The CAM baseline learns from image labels alone (real and synthetic): its map gets no pixel loss.
         cls = focal_loss(score, label, gamma=t.cls_focal_gamma)
         return cls, {"cls_focal": float(cls.detach())}
-    loss, parts = ssn_loss(map_logits, score, target, label, pixel_valid, cls_gamma=t.cls_focal_gamma)
+    loss, parts = ssn_loss(map_logits, score, target, label, pixel_valid, cls_gamma=t.cls_focal_gamma,
+                           real=gt > 0.5, real_weight=t.real_pixel_weight)
     if mil is not None:
         loss = loss + mil
         parts["mil"] = float(mil.detach())
@@ -295,6 +296,12 @@ def train_step(
     penalty = generated.magnitude_penalty()
     parts.update(ssn=float(loss.detach()), mag=float(penalty.detach()))
     return -loss + n.mag_weight * penalty, parts
+
+
+@torch.no_grad()
+def _merged(model: SuperSimpleNet, source: FeatureSource, indices: np.ndarray) -> Tensor:
+    """The merged backbone features of images `indices` as training sees them unflipped (from the cache)."""
+    return model.features.merge(*source.get(np.stack([indices, np.zeros_like(indices)], axis=1)))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -441,14 +448,21 @@ def train(
     for epoch in bar:
         t0 = time.perf_counter()
         pseudo: dict[str, float] = {}
-        make_pseudo = pseudo_from is not None and (epoch == pseudo_from or (t.pseudo_refresh and epoch > pseudo_from))
-        if supervised and make_pseudo:
+        # The knn teacher does not change with the model: its pseudo-masks are made once.
+        refresh = t.pseudo_refresh and t.pseudo_source == "map"
+        make_pseudo = pseudo_from is not None and (epoch == pseudo_from or (refresh and epoch > pseudo_from))
+        if supervised and make_pseudo and t.pseudo_source == "knn":
+            config = KnnPseudoConfig(top=t.pseudo_top, border=t.pseudo_border)
+            train_arrays, pseudo = knn_pseudo_masks(lambda idx: _merged(model, source, idx), as_given, config, seed=t.seed)
+        elif supervised and make_pseudo:
             # Weak defects get pseudo-masks from the map the model has learned so far (ssn_edge.pseudo); a
             # resumed run makes them again from the resumed model.
             config = PseudoMaskConfig(top=t.pseudo_top, rest=t.pseudo_rest)
             train_arrays, pseudo = with_pseudo_masks(model, as_given, config, seed=t.seed)
-            log.info("pseudo-masks: %d of %d label-only defective images (%.2f %% of their pixels marked defect)",
-                     pseudo["pseudo_masked"], pseudo["pseudo_candidates"], 100 * pseudo.get("pseudo_defect_fraction", 0))
+        if pseudo:
+            log.info("pseudo-masks (%s): %d of %d label-only defective images (%.2f %% of their pixels marked defect)",
+                     t.pseudo_source, pseudo["pseudo_masked"], pseudo["pseudo_candidates"],
+                     100 * pseudo.get("pseudo_defect_fraction", 0))
         if supervised:
             order = rng.permutation(len(items.normal))
             batches = [

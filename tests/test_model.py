@@ -150,3 +150,31 @@ def test_score_focal_gamma_reaches_the_classification_loss():
     bce = torch.nn.functional.binary_cross_entropy_with_logits(score, label).item()
     assert g0["cls_focal"] == pytest.approx(bce, rel=1e-5)
     assert g4["cls_focal"] == pytest.approx(bce * (1 - torch.sigmoid(torch.tensor(1.0)).item()) ** 4, rel=1e-4)
+
+
+def test_real_pixel_weight_gives_a_small_real_defect_the_weight_of_all_synthetic_ones():
+    from ssn_edge.model.losses import ssn_loss
+
+    maps = torch.zeros(2, 1, 16, 16, requires_grad=True)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, :, :8] = 1.0  # half of each map anomalous ...
+    real = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    real[0, 0, 0, 0] = True  # ... of which one pixel is a real defect, the rest synthetic
+    score, label = torch.zeros(2), torch.ones(2)
+
+    def grad(**kw) -> torch.Tensor:
+        loss, parts = ssn_loss(maps, score, mask, label, real=real, **kw)
+        (g,) = torch.autograd.grad(loss, maps)
+        return g[:, 0], parts
+
+    plain, parts = grad()
+    assert "real_pixels" not in parts and plain[0, 0, 0] == plain[0, 0, 1]  # weight 0: one pixel among many
+    weighted, parts = grad(real_weight=1.0)
+    assert parts["real_pixels"] > 0
+    ratio = float(weighted[0, 0, 0] / weighted[0, 0, 1])
+    assert ratio > 100  # the real pixel now weighs as much as the 255 synthetic ones together (256x)
+    assert torch.equal(weighted[1], plain[1]) and torch.equal(weighted[0, 8:], plain[0, 8:])  # nothing else moves
+    none = torch.zeros_like(real)
+    loss0, _ = ssn_loss(maps, score, mask, label, real=none, real_weight=1.0)
+    loss1, _ = ssn_loss(maps, score, mask, label)
+    assert torch.equal(loss0, loss1)  # no real pixel in the batch: the paper's loss

@@ -121,3 +121,74 @@ def test_mil_loss_joins_the_step_only_for_defects_without_a_mask():
     assert parts["mil"] > 0
     _, parts, _ = loss_inputs(model, recipe, l2, l3, gt, torch.tensor([True, True]))
     assert "mil" not in parts  # every mask known: nothing to learn by multiple instances
+
+
+def test_knn_distance_is_the_distance_to_the_nearest_bank_row():
+    from ssn_edge.pseudo import knn_distance
+
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(50, 6, generator=g), torch.randn(37, 6, generator=g)
+    expected = torch.cdist(queries, bank).amin(1)
+    assert torch.allclose(knn_distance(bank, queries, chunk=8), expected, atol=1e-4)
+    assert knn_distance(bank, bank[:5]).max() < 0.01  # a banked patch: distance 0 (up to the sqrt of rounding)
+
+
+def _knn_arrays(n_good: int = 12, size: int = 32) -> ArraySet:
+    """Normal images of smooth noise; image n_good (label-only defect) and n_good + 1 (defect with its real mask)
+    carry a bright square the normal images never show."""
+    rng = np.random.default_rng(0)
+    n = n_good + 2
+    images = (0.1 * rng.normal(size=(n, 3, size, size))).astype(np.float32)
+    images[n_good:, :, 8:16, 20:28] += 4.0
+    masks = np.zeros((n, size, size), dtype=bool)
+    masks[n_good + 1, 8:16, 20:28] = True
+    valid = np.ones(n, dtype=bool)
+    valid[n_good] = False
+    labels = np.array([0] * n_good + [1, 1])
+    return ArraySet(images, masks, labels, valid, [f"img{i}" for i in range(n)])
+
+
+def test_knn_teacher_marks_a_label_only_defect_where_it_differs_from_every_normal_image():
+    from ssn_edge.pseudo import KnnPseudoConfig, knn_pseudo_masks
+
+    arrays = _knn_arrays()
+    seen: list[np.ndarray] = []
+
+    def features(idx: np.ndarray) -> torch.Tensor:  # the images themselves stand in for backbone features
+        seen.append(np.asarray(idx))
+        return torch.from_numpy(arrays.images[idx])
+
+    out, stats = knn_pseudo_masks(features, arrays, KnnPseudoConfig(top=0.25, held_out=4, pool=1))
+    weak = 12
+    assert stats["pseudo_candidates"] == 1 and stats["pseudo_masked"] == 1
+    assert out.mask_valid[weak] and out.masks[weak, 10:14, 22:26].all()  # the square's core is defect
+    assert out.masks[weak, 8:16, 20:28].sum() >= 0.9 * out.masks[weak].sum()  # and little but the square is
+    assert (out.ignore[weak] == ~out.masks[weak]).all()  # positives only: every other pixel unknown
+    untouched = np.arange(len(arrays)) != weak
+    assert (out.masks[untouched] == arrays.masks[untouched]).all() and not out.ignore[untouched].any()
+    asked = np.concatenate(seen)
+    assert 13 not in asked  # a defect with a real mask is never relabelled, nor looked at
+
+
+def test_knn_teacher_leaves_a_defect_that_looks_normal_label_only():
+    from ssn_edge.pseudo import KnnPseudoConfig, knn_pseudo_masks
+
+    arrays = _knn_arrays()
+    arrays.images[12] = arrays.images[0]  # the label-only "defect" is a copy of a normal image
+    out, stats = knn_pseudo_masks(lambda idx: torch.from_numpy(arrays.images[idx]), arrays,
+                                  KnnPseudoConfig(held_out=4, pool=1, normal_quantile=1.0))
+    assert stats["pseudo_masked"] == 0 and not out.mask_valid[12]
+
+
+
+def test_knn_teacher_is_not_trusted_along_the_border():
+    from ssn_edge.pseudo import KnnPseudoConfig, knn_pseudo_masks
+
+    arrays = _knn_arrays()
+    arrays.images[12] = arrays.images[0]
+    arrays.images[12, :, 0:6, 0:6] += 4.0  # the label-only defect's only odd patch is in a corner
+    features = lambda idx: torch.from_numpy(arrays.images[idx])  # noqa: E731
+    out, _ = knn_pseudo_masks(features, arrays, KnnPseudoConfig(held_out=4, pool=1))
+    assert out.masks[12, 1:5, 1:5].all()
+    out, _ = knn_pseudo_masks(features, arrays, KnnPseudoConfig(held_out=4, pool=1, border=6))
+    assert not out.masks[12, :6].any() and not out.masks[12, :, :6].any()

@@ -218,6 +218,19 @@ def test_weak_run_switches_to_pseudo_masks_at_the_recipes_epoch(tmp_path, manife
     assert all(np.isfinite(r["loss"]) for r in history)
 
 
+def test_weak_run_with_the_knn_teacher_makes_its_pseudo_masks_once_from_epoch_0(tmp_path, manifest_dataset):
+    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.jobs import train_job
+
+    d = tiny_recipe_dict(manifest_dataset)
+    d["train"].update(setting="weak", epochs=2, pseudo_mask_epoch=0, pseudo_source="knn", pseudo_refresh=True)
+    result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False)
+    history = load_checkpoint(result.checkpoint)["history"]
+    assert history[0]["pseudo_candidates"] == 9 and "pseudo_normal_level" in history[0]
+    assert "pseudo_candidates" not in history[1]  # the teacher does not change: no refresh
+    assert all(np.isfinite(r["loss"]) for r in history)
+
+
 def test_masked_share_draws_that_share_of_a_batchs_defects_from_masked_images():
     from ssn_edge.train import draw_defective
 
@@ -242,6 +255,20 @@ def test_masked_share_is_validated():
     with pytest.raises(RecipeError, match="masked_share"):
         recipe_from_dict({"train": {"masked_share": 1.5}})
     assert recipe_from_dict({"train": {"masked_share": 0.5}}).train.masked_share == 0.5
+
+
+def test_real_pixel_weight_and_pseudo_source_are_validated():
+    from ssn_edge.config import RecipeError
+
+    with pytest.raises(RecipeError, match="real_pixel_weight"):
+        recipe_from_dict({"train": {"real_pixel_weight": -1.0}})
+    with pytest.raises(RecipeError, match="pseudo_border"):
+        recipe_from_dict({"train": {"pseudo_border": -1}})
+    with pytest.raises(RecipeError, match="pseudo_source"):
+        recipe_from_dict({"train": {"pseudo_source": "teacher"}})
+    with pytest.raises(RecipeError, match="CAM head"):
+        recipe_from_dict({"model": {"cls_head": "cam"}, "train": {"pseudo_source": "knn"}})
+    assert recipe_from_dict({"train": {"pseudo_source": "knn", "real_pixel_weight": 1}}).train.real_pixel_weight == 1.0
 
 
 @pytest.mark.parametrize("to_map, rows, reaches", [(True, [2], True), (False, [2], False), (False, [1], True)])

@@ -54,8 +54,10 @@ def ssn_loss(
     label: Tensor,
     pixel_valid: Tensor | None = None,
     cls_gamma: float = 4.0,
+    real: Tensor | None = None,
+    real_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Total = truncated L1(map) + focal(map) + focal(score).
+    """Total = truncated L1(map) + focal(map) + focal(score) [+ real_weight * (truncated L1 + focal) over `real`].
 
     cls_gamma: the score's focal gamma (paper 4). At gamma 4 an image scored 0.2 on the right side has
     0.2^4 = 0.16 % of its cross-entropy gradient: over 300 epochs the head still gets there, over a CPU
@@ -66,4 +68,13 @@ def ssn_loss(
     seg = focal_loss(map_logits, mask, valid=pixel_valid)
     cls = focal_loss(score_logits, label, gamma=cls_gamma)
     total = l1 + seg + cls
-    return total, {"l1": float(l1.detach()), "seg_focal": float(seg.detach()), "cls_focal": float(cls.detach())}
+    parts = {"l1": float(l1.detach()), "seg_focal": float(seg.detach()), "cls_focal": float(cls.detach())}
+    if real is not None and real_weight > 0:
+        # real: (B, 1, h, w) bool, the pixels of real (or pseudo-mask) defects: their own mean, so a small defect
+        # weighs as much as the synthetic anomalies that outnumber its pixels.
+        keep = real.bool() if pixel_valid is None else real.bool() & pixel_valid.bool()
+        if keep.any():
+            extra = truncated_l1(map_logits, mask, keep) + focal_loss(map_logits, mask, valid=keep)
+            total = total + real_weight * extra
+            parts["real_pixels"] = float(extra.detach())
+    return total, parts
