@@ -124,11 +124,12 @@ def with_pseudo_masks(model, arrays: ArraySet, cfg: PseudoMaskConfig, normals: i
 # only where it exceeds what held-out normal images reach.
 #
 # Measured on Magnetic tile (benchmarks/results/weak.json). The teacher's own map, no label used, on the test split
-# (variant knn_teacher): pixel AUPRO 77.97 / AP 19.37 / AUROC 81.25, image AUROC (its max) 85.40; CAM 59.36 / 8.39,
+# (variant knn_teacher): pixel AUPRO 77.97 / AP 19.36 / AUROC 81.25, image AUROC (its max) 85.40; CAM 59.36 / 8.39,
 # the supervised SSN 76.11 / 56.40. Its training pseudo-masks (138 of 196 defects got one) were 51 % precise at
 # 10 % recall against the hidden masks (a diagnostic, not a results record). SSN's map did not learn what the teacher knows (seed 0): weak pixel AP 12.05
 # (ssn_weak_knn; ssn_weak_detached 15.54), pixel AUROC 67.5; mixed 10 % AP 28.00 (mixed_10_knn; mixed_10_balanced
-# 28.07) though AUPRO rose to 80.42 from 75.06. So train.pseudo_source stays "map" by default.
+# 28.07) though AUPRO rose to 80.42 from 75.06. No pseudo-defect within 16 px of the border (border 16; variants
+# *_knn_border): 12.86 and 26.97. So train.pseudo_source stays "map" by default.
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class KnnPseudoConfig:
     held_out: int = 128  # normal training images kept out of the bank to set the normal level
     pool: int = 2  # feature maps average-pooled by this factor first (4x fewer queries at 2)
     # pixels (image resolution) along the image border where the teacher is not trusted: on Magnetic tile half of its
-    # false positives lie within 16 px of the border (a tenth of the image's pixels at 256: padding, tile edges)
+    # false positives lie within 16 px of the border (23 % of the image at 256; a diagnostic). Measured: no help.
     border: int = 0
 
 
