@@ -44,6 +44,9 @@ from benchmarks.results import RESULTS, command_line, record_results  # noqa: E4
 from benchmarks.runs import bench_recipe, train_once  # noqa: E402
 
 RUNS = ROOT / "runs" / "bench" / "weak"
+_KNN = {"train.pseudo_mask_epoch": 0, "train.pseudo_source": "knn", "train.pseudo_top": 0.25}
+_WEAK_KNN = {"train.label_only_score_to_map": False, **_KNN}  # ssn_weak_detached + the knn teacher
+_MIXED_10_KNN = {"data.mask_fraction": 0.1, "train.masked_share": 0.5, **_KNN}  # mixed_10_balanced + the knn teacher
 # variant -> (recipe, overrides, setting it trains)
 VARIANTS: dict[str, tuple[str, dict, str]] = {
     "unsupervised": ("recipes/magnetic_tile_unsupervised.yaml", {}, "unsupervised"),
@@ -84,27 +87,16 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     # pseudo-masks from epoch 0 by the nearest-neighbour teacher on the frozen backbone (train.pseudo_source knn):
     # label-only defects' pixels farther from every normal patch than 99.9 % of held-out normal images' pixels
     # (at most a quarter of the image) become defect, every other pixel unknown
-    "ssn_weak_knn": ("recipes/magnetic_tile_weak.yaml", {"train.label_only_score_to_map": False, "train.pseudo_mask_epoch": 0,
-                                                          "train.pseudo_source": "knn", "train.pseudo_top": 0.25}, "weak"),
-    "mixed_10_knn": ("recipes/magnetic_tile_mixed.yaml", {"data.mask_fraction": 0.1, "train.masked_share": 0.5,
-                                                          "train.pseudo_mask_epoch": 0, "train.pseudo_source": "knn",
-                                                          "train.pseudo_top": 0.25}, "mixed"),
+    "ssn_weak_knn": ("recipes/magnetic_tile_weak.yaml", _WEAK_KNN, "weak"),
+    "mixed_10_knn": ("recipes/magnetic_tile_mixed.yaml", _MIXED_10_KNN, "mixed"),
     # the same, with the pixel losses taken once more over the real-defect (pseudo-mask or mask) pixels alone
     # (train.real_pixel_weight 1), so a pseudo-mask's ~1 % of an image is not drowned by the synthetic anomalies
-    "ssn_weak_knn_rw": ("recipes/magnetic_tile_weak.yaml", {"train.label_only_score_to_map": False, "train.pseudo_mask_epoch": 0,
-                                                             "train.pseudo_source": "knn", "train.pseudo_top": 0.25,
-                                                             "train.real_pixel_weight": 1.0}, "weak"),
-    "mixed_10_knn_rw": ("recipes/magnetic_tile_mixed.yaml", {"data.mask_fraction": 0.1, "train.masked_share": 0.5,
-                                                             "train.pseudo_mask_epoch": 0, "train.pseudo_source": "knn",
-                                                             "train.pseudo_top": 0.25, "train.real_pixel_weight": 1.0}, "mixed"),
+    "ssn_weak_knn_rw": ("recipes/magnetic_tile_weak.yaml", {**_WEAK_KNN, "train.real_pixel_weight": 1.0}, "weak"),
+    "mixed_10_knn_rw": ("recipes/magnetic_tile_mixed.yaml", {**_MIXED_10_KNN, "train.real_pixel_weight": 1.0}, "mixed"),
     # ssn_weak_knn / mixed_10_knn with no pseudo-defect within 16 px of the image border, where half the teacher's
     # false positives lie
-    "ssn_weak_knn_border": ("recipes/magnetic_tile_weak.yaml", {"train.label_only_score_to_map": False,
-                                                                 "train.pseudo_mask_epoch": 0, "train.pseudo_source": "knn",
-                                                                 "train.pseudo_top": 0.25, "train.pseudo_border": 16}, "weak"),
-    "mixed_10_knn_border": ("recipes/magnetic_tile_mixed.yaml", {"data.mask_fraction": 0.1, "train.masked_share": 0.5,
-                                                                 "train.pseudo_mask_epoch": 0, "train.pseudo_source": "knn",
-                                                                 "train.pseudo_top": 0.25, "train.pseudo_border": 16}, "mixed"),
+    "ssn_weak_knn_border": ("recipes/magnetic_tile_weak.yaml", {**_WEAK_KNN, "train.pseudo_border": 16}, "weak"),
+    "mixed_10_knn_border": ("recipes/magnetic_tile_mixed.yaml", {**_MIXED_10_KNN, "train.pseudo_border": 16}, "mixed"),
     "supervised": ("recipes/magnetic_tile_supervised.yaml", {}, "supervised"),
 }
 KEYS = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap", "pixel_auroc")

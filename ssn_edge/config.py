@@ -116,7 +116,7 @@ class TrainConfig:
     # supervised/weak/mixed: the pixel losses once more over the real (or pseudo-mask) defect pixels alone, times
     # this weight. Without it a real defect's pixels are a few among the many synthetic anomalous ones that
     # each loss averages over (a pseudo-mask marks ~1 % of an image). 0: off (paper). Measured with the knn
-    # pseudo-masks on Magnetic tile (seed 0): no help (weak pixel AP 10.47 vs 12.05, mixed 10 % 27.09 vs 28.00).
+    # pseudo-masks on Magnetic tile (seed 0): no help (weak pixel AP 10.46 vs 12.05, mixed 10 % 27.09 vs 28.00).
     real_pixel_weight: float = 0.0
 
 

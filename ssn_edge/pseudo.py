@@ -126,10 +126,11 @@ def with_pseudo_masks(model, arrays: ArraySet, cfg: PseudoMaskConfig, normals: i
 # Measured on Magnetic tile (benchmarks/results/weak.json). The teacher's own map, no label used, on the test split
 # (variant knn_teacher): pixel AUPRO 77.97 / AP 19.36 / AUROC 81.25, image AUROC (its max) 85.40; CAM 59.36 / 8.39,
 # the supervised SSN 76.11 / 56.40. Its training pseudo-masks (138 of 196 defects got one) were 51 % precise at
-# 10 % recall against the hidden masks (a diagnostic, not a results record). SSN's map did not learn what the teacher knows (seed 0): weak pixel AP 12.05
-# (ssn_weak_knn; ssn_weak_detached 15.54), pixel AUROC 67.5; mixed 10 % AP 28.00 (mixed_10_knn; mixed_10_balanced
-# 28.07) though AUPRO rose to 80.42 from 75.06. No pseudo-defect within 16 px of the border (border 16; variants
-# *_knn_border): 12.86 and 26.97. So train.pseudo_source stays "map" by default.
+# 10 % recall against the hidden masks (a diagnostic, not a results record). SSN's map did not learn what the
+# teacher knows (seed 0): weak pixel AP 12.05 (ssn_weak_knn; ssn_weak_detached 15.54), pixel AUROC 67.5; mixed
+# 10 % AP 28.00 (mixed_10_knn; mixed_10_balanced 28.07) though AUPRO rose to 80.42 from 75.06. No pseudo-defect
+# within 16 px of the border (border 16; variants *_knn_border): 12.87 and 26.96. So train.pseudo_source stays
+# "map" by default.
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,21 @@ def knn_distance(bank: torch.Tensor, queries: torch.Tensor, chunk: int = 2048) -
     return torch.cat(out) if out else queries.new_zeros(0)
 
 
-@dataclass
+def _distance_maps(bank: torch.Tensor, pool: int, features, indices: np.ndarray, batch: int = 16) -> np.ndarray:
+    """(n, h / pool, w / pool) distance of each patch of images `indices` to its nearest row of bank."""
+    out = []
+    for s in range(0, len(indices), batch):
+        f = _pooled(features(indices[s : s + batch]), pool)
+        n, c, h, w = f.shape
+        out.append(knn_distance(bank, f.permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, h, w).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0, 0), dtype=np.float32)
+
+
+def _pooled(f: torch.Tensor, pool: int) -> torch.Tensor:
+    return F.avg_pool2d(f.float(), pool) if pool > 1 else f.float()
+
+
+@dataclass(frozen=True)
 class KnnTeacher:
     """The nearest-neighbour teacher: a bank of normal patches and the distance held-out normal images reach."""
 
@@ -165,18 +180,9 @@ class KnnTeacher:
     normal_level: float  # the normal_quantile of held-out normal images' distances
     pool: int
 
-    def distance_maps(self, features, indices: np.ndarray, batch: int = 16) -> np.ndarray:
+    def distance_maps(self, features, indices: np.ndarray) -> np.ndarray:
         """(n, h / pool, w / pool) distance of each patch of images `indices` to its nearest normal patch."""
-        out = []
-        for s in range(0, len(indices), batch):
-            f = _pooled(features(indices[s : s + batch]), self.pool)
-            n, c, h, w = f.shape
-            out.append(knn_distance(self.bank, f.permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, h, w).numpy())
-        return np.concatenate(out) if out else np.zeros((0, 0, 0), dtype=np.float32)
-
-
-def _pooled(f: torch.Tensor, pool: int) -> torch.Tensor:
-    return F.avg_pool2d(f.float(), pool) if pool > 1 else f.float()
+        return _distance_maps(self.bank, self.pool, features, indices)
 
 
 def fit_knn_teacher(features, arrays: ArraySet, cfg: KnnPseudoConfig, seed: int = 0) -> KnnTeacher:
@@ -191,9 +197,8 @@ def fit_knn_teacher(features, arrays: ArraySet, cfg: KnnPseudoConfig, seed: int 
     patches = torch.cat([_pooled(features(banked[s : s + 16]), cfg.pool) for s in range(0, len(banked), 16)])
     patches = patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
     bank = patches[torch.randperm(len(patches), generator=torch.Generator().manual_seed(seed))[: cfg.bank_size]]
-    teacher = KnnTeacher(bank, 0.0, cfg.pool)
-    teacher.normal_level = float(np.quantile(teacher.distance_maps(features, held), cfg.normal_quantile))
-    return teacher
+    level = float(np.quantile(_distance_maps(bank, cfg.pool, features, held), cfg.normal_quantile))
+    return KnnTeacher(bank, level, cfg.pool)
 
 
 def knn_pseudo_masks(features, arrays: ArraySet, cfg: KnnPseudoConfig,

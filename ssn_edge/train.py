@@ -444,12 +444,11 @@ def train(
 
     model.heads.train()
     pseudo_from = None if t.pseudo_mask_epoch is None else max(t.pseudo_mask_epoch, start_epoch)
+    refresh = t.pseudo_refresh and t.pseudo_source == "map"  # the knn teacher does not change with the model
     bar = tqdm(range(start_epoch, t.epochs), desc="train", disable=not progress, initial=start_epoch, total=t.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         pseudo: dict[str, float] = {}
-        # The knn teacher does not change with the model: its pseudo-masks are made once.
-        refresh = t.pseudo_refresh and t.pseudo_source == "map"
         make_pseudo = pseudo_from is not None and (epoch == pseudo_from or (refresh and epoch > pseudo_from))
         if supervised and make_pseudo and t.pseudo_source == "knn":
             config = KnnPseudoConfig(top=t.pseudo_top, border=t.pseudo_border)

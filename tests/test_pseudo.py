@@ -180,7 +180,6 @@ def test_knn_teacher_leaves_a_defect_that_looks_normal_label_only():
     assert stats["pseudo_masked"] == 0 and not out.mask_valid[12]
 
 
-
 def test_knn_teacher_is_not_trusted_along_the_border():
     from ssn_edge.pseudo import KnnPseudoConfig, knn_pseudo_masks
 
