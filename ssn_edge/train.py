@@ -444,7 +444,11 @@ def train(
 
     model.heads.train()
     pseudo_from = None if t.pseudo_mask_epoch is None else max(t.pseudo_mask_epoch, start_epoch)
-    refresh = t.pseudo_refresh and t.pseudo_source == "map"  # the knn teacher does not change with the model
+    # the knn teacher and a finished checkpoint's map do not change with the model
+    refresh = t.pseudo_refresh and t.pseudo_source == "map" and t.pseudo_teacher is None
+    teacher = None
+    if supervised and pseudo_from is not None and t.pseudo_teacher is not None:
+        teacher = _pseudo_teacher(Path(t.pseudo_teacher), recipe)
     bar = tqdm(range(start_epoch, t.epochs), desc="train", disable=not progress, initial=start_epoch, total=t.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -456,8 +460,8 @@ def train(
         elif supervised and make_pseudo:
             # Weak defects get pseudo-masks from the map the model has learned so far (ssn_edge.pseudo); a
             # resumed run makes them again from the resumed model.
-            config = PseudoMaskConfig(top=t.pseudo_top, rest=t.pseudo_rest)
-            train_arrays, pseudo = with_pseudo_masks(model, as_given, config, seed=t.seed)
+            config = PseudoMaskConfig(top=t.pseudo_top, rest=t.pseudo_rest, grow_quantile=t.pseudo_grow)
+            train_arrays, pseudo = with_pseudo_masks(teacher or model, as_given, config, seed=t.seed)
         if pseudo:
             log.info("pseudo-masks (%s): %d of %d label-only defective images (%.2f %% of their pixels marked defect)",
                      t.pseudo_source, pseudo["pseudo_masked"], pseudo["pseudo_candidates"],
@@ -544,6 +548,17 @@ def train(
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "history.json").write_text(json.dumps(history, indent=2))
     return TrainResult(ckpt_path, history, metrics)
+
+
+def _pseudo_teacher(path: Path, recipe: Recipe) -> SuperSimpleNet:
+    """train.pseudo_teacher: the finished model whose map makes this run's pseudo-masks; it must see the images
+    through the same backbone, or its map would be read off different features."""
+    teacher, taught, _ = model_from_checkpoint(path, recipe.model.weights)
+    if (taught.model.backbone, tuple(taught.data.image_size)) != (recipe.model.backbone, tuple(recipe.data.image_size)):
+        raise ValueError(f"{path}: train.pseudo_teacher was trained with {taught.model.backbone} at "
+                         f"{list(taught.data.image_size)}; this run uses {recipe.model.backbone} at {list(recipe.data.image_size)}")
+    log.info("pseudo-masks from the map of %s", path)
+    return teacher
 
 
 def model_from_checkpoint(path: Path, weights: str | None = None) -> tuple[SuperSimpleNet, Recipe, dict]:

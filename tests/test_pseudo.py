@@ -90,6 +90,23 @@ def test_positives_only_pseudo_masks_leave_every_other_pixel_unknown():
     assert 0 < capped.sum() <= int(0.01 * 64 * 64) + 8  # + ties: the peak is rings of up to 8 equal pixels
 
 
+def test_hysteresis_grows_a_confident_core_into_its_fainter_region_only():
+    m = np.zeros((32, 32), dtype=np.float32)
+    m[4:12, 4:12] = 1.0  # a faint defect...
+    m[7, 7] = 3.0  # ...with a confident core
+    m[20:28, 20:28] = 1.0  # as faint, but no core: not grown into
+    m[4:12, 12] = 0.2  # touching the first, below the grow level: stays out
+    cfg = PseudoMaskConfig(top=0.25, rest="unknown")
+    core, _ = pseudo_masks(m[None], normal_level=2.0, cfg=cfg)
+    assert core[0].sum() == 1
+    defect, unknown = pseudo_masks(m[None], normal_level=2.0, cfg=cfg, grow_level=0.5)
+    assert defect[0, 4:12, 4:12].all() and defect[0].sum() == 64
+    assert (unknown[0] == ~defect[0]).all()
+    # an image with no core above the normal level gets nothing, however much lies above the grow level
+    none, _ = pseudo_masks(m[None], normal_level=5.0, cfg=cfg, grow_level=0.5)
+    assert not none.any()
+
+
 def test_top_k_mil_loss_pushes_only_the_highest_pixels_up():
     from ssn_edge.model.losses import top_k_mil_loss
 

@@ -262,6 +262,14 @@ def test_real_pixel_weight_and_pseudo_source_are_validated():
 
     with pytest.raises(RecipeError, match="real_pixel_weight"):
         recipe_from_dict({"train": {"real_pixel_weight": -1.0}})
+    for bad in (0.0, 0.999, 1.5):
+        with pytest.raises(RecipeError, match="pseudo_grow"):
+            recipe_from_dict({"train": {"pseudo_grow": bad}})
+    with pytest.raises(RecipeError, match="pseudo_grow"):
+        recipe_from_dict({"train": {"pseudo_grow": 0.99, "pseudo_source": "knn"}})
+    assert recipe_from_dict({"train": {"pseudo_grow": 0.99}}).train.pseudo_grow == 0.99
+    with pytest.raises(RecipeError, match="pseudo_teacher"):
+        recipe_from_dict({"train": {"pseudo_teacher": "run/checkpoint.pt", "pseudo_source": "knn"}})
     with pytest.raises(RecipeError, match="pseudo_border"):
         recipe_from_dict({"train": {"pseudo_border": -1}})
     with pytest.raises(RecipeError, match="pseudo_source"):
@@ -350,3 +358,31 @@ def test_refreshed_pseudo_masks_are_remade_from_the_data_as_given_every_epoch(tm
     d["train"]["pseudo_refresh"] = False
     history = load_checkpoint(train_job(recipe_from_dict(d), tmp_path / "once", progress=False, evaluate=False).checkpoint)["history"]
     assert "pseudo_candidates" in history[1] and "pseudo_candidates" not in history[2]
+
+
+def test_pseudo_teacher_makes_the_pseudo_masks_once_from_its_own_map(tmp_path, manifest_dataset, monkeypatch):
+    import ssn_edge.train as tr
+    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.jobs import train_job
+
+    d = tiny_recipe_dict(manifest_dataset)
+    d["train"].update(setting="weak", epochs=1)
+    teacher_ckpt = train_job(recipe_from_dict(d), tmp_path / "teacher", progress=False, evaluate=False).checkpoint
+    asked = []
+    original = tr.with_pseudo_masks
+    monkeypatch.setattr(tr, "with_pseudo_masks", lambda model, *a, **k: asked.append(model) or original(model, *a, **k))
+    d["train"].update(epochs=2, pseudo_mask_epoch=0, pseudo_rest="unknown", pseudo_refresh=True,
+                      pseudo_teacher=str(teacher_ckpt))
+    history = load_checkpoint(train_job(recipe_from_dict(d), tmp_path / "student", progress=False,
+                                        evaluate=False).checkpoint)["history"]
+    assert len(asked) == 1  # once: the teacher does not change, so refresh does not apply
+    teacher = asked[0]
+    expected = tr.model_from_checkpoint(teacher_ckpt)[0]
+    assert all(torch.equal(a, b) for a, b in zip(teacher.heads.state_dict().values(), expected.heads.state_dict().values()))
+    assert history[0]["pseudo_candidates"] == 9 and "pseudo_candidates" not in history[1]
+    # a teacher that reads other features is refused, naming the checkpoint
+    other = tiny_recipe_dict(manifest_dataset)
+    other["data"]["image_size"] = [32, 32]
+    other["train"].update(setting="weak", epochs=1, pseudo_mask_epoch=0, pseudo_teacher=str(teacher_ckpt))
+    with pytest.raises(ValueError, match="pseudo_teacher was trained with resnet18 at \\[64, 64\\]"):
+        train_job(recipe_from_dict(other), tmp_path / "other", progress=False, evaluate=False)
