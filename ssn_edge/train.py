@@ -553,12 +553,14 @@ def train(
 def _pseudo_teacher(path: Path, recipe: Recipe) -> SuperSimpleNet:
     """train.pseudo_teacher: the finished model whose map makes this run's pseudo-masks; it must see the images
     through the same backbone, or its map would be read off different features."""
-    teacher, taught, _ = model_from_checkpoint(path, recipe.model.weights)
+    # checked on the recorded recipe first: building another backbone with this run's weights would fail deep
+    # inside load_state_dict
+    taught = recipe_from_dict(load_checkpoint(path)["recipe"])
     if (taught.model.backbone, tuple(taught.data.image_size)) != (recipe.model.backbone, tuple(recipe.data.image_size)):
         raise ValueError(f"{path}: train.pseudo_teacher was trained with {taught.model.backbone} at "
                          f"{list(taught.data.image_size)}; this run uses {recipe.model.backbone} at {list(recipe.data.image_size)}")
     log.info("pseudo-masks from the map of %s", path)
-    return teacher
+    return model_from_checkpoint(path, recipe.model.weights)[0]
 
 
 def model_from_checkpoint(path: Path, weights: str | None = None) -> tuple[SuperSimpleNet, Recipe, dict]:

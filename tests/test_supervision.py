@@ -386,3 +386,8 @@ def test_pseudo_teacher_makes_the_pseudo_masks_once_from_its_own_map(tmp_path, m
     other["train"].update(setting="weak", epochs=1, pseudo_mask_epoch=0, pseudo_teacher=str(teacher_ckpt))
     with pytest.raises(ValueError, match="pseudo_teacher was trained with resnet18 at \\[64, 64\\]"):
         train_job(recipe_from_dict(other), tmp_path / "other", progress=False, evaluate=False)
+    other = tiny_recipe_dict(manifest_dataset)
+    other["model"]["backbone"] = "wide_resnet50_2"
+    other["train"].update(setting="weak", epochs=1, pseudo_mask_epoch=0, pseudo_teacher=str(teacher_ckpt))
+    with pytest.raises(ValueError, match="pseudo_teacher was trained with resnet18 at \\[64, 64\\]; this run uses wide_resnet50_2"):
+        tr._pseudo_teacher(teacher_ckpt, recipe_from_dict(other))
