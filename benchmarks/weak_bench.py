@@ -92,6 +92,11 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "mixed_10_balanced_pseudo_grow95": ("recipes/magnetic_tile_mixed.yaml", {**_MIXED_10_GROW, "train.pseudo_grow": 0.95}, "mixed"),
     # masks on half the defects, the rest with the same grown pseudo-masks
     "mixed_50_pseudo_grow": ("recipes/magnetic_tile_mixed.yaml", {"data.mask_fraction": 0.5, **_PSEUDO_GROW}, "mixed"),
+    # each of the 10 % annotated defects also pasted onto 8 normal training images (train.paste_copies), with and
+    # without the grown pseudo-masks on the label-only rest
+    "mixed_10_balanced_paste": ("recipes/magnetic_tile_mixed.yaml", {"data.mask_fraction": 0.1, "train.masked_share": 0.5,
+                                                                     "train.paste_copies": 8}, "mixed"),
+    "mixed_10_balanced_pseudo_grow_paste": ("recipes/magnetic_tile_mixed.yaml", {**_MIXED_10_GROW, "train.paste_copies": 8}, "mixed"),
     # self-training in two runs: a fresh mixed_10_balanced_pseudo_grow run whose pseudo-masks come, from epoch 0,
     # from the finished map of that variant's run of the same seed (train.pseudo_teacher; run it first)
     "mixed_10_selftrain": ("recipes/magnetic_tile_mixed.yaml", {**_MIXED_10_GROW, "train.pseudo_mask_epoch": 0,

@@ -126,6 +126,10 @@ class TrainConfig:
     # each loss averages over (a pseudo-mask marks ~1 % of an image). 0: off (paper). Measured with the knn
     # pseudo-masks on Magnetic tile (seed 0): no help (weak pixel AP 10.46 vs 12.05, mixed 10 % 27.09 vs 28.00).
     real_pixel_weight: float = 0.0
+    # supervised/mixed: this many extra training images per defect with a mask, each the defect pasted onto a
+    # normal training image (ssn_edge.paste): a few annotated defects seen in many contexts. 0: off. Measured on
+    # Magnetic tile, mixed 10 %, seeds 0-2: pixel AP 40.85 vs 36.76 alone, 39.13 vs 44.78 with pseudo_grow.
+    paste_copies: int = 0
 
 
 @dataclass
@@ -273,6 +277,11 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
         raise RecipeError(f"train.pseudo_border must be >= 0, got {recipe.train.pseudo_border}")
     if not recipe.train.real_pixel_weight >= 0.0:
         raise RecipeError(f"train.real_pixel_weight must be >= 0, got {recipe.train.real_pixel_weight}")
+    if recipe.train.paste_copies < 0:
+        raise RecipeError(f"train.paste_copies must be >= 0, got {recipe.train.paste_copies}")
+    if recipe.train.paste_copies and recipe.train.setting in ("weak", "unsupervised"):
+        raise RecipeError(f"train.paste_copies pastes defects that have a mask; the {recipe.train.setting} setting "
+                          "trains with none (use mixed, supervised or auto)")
     if recipe.train.pseudo_source == "knn" and recipe.model.cls_head == "cam":
         raise RecipeError("train.pseudo_source knn: the CAM head has no segmentation map to teach; use map or no pseudo-masks")
     return recipe

@@ -540,6 +540,8 @@ def _supervision_text(sup: dict | None) -> str:
             f"{'inferred from the data' if sup.get('source') == 'data' else 'from the recipe'}")
     if sup.get("mask_fraction", 1.0) < 1.0:
         text += f"; masks kept on a fraction {sup['mask_fraction']:g} of the annotated defects"
+    if sup.get("pasted"):
+        text += f"; {sup['pasted']} training images made by pasting a masked defect onto a normal image"
     return text
 
 

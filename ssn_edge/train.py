@@ -32,6 +32,7 @@ from ssn_edge.model.noise import apply_noise, noise_sigma, sample_noise
 from ssn_edge.model.perlin import perlin_masks
 from ssn_edge.model.ssn import SuperSimpleNet
 from ssn_edge.model.tiled import crop_features
+from ssn_edge.paste import PasteConfig, with_pasted_defects
 from ssn_edge.pseudo import KnnPseudoConfig, PseudoMaskConfig, knn_pseudo_masks, with_pseudo_masks
 from ssn_edge.supervision import apply_setting
 
@@ -395,8 +396,21 @@ def train(
     # Resolve the supervision first: "auto" becomes what the data allows, weak drops every mask, and the
     # checkpoint (and so the bundle) records the setting that actually trained the model.
     train_arrays, supervision = apply_setting(train_arrays, recipe.train.setting, recipe.data.mask_fraction)
+    if recipe.train.paste_copies and shared is not None:
+        # a tile's features are cut from its whole image's maps (SharedFeatures): a pasted tile has no whole image
+        raise ValueError("train.paste_copies does not combine with tiled training on shared backbone features; set "
+                         "tiling.shared_backbone: false (tiles pasted as images of their own) or train.paste_copies: 0")
+    if recipe.train.paste_copies and supervision.setting != "unsupervised":
+        # a generator of its own, so the pasted set depends on the seed only, not on anything drawn before it
+        paste_rng = np.random.default_rng([recipe.train.seed, 0x9A57E])
+        train_arrays, pasted = with_pasted_defects(train_arrays, PasteConfig(copies=recipe.train.paste_copies), paste_rng)
+        if not pasted["pasted"]:
+            log.warning("train.paste_copies: no defective training image has a usable mask (or no normal image to "
+                        "paste onto); nothing pasted")
+        supervision = dataclasses.replace(supervision, pasted=pasted["pasted"])
     # Pseudo-masks are always made from the data as given (a refresh replaces the last ones), and the batch balance
-    # counts its real masks only (as_given.mask_valid), so pseudo-masks never pass for annotation.
+    # counts annotated masks only (as_given.mask_valid), so pseudo-masks never pass for annotation (a pasted defect's
+    # mask is annotation, moved).
     as_given = train_arrays
     log.info("training data: %s", supervision.describe())
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, setting=supervision.setting))

@@ -391,3 +391,28 @@ def test_pseudo_teacher_makes_the_pseudo_masks_once_from_its_own_map(tmp_path, m
     other["train"].update(setting="weak", epochs=1, pseudo_mask_epoch=0, pseudo_teacher=str(teacher_ckpt))
     with pytest.raises(ValueError, match="pseudo_teacher was trained with resnet18 at \\[64, 64\\]; this run uses wide_resnet50_2"):
         tr._pseudo_teacher(teacher_ckpt, recipe_from_dict(other))
+
+
+def test_pasted_defects_train_as_annotated_and_the_run_records_how_many(tmp_path, manifest_dataset, monkeypatch):
+    import ssn_edge.train as tr
+    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.jobs import train_job
+    from ssn_edge.report import _supervision_text
+
+    pools = []
+    original = tr.draw_defective
+
+    def spy(defective, mask_valid, n, share, rng):
+        pools.append((len(defective), int(mask_valid[defective[:, 0]].sum())))
+        return original(defective, mask_valid, n, share, rng)
+
+    monkeypatch.setattr(tr, "draw_defective", spy)
+    d = tiny_recipe_dict(manifest_dataset)
+    d["data"]["mask_fraction"] = 0.34  # 1 annotated defect per type: 3 masks
+    d["train"].update(setting="mixed", epochs=1, paste_copies=2, masked_share=0.5)
+    state = load_checkpoint(train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False).checkpoint)
+    sup = state["supervision"]
+    assert (sup["with_mask"], sup["label_only"], sup["pasted"]) == (3, 6, 6)  # annotation counts stay the real ones
+    # 9 real defects + 6 pasted, 4 flip views each; the masked pool is the 3 annotated + 6 pasted
+    assert pools and set(pools) == {((9 + 6) * 4, (3 + 6) * 4)}
+    assert "6 training images made by pasting a masked defect onto a normal image" in _supervision_text(sup)
