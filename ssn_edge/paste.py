@@ -31,7 +31,7 @@ class PasteConfig:
     copies: int  # pasted images made per annotated defective image
     margin: int = 2  # pixels around the mask pasted along with it (a defect's dark rim is often unmarked)
     feather: float = 1.5  # sigma (pixels) of the blend's soft edge outside the mask
-    ring: int = 8  # width (pixels) of the ring outside the margin where both backgrounds' levels are compared
+    ring: int = 8  # the backgrounds' levels are compared on a band margin + ring pixels wide around the pasted region
     min_ring: int = 16  # fewer ring pixels than this (a mask covering the image): no level matching
 
 
