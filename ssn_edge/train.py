@@ -405,8 +405,8 @@ def train(
         paste_rng = np.random.default_rng([recipe.train.seed, 0x9A57E])
         train_arrays, pasted = with_pasted_defects(train_arrays, PasteConfig(copies=recipe.train.paste_copies), paste_rng)
         if not pasted["pasted"]:
-            log.warning("train.paste_copies: no defective training image has a usable mask (or no normal image to "
-                        "paste onto); nothing pasted")
+            missing = "normal image to paste onto" if pasted["paste_sources"] else "defective training image with a usable mask"
+            log.warning("train.paste_copies: no %s; nothing pasted", missing)
         supervision = dataclasses.replace(supervision, pasted=pasted["pasted"])
     # Pseudo-masks are always made from the data as given (a refresh replaces the last ones), and the batch balance
     # counts annotated masks only (as_given.mask_valid), so pseudo-masks never pass for annotation (a pasted defect's
