@@ -11,6 +11,10 @@ from pathlib import Path
 import click
 
 from ssn_edge import __version__
+from ssn_edge.config import MAP_GATES
+
+MAP_GATE_HELP = ("The map: 'score' = log(sigmoid(map) x sigmoid(score)), so the maps of images scored normal sink below "
+                 "those of defective ones; 'none' = the segmentation logits. Default: the recipe's model.map_gate.")
 
 # Errors that are the user's to fix (bad file, bad recipe, missing weights): one line, no traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
@@ -95,12 +99,13 @@ def train(recipe_path, data_path, out_dir, epochs, seed, weights, resume, settin
 @click.option("--data", "data_path", type=click.Path(), help="Dataset; default: the recipe's data.path.")
 @click.option("--split", default="test", show_default=True)
 @click.option("--weights", help="Backbone weights file, if not where training found it.")
+@click.option("--map-gate", type=click.Choice(MAP_GATES), default=None, help=MAP_GATE_HELP)
 @click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False), help="metrics.json path (default: beside the checkpoint).")
-def evaluate(checkpoint, data_path, split, weights, out_file) -> None:
+def evaluate(checkpoint, data_path, split, weights, map_gate, out_file) -> None:
     """Evaluate a checkpoint: image AUROC/AP/F1-max, pixel AUPRO/AP/AUROC."""
     from ssn_edge.jobs import eval_job
 
-    metrics = eval_job(Path(checkpoint), data_path, split, weights)
+    metrics = eval_job(Path(checkpoint), data_path, split, weights, map_gate)
     _print_metrics(metrics)
     out = Path(out_file) if out_file else Path(checkpoint).with_name("metrics.json")
     out.write_text(json.dumps(metrics, indent=2))
@@ -195,10 +200,11 @@ def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file,
 @click.option("--score-offset/--no-score-offset", default=True, show_default=True, help="Correct the INT8 score's mean shift on the calibration images.")
 @click.option("--data", "data_path", type=click.Path(), help="Threshold/validation data (val split, else test); default: the recipe's data.path.")
 @click.option("--weights", help="Backbone weights file, if not where training found it.")
+@click.option("--map-gate", type=click.Choice(MAP_GATES), default=None, help=MAP_GATE_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 def export(checkpoint, out_dir, fp16, int8, int8_acc, max_drop, acc_metric, calibration_yaml, calibration_folder,
            calibration_manifest, calibration_size, calibration_defects, act_range, score_offset, data_path, weights,
-           overwrite) -> None:
+           map_gate, overwrite) -> None:
     """Export a checkpoint to an OpenVINO bundle: FP32 always, FP16/INT8/accuracy-controlled INT8 on request."""
     import dataclasses
 
@@ -230,7 +236,7 @@ def export(checkpoint, out_dir, fp16, int8, int8_acc, max_drop, acc_metric, cali
     bundle = export_bundle(
         Path(checkpoint), out, fp16=fp16, int8=int8, int8_acc=int8_acc, calibration=spec, max_drop=max_drop,
         acc_metric=acc_metric, weights=weights, overwrite=overwrite, threshold_data=data_path,
-        quantize_options=QuantizeOptions(activation_range=act_range, score_offset=score_offset),
+        quantize_options=QuantizeOptions(activation_range=act_range, score_offset=score_offset), map_gate=map_gate,
     )
     click.echo(f"bundle: {bundle.path}")
     click.echo(f"  {'precision':<10} {'weights':<8} {'size MB':>9}")

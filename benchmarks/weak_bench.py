@@ -29,6 +29,7 @@ the same annotated subset for every seed). Variants (all ResNet18, the same test
   mixed_50_pseudo_grow  mixed_50 with the grown pseudo-masks on the other half
   mixed_10_selftrain  a second run, taught from epoch 0 by the finished map of mixed_10_balanced_pseudo_grow (same seed)
   supervised    recipes/magnetic_tile_supervised.yaml     every mask
+  <base>_gated  a finished <base> run, its map gated by its score (model.map_gate score), evaluated and exported again
 Each run's PyTorch FP32 metrics and its exported INT8 model's (OpenVINO) go to benchmarks/results/weak.json.
 """
 
@@ -125,6 +126,12 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "mixed_10_knn_border": ("recipes/magnetic_tile_mixed.yaml", {**_MIXED_10_KNN, "train.pseudo_border": 16}, "mixed"),
     "supervised": ("recipes/magnetic_tile_supervised.yaml", {}, "supervised"),
 }
+# <base>_gated: the base variant's trained run (same seed; run it first) evaluated and exported with model.map_gate
+# score, log sigmoid(map) + log sigmoid(score) as the map: the gate has no parameters, so nothing is retrained
+GATED = {f"{base}_gated": base for base in ("unsupervised", "cam", "ssn_weak_detached_pseudo_grow",
+                                            "mixed_10_balanced_pseudo_grow", "mixed_50", "supervised")}
+VARIANTS.update({gated: (VARIANTS[base][0], {**VARIANTS[base][1], "model.map_gate": "score"}, VARIANTS[base][2])
+                 for gated, base in GATED.items()})
 KEYS = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap", "pixel_auroc")
 # The issue's table, one row per setting: where several variants measured a setting, the one with the highest pixel
 # AP over seeds 0-2 (the target every variant misses; weak and mixed 10 %: the positives-only pseudo-masks grown by
@@ -146,13 +153,36 @@ def _recipe(variant: str, seed: int, epochs: int | None):
     return bench_recipe(path, {**overrides, "train.seed": seed, **({"train.epochs": epochs} if epochs else {})})
 
 
+def _gated(variant: str, seed: int, out: Path) -> tuple[Path, dict]:
+    """The base variant's finished run of this seed, evaluated on the test split with model.map_gate score."""
+    from ssn_edge.evaluate import evaluate_model
+    from ssn_edge.jobs import split_arrays
+    from ssn_edge.train import model_from_checkpoint
+
+    base = RUNS / f"{GATED[variant]}_s{seed}"
+    if not (base / "trained.json").is_file() or not (base / "checkpoint.pt").is_file():
+        sys.exit(f"{variant} evaluates the finished run in {base}, which is missing: run "
+                 f"`python benchmarks/weak_bench.py train --variant {GATED[variant]} --seed {seed}` first")
+    model, recipe, _ = model_from_checkpoint(base / "checkpoint.pt", map_gate="score")
+    arrays = split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False)
+    trained = json.loads((base / "trained.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    return base / "checkpoint.pt", {**trained, "metrics": evaluate_model(model, arrays),
+                                    "reused_from": f"{base.relative_to(ROOT)} (trained by its own variant's command)"}
+
+
 def train(args) -> None:
     from ssn_edge.calibration import CalibrationSpec
     from ssn_edge.export import export_bundle
 
     recipe = _recipe(args.variant, args.seed, args.epochs)
     out = RUNS / (f"{args.variant}_s{args.seed}" if args.epochs is None else f"smoke_{args.variant}")
-    trained = train_once(recipe, out, args.reuse_from, args.quiet)
+    if args.variant in GATED:
+        if args.epochs is not None or args.reuse_from is not None:
+            sys.exit(f"{args.variant} trains nothing: --epochs and --reuse-from do not apply")
+        checkpoint, trained = _gated(args.variant, args.seed, out)
+    else:
+        checkpoint, trained = out / "checkpoint.pt", train_once(recipe, out, args.reuse_from, args.quiet)
     history, metrics = trained["history"], trained["metrics"]
     common = {"dataset": "magnetic_tile", "backbone": "resnet18", "setting": VARIANTS[args.variant][2],
               "variant": args.variant, "seed": args.seed, "epochs": recipe.train.epochs,
@@ -162,8 +192,8 @@ def train(args) -> None:
     if "reused_from" in trained:
         common["reused_from"] = trained["reused_from"]
     records = [{**common, "runtime": "torch", "precision": "fp32", **{k: round(metrics[k], 3) for k in KEYS if k in metrics}}]
-    bundle = export_bundle(out / "checkpoint.pt", out / "bundle", fp16=False, int8=True,
-                           calibration=CalibrationSpec(source="recipe", size=128), overwrite=True)
+    bundle = export_bundle(checkpoint, out / "bundle", fp16=False, int8=True, overwrite=True,
+                           calibration=CalibrationSpec(source="recipe", size=128), map_gate=recipe.model.map_gate)
     m = bundle.metadata["models"]["int8"]["metrics"]  # INT8 through OpenVINO on the threshold split (test here)
     records.append({**common, "runtime": "openvino", "precision": "int8", **{k: round(m[k], 3) for k in KEYS if k in m}})
     print(json.dumps(records, indent=2))
@@ -238,6 +268,7 @@ def table(args) -> None:
 
     assert all(v in VARIANTS for _, v in ISSUE_ROWS), "ISSUE_ROWS names a variant VARIANTS lacks"
     issue = rows([(f"{name} (`{variant}`)", variant) for name, variant in ISSUE_ROWS], "row (variant)")
+    gated = rows([(f"{name} (`{variant}_gated`)", f"{variant}_gated") for name, variant in ISSUE_ROWS], "row (variant)")
     lines = rows([(v, v) for v in (*VARIANTS, "knn_teacher")], "variant")
 
     def paired(a: str, b: str) -> tuple[dict, dict, list[int]] | None:
@@ -253,29 +284,36 @@ def table(args) -> None:
         return f"seeds {','.join(map(str, seeds))}" + ("" if len(seeds) >= 3 else f": {len(seeds)} of the 3 the issue asks")
 
     checks = []
-    # each weak-SSN variant against supervised and CAM, each mixed-10 % variant against supervised
-    weak_ours = [v for v, (_, _, setting) in VARIANTS.items() if setting == "weak" and v != "cam"]
+    # each weak-SSN variant against supervised and CAM, each mixed-10 % variant against supervised; a gated variant
+    # against the gated ones, so both sides of a check make their maps the same way
+    weak_ours = [v for v, (_, _, setting) in VARIANTS.items() if setting == "weak" and v not in ("cam", "cam_gated")]
     mixed_10 = [v for v, (_, overrides, _) in VARIANTS.items() if overrides.get("data.mask_fraction") == 0.1]
+
+    def same_map(reference: str, ours: str) -> str:
+        return f"{reference}_gated" if ours in GATED else reference
+
     for ours in weak_ours:
-        if (p := paired(ours, "supervised")):
+        if (p := paired(ours, same_map("supervised", ours))):
             weak, sup, seeds = p
             gap = sup["image_auroc"] - weak["image_auroc"]
-            checks.append(f"{ours} image AUROC {weak['image_auroc']:.2f} vs supervised {sup['image_auroc']:.2f}: "
+            checks.append(f"{ours} image AUROC {weak['image_auroc']:.2f} vs {same_map('supervised', ours)} {sup['image_auroc']:.2f}: "
                           f"{abs(gap):.2f} points {'below' if gap > 0 else 'above'} (target: at most 1 below): "
                           f"{'met' if gap <= 1 else 'NOT met'} ({seeds_note(seeds)})")
-        if (p := paired(ours, "cam")):
+        if (p := paired(ours, same_map("cam", ours))):
             weak, cam, seeds = p
             ratio = weak["pixel_ap"] / max(cam["pixel_ap"], 1e-9)
-            checks.append(f"{ours} pixel AP {weak['pixel_ap']:.2f} vs CAM {cam['pixel_ap']:.2f}: {ratio:.2f}x "
+            checks.append(f"{ours} pixel AP {weak['pixel_ap']:.2f} vs {same_map('cam', ours)} {cam['pixel_ap']:.2f}: {ratio:.2f}x "
                           f"(target >= 3): {'met' if ratio >= 3 else 'NOT met'} ({seeds_note(seeds)})")
     for ours in mixed_10:
-        if (p := paired(ours, "supervised")):
+        if (p := paired(ours, same_map("supervised", ours))):
             mixed, sup, seeds = p
             for m in ("pixel_aupro", "pixel_ap"):
                 share = 100 * mixed[m] / max(sup[m], 1e-9)
-                checks.append(f"{ours} {m} {mixed[m]:.2f} = {share:.1f} % of supervised {sup[m]:.2f} (target >= 90 %): "
+                checks.append(f"{ours} {m} {mixed[m]:.2f} = {share:.1f} % of {same_map('supervised', ours)} {sup[m]:.2f} (target >= 90 %): "
                               f"{'met' if share >= 90 else 'NOT met'} ({seeds_note(seeds)})")
-    text = ("## The issue's table\n\n" + "\n".join(issue) + "\n\n## Every variant measured\n\n" + "\n".join(lines)
+    text = ("## The issue's table\n\n" + "\n".join(issue)
+            + "\n\n## The same runs, map gated by the score (model.map_gate score; rows measured so far)\n\n"
+            + "\n".join(gated) + "\n\n## Every variant measured\n\n" + "\n".join(lines)
             + "\n\n## Checks\n\n" + "\n".join(f"- {c}" for c in checks) + "\n")
     (RESULTS / "weak.md").write_text("# Weak and mixed supervision on Magnetic tile (written by "
                                      "`python benchmarks/weak_bench.py table`)\n\nMean ± sd (sample) over the seeds listed, the value itself for one seed; each check compares FP32 means over the seeds both variants have.\n\n" + text)

@@ -44,6 +44,11 @@ class ModelConfig:
     # map's max logit (SimpleNet's score) and its fc starts at zero, so the head learns a correction to the map
     # instead of a score from scratch; for light heads, whose pooled features alone score worse than the map.
     score_anchor: str = "none"
+    # "none": the map output is the segmentation head's logits (paper). "score": the inference graph outputs
+    # log P(pixel defective) = log sigmoid(map) + log sigmoid(score), the pixel's probability given a defect times
+    # the image's: one image-wide shift, so each map's ranking is unchanged while the maps of images the classifier
+    # calls normal sink below those of defective ones. Training and pseudo-masks use the ungated logits.
+    map_gate: str = "none"
 
 
 @dataclass
@@ -168,11 +173,13 @@ class Recipe:
 
 
 CLS_HEADS = ("full", "light", "light_separable", "light_bottleneck", "cam")  # model.cls_head (ssn_edge/model/ssn.py)
+MAP_GATES = ("none", "score")  # model.map_gate (ssn_edge/model/ssn.py, score_gated_map)
 
 _CHOICES = {
     "model.cls_input": ("adapted", "backbone"),
     "model.cls_head": CLS_HEADS,
     "model.score_anchor": ("none", "map_max"),
+    "model.map_gate": MAP_GATES,
     "noise.kind": ("fixed", "adaptive", "learned"),
     "train.setting": ("unsupervised", "supervised", "weak", "mixed", "auto"),
     "train.precision": ("fp32", "bf16"),
@@ -316,6 +323,17 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
             raise RecipeError(f"unknown recipe key '{dotted}'")
         node[parts[-1]] = value
     return recipe_from_dict(values)
+
+
+def with_map_gate(recipe: Recipe, map_gate: str | None, where: str | Path) -> Recipe:
+    """recipe with model.map_gate chosen after training (None: as trained). The gate has no parameters, so one
+    checkpoint serves either; where names the checkpoint in the error."""
+    if map_gate is None:
+        return recipe
+    try:
+        return apply_overrides(recipe, {"model.map_gate": map_gate})
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -78,6 +78,13 @@ def _with_seg_bias(model):
     return model
 
 
+def map_output(map_gate: str, **extra: Any) -> dict[str, Any]:
+    """The bundle's description of the map output: segmentation logits, or with model.map_gate "score" the
+    log-probability log sigmoid(map) + log sigmoid(score) (ssn_edge.model.ssn.score_gated_map)."""
+    kind = "logits" if map_gate == "none" else "log_probability"
+    return {"name": "map", "stride": MAP_STRIDE, "kind": kind, "gate": map_gate, **extra}
+
+
 def _graph(model):
     """The exported graph as a module: image -> (map logits (B,1,h,w), score logits (B,)), in eval mode."""
     import torch
@@ -382,14 +389,16 @@ def export_bundle(
     threshold_data: str | None = None,
     graph: str | None = None,
     quantize_options: QuantizeOptions | None = None,
+    map_gate: str | None = None,
 ) -> Bundle:
     """Export ``checkpoint`` to a bundle at ``out_dir``: FP32 always, FP16/INT8/accuracy-controlled INT8 on request.
 
     Thresholds and normalisation come from the FP32 model on the threshold data (``threshold_data``, default
     the recipe's data.path; its 'val' split, else 'test'). INT8 models are calibrated on ``calibration``
     (default: 128 normal training images of the recipe's data). ``max_drop`` is in percentage points of
-    ``acc_metric``. Nothing is written unless everything succeeds. A tiled checkpoint goes to
-    :func:`ssn_edge.export_tiled.export_tiled_bundle` (``graph`` picks its graph; default from the recipe).
+    ``acc_metric``. ``map_gate`` sets model.map_gate in the exported graph (None: as trained). Nothing is written
+    unless everything succeeds. A tiled checkpoint goes to :func:`ssn_edge.export_tiled.export_tiled_bundle`
+    (``graph`` picks its graph; default from the recipe).
     """
     from ssn_edge.checkpoint import load_checkpoint
     from ssn_edge.train import model_from_checkpoint
@@ -406,7 +415,7 @@ def export_bundle(
             raise ValueError(f"{checkpoint}: accuracy-controlled INT8 is not offered for tiled models yet; use --int8")
         return export_tiled_bundle(
             checkpoint, out_dir, fp16=fp16, int8=int8, calibration=calibration, weights=weights,
-            overwrite=overwrite, threshold_data=threshold_data, graph=graph,
+            overwrite=overwrite, threshold_data=threshold_data, graph=graph, map_gate=map_gate,
         )
     _check_options(max_drop, acc_metric)
     if out_dir.exists() and not overwrite:
@@ -418,7 +427,7 @@ def export_bundle(
         calibration = CalibrationSpec()
     quantize_options = quantize_options or QuantizeOptions()
 
-    model, recipe, state = model_from_checkpoint(checkpoint, weights)
+    model, recipe, state = model_from_checkpoint(checkpoint, weights, map_gate)
     size = (int(recipe.data.image_size[0]), int(recipe.data.image_size[1]))
     calib_images = select_calibration(calibration, recipe) if quantizing else []
     data_path = threshold_data or recipe.data.path
@@ -510,7 +519,7 @@ def export_bundle(
         metadata = {
             "input": _input_metadata(size),
             "outputs": {
-                "map": {"name": "map", "stride": MAP_STRIDE, "kind": "logits"},
+                "map": map_output(recipe.model.map_gate),
                 "score": {"name": "score", "kind": "logit"},
             },
             "postprocess": {

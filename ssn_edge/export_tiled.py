@@ -32,6 +32,7 @@ from ssn_edge.export import (
     _input_metadata,
     _with_seg_bias,
     convert,
+    map_output,
     metrics_from_maps,
     threshold_split,
     thresholds_from_predictions,
@@ -119,6 +120,7 @@ def export_tiled_bundle(
     overwrite: bool = False,
     threshold_data: str | None = None,
     graph: str | None = None,
+    map_gate: str | None = None,
 ) -> Bundle:
     import openvino as ov
 
@@ -127,7 +129,7 @@ def export_tiled_bundle(
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise BundleError(f"{out_dir}: already exists (choose another --out or pass --overwrite)")
-    model, recipe, state = tiled_from_checkpoint(checkpoint, weights)
+    model, recipe, state = tiled_from_checkpoint(checkpoint, weights, map_gate=map_gate)
     cfg = model.tiling if graph is None else dataclasses.replace(model.tiling, graph=graph)
     if cfg.mode == "ensemble" and cfg.graph == "tile":
         raise ValueError(f"{checkpoint}: a tiled ensemble exports as graph 'image' or 'tiles', not 'tile'")
@@ -194,7 +196,7 @@ def export_tiled_bundle(
         metadata = {
             "input": inp,
             "outputs": {
-                "map": {"name": "map", "stride": MAP_STRIDE, "kind": "logits", "per": "tile"},
+                "map": map_output(recipe.model.map_gate, per="tile"),
                 "score": {"name": "score", "kind": "logit", "per": "tile"},
             },
             "postprocess": {

@@ -49,17 +49,18 @@ def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progres
     return train(recipe, train_arrays, out_dir, test_arrays=test_arrays, resume=resume, progress=progress)
 
 
-def eval_job(checkpoint: Path, data_path: str | None, split: str = "test", weights: str | None = None) -> dict[str, float]:
+def eval_job(checkpoint: Path, data_path: str | None, split: str = "test", weights: str | None = None,
+             map_gate: str | None = None) -> dict[str, float]:
     from ssn_edge.checkpoint import load_checkpoint
     from ssn_edge.evaluate import evaluate_model
     from ssn_edge.train import model_from_checkpoint
     from ssn_edge.train_tiled import evaluate_tiled, is_tiled_checkpoint, tiled_from_checkpoint
 
     if is_tiled_checkpoint(load_checkpoint(checkpoint)):
-        model, recipe, _ = tiled_from_checkpoint(checkpoint, weights)
+        model, recipe, _ = tiled_from_checkpoint(checkpoint, weights, map_gate=map_gate)
         path = data_path or recipe.data.path
         return evaluate_tiled(model, split_arrays(path, split, tuple(recipe.data.image_size)))
-    model, recipe, _ = model_from_checkpoint(checkpoint, weights)
+    model, recipe, _ = model_from_checkpoint(checkpoint, weights, map_gate)
     path = data_path or recipe.data.path
     arrays = split_arrays(path, split, tuple(recipe.data.image_size))
     return evaluate_model(model, arrays)

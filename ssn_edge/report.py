@@ -175,15 +175,16 @@ def check_checkpoint_matches(checkpoint: Path, bundle: Bundle) -> None:
 
 
 def torch_variant(
-    checkpoint: Path, images: np.ndarray, weights: str | None, runs: int, throughput_seconds: float
+    checkpoint: Path, images: np.ndarray, weights: str | None, runs: int, throughput_seconds: float,
+    map_gate: str | None = None,
 ) -> tuple[Variant, dict[str, Any]]:
-    """PyTorch FP32 outputs of the checkpoint, and its batch-1 latency / throughput."""
+    """PyTorch FP32 outputs of the checkpoint, and its batch-1 latency / throughput; map_gate: the bundle's."""
     import torch
 
     from ssn_edge.evaluate import predict_raw, torch_latency_ms
     from ssn_edge.train import model_from_checkpoint
 
-    model, _recipe, _state = model_from_checkpoint(Path(checkpoint), weights)
+    model, _recipe, _state = model_from_checkpoint(Path(checkpoint), weights, map_gate)
     raw_maps, logits = predict_raw(model, images, batch_size=8)
     timing: dict[str, Any] = {"latency_ms": None, "throughput_ips": None, "file_mb": None}
     x1 = torch.from_numpy(np.ascontiguousarray(images[:1]))
@@ -205,13 +206,14 @@ def torch_variant(
     return variant, timing
 
 
-def torch_tiled_variant(checkpoint: Path, images: np.ndarray, weights: str | None, runs: int) -> tuple[Variant, dict[str, Any]]:
+def torch_tiled_variant(checkpoint: Path, images: np.ndarray, weights: str | None, runs: int,
+                        map_gate: str | None = None) -> tuple[Variant, dict[str, Any]]:
     """PyTorch FP32 of a tiled checkpoint: its tiles' outputs merged by the runtime's own merge."""
     import torch
 
     from ssn_edge.train_tiled import merged_predictions, predict_tiled_raw, tiled_from_checkpoint
 
-    model, _recipe, _state = tiled_from_checkpoint(Path(checkpoint), weights)
+    model, _recipe, _state = tiled_from_checkpoint(Path(checkpoint), weights, map_gate=map_gate)
     graph = "tiles" if model.tiling.graph == "tile" else model.tiling.graph
     raw, logits = predict_tiled_raw(model, images, graph)
     v = Variant("torch", "fp32", "f32", np.empty(0), np.empty(0), inference_precision="f32")
@@ -532,6 +534,13 @@ def _meta_list(items: Sequence[tuple[str, Any]]) -> str:
     return f'<dl class="meta">{"".join(out)}</dl>'
 
 
+def _map_text(out: dict[str, Any]) -> str:
+    if out.get("gate", "none") == "score":
+        return ("log(sigmoid(map) x sigmoid(score)): the pixel's defect probability times the image's "
+                "(model.map_gate score)")
+    return "segmentation logits (model.map_gate none)"
+
+
 def _supervision_text(sup: dict | None) -> str:
     if not sup:
         return "not recorded (checkpoint from before ssn-edge recorded it)"
@@ -595,6 +604,7 @@ def metadata_items(bundle: Bundle, info: dict[str, Any]) -> list[tuple[str, Any]
         ("backbone fingerprint", backbone.get("fingerprint")),
         ("recipe", recipe.get("name")),
         ("setting", meta.get("setting")),
+        ("map output", _map_text(meta.get("outputs", {}).get("map", {}))),
         ("training data", _supervision_text(meta.get("supervision"))),
         ("tiling", _tiling_text(meta.get("tiling"))),
         ("source checkpoint", f"{source.get('name')} (epoch {source.get('epoch')}, sha256 {str(source.get('sha256'))[:16]}...)"),
@@ -727,10 +737,12 @@ def build_report(
         if torch_available():
             check_checkpoint_matches(checkpoint, bundle)
             log.info("report: PyTorch FP32 reference from %s", checkpoint)
+            # the bundle's map gate, which export may have set differently from the training recipe
+            gate = meta.get("outputs", {}).get("map", {}).get("gate", "none")
             if tiling:
-                v, timing = torch_tiled_variant(checkpoint, arrays.images, weights, runs)
+                v, timing = torch_tiled_variant(checkpoint, arrays.images, weights, runs, gate)
             else:
-                v, timing = torch_variant(checkpoint, arrays.images, weights, runs, throughput_seconds)
+                v, timing = torch_variant(checkpoint, arrays.images, weights, runs, throughput_seconds, gate)
             variants.append(v)
             timings["torch/fp32"] = timing
         else:

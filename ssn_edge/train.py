@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ssn_edge.checkpoint import load_checkpoint, save_checkpoint
-from ssn_edge.config import Recipe, recipe_from_dict
+from ssn_edge.config import Recipe, recipe_from_dict, with_map_gate
 from ssn_edge.data import ArraySet
 from ssn_edge.evaluate import evaluate_model
 from ssn_edge.model.backbones import weights_fingerprint
@@ -577,10 +577,12 @@ def _pseudo_teacher(path: Path, recipe: Recipe) -> SuperSimpleNet:
     return model_from_checkpoint(path, recipe.model.weights)[0]
 
 
-def model_from_checkpoint(path: Path, weights: str | None = None) -> tuple[SuperSimpleNet, Recipe, dict]:
-    """Rebuild the trained model; the backbone is reloaded and must match the one it was trained with."""
+def model_from_checkpoint(path: Path, weights: str | None = None, map_gate: str | None = None
+                          ) -> tuple[SuperSimpleNet, Recipe, dict]:
+    """Rebuild the trained model; the backbone is reloaded and must match the one it was trained with.
+    map_gate: model.map_gate for this model instead of the recipe's (it has no parameters; None: the recipe's)."""
     state = load_checkpoint(path)
-    recipe = recipe_from_dict(state["recipe"])
+    recipe = with_map_gate(recipe_from_dict(state["recipe"]), map_gate, path)
     if weights is not None:
         recipe.model.weights = weights
     model = SuperSimpleNet(recipe.model)

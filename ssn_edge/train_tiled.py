@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ssn_edge.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ssn_edge.config import Recipe, recipe_from_dict
+from ssn_edge.config import Recipe, recipe_from_dict, with_map_gate
 from ssn_edge.data import ArraySet
 from ssn_edge.evaluate import metrics_from_predictions
 from ssn_edge.model.backbones import weights_fingerprint
@@ -184,12 +184,14 @@ def is_tiled_checkpoint(state: dict) -> bool:
     return state.get("kind") == KIND
 
 
-def tiled_from_checkpoint(path: Path, weights: str | None = None, graph: str | None = None) -> tuple[TiledSSN, Recipe, dict]:
-    """Rebuild a tiled model. graph: which way it runs ("image": shared backbone, "tiles": independent)."""
+def tiled_from_checkpoint(path: Path, weights: str | None = None, graph: str | None = None,
+                          map_gate: str | None = None) -> tuple[TiledSSN, Recipe, dict]:
+    """Rebuild a tiled model. graph: which way it runs ("image": shared backbone, "tiles": independent);
+    map_gate: as in ssn_edge.train.model_from_checkpoint."""
     state = load_checkpoint(path)
     if not is_tiled_checkpoint(state):
         raise CheckpointError(f"{path}: not a tiled checkpoint")
-    recipe = recipe_from_dict(state["recipe"])
+    recipe = with_map_gate(recipe_from_dict(state["recipe"]), map_gate, path)
     if weights is not None:
         recipe.model.weights = weights
     cfg = TilingConfig.from_dict(state["tiling"])

@@ -216,7 +216,7 @@ def test_metadata_schema(bundle, tiny_checkpoint, test_arrays):
         "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     }
     assert meta["outputs"] == {
-        "map": {"name": "map", "stride": 4, "kind": "logits"},
+        "map": {"name": "map", "stride": 4, "kind": "logits", "gate": "none"},
         "score": {"name": "score", "kind": "logit"},
     }
     assert meta["postprocess"] == {"map_upsample": "bilinear", "blur_sigma": 4.0, "blur_kernel": 25, "score": "sigmoid"}

@@ -56,6 +56,17 @@ class SegmentationHead(nn.Module):
         return self.net(adapted)
 
 
+def score_gated_map(map_logits: Tensor, score: Tensor) -> Tensor:
+    """model.map_gate "score": log P(pixel defective) = log sigmoid(map) + log sigmoid(score).
+
+    The map alone says where an image would be defective; the score, whether it is. Their product ranks a pixel of
+    an image the classifier is sure is normal below a weaker pixel of one it flags, which pixel AP and any single
+    pixel threshold compare across images. The score's term is one shift per image: each map's own ranking of its
+    pixels stays as it was.
+    """
+    return F.logsigmoid(map_logits.float()) + F.logsigmoid(score.float())[:, None, None, None]
+
+
 def pooled_score(x: Tensor, map_logits: Tensor, fc: nn.Linear) -> Tensor:
     """Global max + avg of the head's features and of M_o -> Linear -> score logit (B,)."""
     pooled = torch.cat(
@@ -188,6 +199,7 @@ class SSNHeads(nn.Module):
         width = cfg.adaptor_channels or channels
         self.cls_input = cfg.cls_input
         self.score_anchor = getattr(cfg, "score_anchor", "none")  # getattr: configs from before the option
+        self.map_gate = getattr(cfg, "map_gate", "none")  # getattr: configs from before the option
         self.adaptor = nn.Conv2d(channels, width, 1)
         kind = getattr(cfg, "cls_head", "full")  # getattr: a config object from before cls_head existed
         self.cam = kind == "cam"
@@ -232,10 +244,14 @@ class SSNHeads(nn.Module):
             score = score + cls_map.amax(dim=(1, 2, 3)).to(score.dtype)
         return map_logits, score
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor, gated: bool = True) -> tuple[Tensor, Tensor]:
+        """The inference outputs; gated=False: the segmentation logits whatever model.map_gate says."""
         adapted = self.adaptor(features)
         cls_features = features if self.cls_input == "backbone" else adapted
-        return self.decide(adapted, cls_features)
+        map_logits, score = self.decide(adapted, cls_features)
+        if gated and self.map_gate == "score":
+            map_logits = score_gated_map(map_logits, score)
+        return map_logits, score
 
 
 class SuperSimpleNet(nn.Module):

@@ -28,7 +28,8 @@ def anomaly_map(
     """Raw segmentation logits (h, w) or (N, h, w) or (N, 1, h, w) -> smoothed maps at size=(H, W), float32.
 
     Values stay logits (monotone in the anomaly probability): ranking metrics and thresholds are
-    unaffected, and the map keeps resolution where a sigmoid would saturate.
+    unaffected, and the map keeps resolution where a sigmoid would saturate. A graph exported with
+    model.map_gate "score" gives log-probabilities instead (bundle outputs.map.kind); they are treated alike.
     """
     raw = np.asarray(raw, dtype=np.float32)
     if raw.ndim == 4:
