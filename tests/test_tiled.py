@@ -75,6 +75,24 @@ def test_shared_backbone_differs_from_independent_tiles_only_through_context(ens
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_a_tiled_model_gates_each_tiles_map_by_that_tiles_score(ensemble_run, tiny_dataset):
+    """model.map_gate chosen at load time reaches every location's heads, in both graphs."""
+    import torch
+
+    from ssn_edge.train_tiled import predict_tiled_raw, tiled_from_checkpoint
+
+    _, result = ensemble_run
+    plain, _, _ = tiled_from_checkpoint(result.checkpoint)
+    gated, _, _ = tiled_from_checkpoint(result.checkpoint, map_gate="score")
+    x = split_arrays(tiny_dataset, "test", (64, 64), progress=False).images[:2]
+    for graph in ("image", "tiles"):
+        m, s = predict_tiled_raw(plain, x, graph)
+        g, s_gated = predict_tiled_raw(gated, x, graph)
+        np.testing.assert_array_equal(s, s_gated)
+        logsig = lambda v: torch.nn.functional.logsigmoid(torch.from_numpy(v)).numpy()  # noqa: E731
+        np.testing.assert_allclose(g, logsig(m) + logsig(s)[..., None, None], atol=1e-5)
+
+
 def test_ensemble_export_and_runtime_match_torch(ensemble_run, tiny_dataset, tmp_path):
     from ssn_edge.export import export_bundle
     from ssn_edge.runtime.engine import Engine
