@@ -155,19 +155,16 @@ def _recipe(variant: str, seed: int, epochs: int | None):
 
 def _gated(variant: str, seed: int, out: Path) -> tuple[Path, dict]:
     """The base variant's finished run of this seed, evaluated on the test split with model.map_gate score."""
-    from ssn_edge.evaluate import evaluate_model
-    from ssn_edge.jobs import split_arrays
-    from ssn_edge.train import model_from_checkpoint
+    from ssn_edge.jobs import eval_job
 
     base = RUNS / f"{GATED[variant]}_s{seed}"
     if not (base / "trained.json").is_file() or not (base / "checkpoint.pt").is_file():
         sys.exit(f"{variant} evaluates the finished run in {base}, which is missing: run "
                  f"`python benchmarks/weak_bench.py train --variant {GATED[variant]} --seed {seed}` first")
-    model, recipe, _ = model_from_checkpoint(base / "checkpoint.pt", map_gate="score")
-    arrays = split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False)
     trained = json.loads((base / "trained.json").read_text())
+    metrics = eval_job(base / "checkpoint.pt", None, "test", map_gate="score")
     out.mkdir(parents=True, exist_ok=True)
-    return base / "checkpoint.pt", {**trained, "metrics": evaluate_model(model, arrays),
+    return base / "checkpoint.pt", {**trained, "metrics": metrics,
                                     "reused_from": f"{base.relative_to(ROOT)} (trained by its own variant's command)"}
 
 

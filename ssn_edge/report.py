@@ -534,8 +534,8 @@ def _meta_list(items: Sequence[tuple[str, Any]]) -> str:
     return f'<dl class="meta">{"".join(out)}</dl>'
 
 
-def _map_text(out: dict[str, Any]) -> str:
-    if out.get("gate", "none") == "score":
+def _map_text(gate: str) -> str:
+    if gate == "score":
         return ("log(sigmoid(map) x sigmoid(score)): the pixel's defect probability times the image's "
                 "(model.map_gate score)")
     return "segmentation logits (model.map_gate none)"
@@ -604,7 +604,7 @@ def metadata_items(bundle: Bundle, info: dict[str, Any]) -> list[tuple[str, Any]
         ("backbone fingerprint", backbone.get("fingerprint")),
         ("recipe", recipe.get("name")),
         ("setting", meta.get("setting")),
-        ("map output", _map_text(meta.get("outputs", {}).get("map", {}))),
+        ("map output", _map_text(bundle.map_gate)),
         ("training data", _supervision_text(meta.get("supervision"))),
         ("tiling", _tiling_text(meta.get("tiling"))),
         ("source checkpoint", f"{source.get('name')} (epoch {source.get('epoch')}, sha256 {str(source.get('sha256'))[:16]}...)"),
@@ -738,11 +738,10 @@ def build_report(
             check_checkpoint_matches(checkpoint, bundle)
             log.info("report: PyTorch FP32 reference from %s", checkpoint)
             # the bundle's map gate, which export may have set differently from the training recipe
-            gate = meta.get("outputs", {}).get("map", {}).get("gate", "none")
             if tiling:
-                v, timing = torch_tiled_variant(checkpoint, arrays.images, weights, runs, gate)
+                v, timing = torch_tiled_variant(checkpoint, arrays.images, weights, runs, bundle.map_gate)
             else:
-                v, timing = torch_variant(checkpoint, arrays.images, weights, runs, throughput_seconds, gate)
+                v, timing = torch_variant(checkpoint, arrays.images, weights, runs, throughput_seconds, bundle.map_gate)
             variants.append(v)
             timings["torch/fp32"] = timing
         else:

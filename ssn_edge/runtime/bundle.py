@@ -67,6 +67,11 @@ class Bundle:
     def tiling(self) -> dict[str, Any] | None:
         return self.metadata.get("tiling")
 
+    @property
+    def map_gate(self) -> str:
+        """model.map_gate of the exported graph ("none" for bundles from before the option)."""
+        return self.metadata.get("outputs", {}).get("map", {}).get("gate", "none")
+
 
 def _check_metadata(meta: Any, where: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
