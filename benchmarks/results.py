@@ -17,8 +17,9 @@ from typing import Any, Iterable
 from ssn_edge.runtime.atomic import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# "recipe": a benchmark whose dataset moved to a new recipe keeps the earlier recipe's records beside the new ones
-IDENTITY = ("dataset", "backbone", "setting", "variant", "runtime", "precision", "seed", "ratio_of", "recipe")
+# "recipe": a benchmark whose dataset moved to a new recipe keeps the earlier recipe's records beside the new ones;
+# "defect": one run's metrics restricted to one defect type (weak_bench by-defect) are records of their own
+IDENTITY = ("dataset", "backbone", "setting", "variant", "runtime", "precision", "seed", "ratio_of", "recipe", "defect")
 
 
 def command_line() -> str:

@@ -2,6 +2,7 @@
 
   python benchmarks/weak_bench.py train --variant ssn_weak --seed 0      # one variant x seed: FP32 + INT8 records
   python benchmarks/weak_bench.py teacher --seed 0                       # the knn teacher's own map (no training)
+  python benchmarks/weak_bench.py by-defect --variant supervised --seed 0  # a finished run's pixel AP per defect type
   python benchmarks/weak_bench.py table                                  # mean ± sd over seeds, the issue's checks
 
 The manifest's train split has masks on every defect; the weak and mixed cases hide them (data.mask_fraction,
@@ -26,6 +27,8 @@ the same annotated subset for every seed). Variants (all ResNet18, the same test
   mixed_10_balanced_pseudo_grow  mixed_10_balanced_pseudo, each pseudo-defect grown into its region above 99 % of normal
   mixed_10_balanced_pseudo_grow95  the same, grown into the region above 95 %
   ssn_weak_detached_pseudo_grow  ssn_weak_detached_pseudo with the same growth (99 %)
+  mixed_10_share75_pseudo_grow, mixed_10_share25_pseudo_grow  mixed_10_balanced_pseudo_grow, three in four (one in
+                four) of each batch's defects from the masked ones
   mixed_50_pseudo_grow  mixed_50 with the grown pseudo-masks on the other half
   mixed_10_selftrain  a second run, taught from epoch 0 by the finished map of mixed_10_balanced_pseudo_grow (same seed)
   supervised    recipes/magnetic_tile_supervised.yaml     every mask
@@ -91,6 +94,10 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "mixed_10_balanced_pseudo_grow": ("recipes/magnetic_tile_mixed.yaml", _MIXED_10_GROW, "mixed"),
     # grown further: into the region above 95 % of normal images' map
     "mixed_10_balanced_pseudo_grow95": ("recipes/magnetic_tile_mixed.yaml", {**_MIXED_10_GROW, "train.pseudo_grow": 0.95}, "mixed"),
+    # three in four of each batch's defects from the annotated 10 %: the only exact pixel truth, drawn more often
+    "mixed_10_share75_pseudo_grow": ("recipes/magnetic_tile_mixed.yaml", {**_MIXED_10_GROW, "train.masked_share": 0.75}, "mixed"),
+    # and one in four: the pseudo-masked defects drawn more often
+    "mixed_10_share25_pseudo_grow": ("recipes/magnetic_tile_mixed.yaml", {**_MIXED_10_GROW, "train.masked_share": 0.25}, "mixed"),
     # masks on half the defects, the rest with the same grown pseudo-masks
     "mixed_50_pseudo_grow": ("recipes/magnetic_tile_mixed.yaml", {"data.mask_fraction": 0.5, **_PSEUDO_GROW}, "mixed"),
     # each of the 10 % annotated defects also pasted onto 8 normal training images (train.paste_copies), with and
@@ -231,6 +238,65 @@ def teacher(args) -> None:
     record_results("weak", [record])
 
 
+def by_defect(args) -> None:
+    """Where a finished run's pixel AP comes from: its test-split map scored per defect type (that type's defective
+    images and every normal one), and over the defective images alone (no normal pixel competes). Pixel AP pools
+    pixels, so a type that covers most defect pixels (Magnetic tile: uneven) weighs most in the run's overall AP."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from ssn_edge.data import load_dataset, select
+    from ssn_edge.evaluate import outputs_to_predictions, predict_raw
+    from ssn_edge.jobs import split_arrays
+    from ssn_edge.train import model_from_checkpoint
+
+    base = GATED.get(args.variant, args.variant)
+    checkpoint = RUNS / f"{base}_s{args.seed}" / "checkpoint.pt"
+    if not checkpoint.is_file():
+        sys.exit(f"{args.variant} seed {args.seed}: {checkpoint} is missing: run "
+                 f"`python benchmarks/weak_bench.py train --variant {base} --seed {args.seed}` first")
+    model, recipe, _ = model_from_checkpoint(checkpoint, None, "score" if args.variant in GATED else None)
+    arrays = split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False)
+    defects = np.array([s.defect for s in select(load_dataset(recipe.data.path), "test")])
+    assert len(defects) == len(arrays), "split_arrays and select disagree on the test split"
+    raw, logits = predict_raw(model, arrays.images)
+    _, maps = outputs_to_predictions(raw, logits, arrays.images.shape[-2:])
+    normal, scored = arrays.labels == 0, arrays.mask_valid & (arrays.masks.reshape(len(arrays), -1).any(1))
+    groups = {d: scored & (defects == d) for d in sorted(set(defects[arrays.labels == 1]))}
+    common = {"dataset": "magnetic_tile", "backbone": "resnet18", "setting": VARIANTS[args.variant][2],
+              "variant": args.variant, "seed": args.seed, "runtime": "torch", "precision": "fp32",
+              "command": command_line()}
+    records = []
+    for name, defective, with_normal in [("all", scored, True), *[(d, g, True) for d, g in groups.items()],
+                                         ("defective_only", scored, False)]:
+        pick = defective | normal if with_normal else defective
+        truth, scores = arrays.masks[pick].ravel(), maps[pick].ravel()  # AUPRO left out: it costs minutes per group
+        records.append({**common, "defect": name, "defect_images": int(defective.sum()),
+                        "defect_pixel_share": round(100 * float(arrays.masks[defective].sum() / arrays.masks[scored].sum()), 2),
+                        "pixel_ap": round(100 * float(average_precision_score(truth, scores)), 3),
+                        "pixel_auroc": round(100 * float(roc_auc_score(truth, scores)), 3)})
+    print(json.dumps(records, indent=2))
+    record_results("weak_by_defect", records)
+
+
+def _by_defect_table() -> list[str]:
+    """Mean pixel AP over seeds per defect type, one row per variant with by-defect records."""
+    path = RESULTS / "weak_by_defect.json"
+    if not path.exists():
+        return []
+    latest = {(r["variant"], r["seed"], r["defect"]): r for r in json.loads(path.read_text())}
+    names = [d for d in dict.fromkeys(r["defect"] for r in latest.values()) if d not in ("all", "defective_only")]
+    columns = ["all", *sorted(names), "defective_only"]
+    share = {d: np.mean([r["defect_pixel_share"] for (_, _, dd), r in latest.items() if dd == d]) for d in columns}
+    out = ["| variant | seeds | " + " | ".join(f"{d} ({share[d]:.0f} % of defect pixels)" if d not in ("all", "defective_only")
+                                                 else d.replace("_", " ") for d in columns) + " |",
+           "| --- | --- | " + " | ".join("---" for _ in columns) + " |"]
+    for variant in dict.fromkeys(v for v, _, _ in latest):
+        seeds = sorted({s for v, s, _ in latest if v == variant})
+        cells = [f"{np.mean([latest[(variant, s, d)]['pixel_ap'] for s in seeds]):.2f}" for d in columns]
+        out.append(f"| {variant} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return out
+
+
 def table(args) -> None:
     """Mean ± sd over seeds per variant and precision, then the issue's three checks on the FP32 means."""
     path = RESULTS / "weak.json"
@@ -308,10 +374,14 @@ def table(args) -> None:
                 share = 100 * mixed[m] / max(sup[m], 1e-9)
                 checks.append(f"{ours} {m} {mixed[m]:.2f} = {share:.1f} % of {same_map('supervised', ours)} {sup[m]:.2f} (target >= 90 %): "
                               f"{'met' if share >= 90 else 'NOT met'} ({seeds_note(seeds)})")
+    defect_rows = _by_defect_table()
+    by_defect_text = ("\n\n## Pixel AP by defect type (FP32, `weak_bench.py by-defect`; each type's defective images "
+                      "and every normal one; the last column: defective images alone)\n\n" + "\n".join(defect_rows)
+                      if defect_rows else "")
     text = ("## The issue's table\n\n" + "\n".join(issue)
             + "\n\n## The same runs, map gated by the score (model.map_gate score; rows measured so far)\n\n"
             + "\n".join(gated) + "\n\n## Every variant measured\n\n" + "\n".join(lines)
-            + "\n\n## Checks\n\n" + "\n".join(f"- {c}" for c in checks) + "\n")
+            + "\n\n## Checks\n\n" + "\n".join(f"- {c}" for c in checks) + by_defect_text + "\n")
     (RESULTS / "weak.md").write_text("# Weak and mixed supervision on Magnetic tile (written by "
                                      "`python benchmarks/weak_bench.py table`)\n\nMean ± sd (sample) over the seeds listed, the value itself for one seed; each check compares FP32 means over the seeds both variants have.\n\n" + text)
     print(text)
@@ -328,10 +398,13 @@ def main() -> None:
     t.add_argument("--reuse-from", default=None, help="a finished run of the same recipe and seed to evaluate instead")
     te = sub.add_parser("teacher", help="the knn teacher's own map on the test split (no training, no labels)")
     te.add_argument("--seed", type=int, default=0)
+    bd = sub.add_parser("by-defect", help="a finished run's test pixel metrics per defect type (no training)")
+    bd.add_argument("--variant", required=True, choices=list(VARIANTS))
+    bd.add_argument("--seed", type=int, default=0)
     sub.add_parser("table")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    {"train": train, "teacher": teacher, "table": table}[args.what](args)
+    {"train": train, "teacher": teacher, "by-defect": by_defect, "table": table}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,15 @@ def test_a_record_of_another_recipe_does_not_replace_the_earlier_one(tmp_path):
     _merge(path, [{**base, "recipe": "recipes/new.yaml", "image_auroc": 54.0}])
     _merge(path, [{**base, "recipe": "recipes/new.yaml", "image_auroc": 55.0}])  # a rerun replaces its own
     assert sorted(r["image_auroc"] for r in json.loads(path.read_text())) == [42.0, 55.0]
+
+
+def test_per_defect_records_of_one_run_coexist(tmp_path):
+    import json
+
+    from benchmarks.results import _merge
+
+    path = tmp_path / "r.json"
+    base = {"dataset": "magnetic_tile", "variant": "supervised", "seed": 0, "precision": "fp32"}
+    _merge(path, [{**base, "defect": "uneven", "pixel_ap": 47.0}, {**base, "defect": "fray", "pixel_ap": 77.0}])
+    _merge(path, [{**base, "defect": "uneven", "pixel_ap": 48.0}])  # a rerun of one type replaces only its own
+    assert sorted((r["defect"], r["pixel_ap"]) for r in json.loads(path.read_text())) == [("fray", 77.0), ("uneven", 48.0)]
