@@ -160,14 +160,22 @@ def _recipe(variant: str, seed: int, epochs: int | None):
     return bench_recipe(path, {**overrides, "train.seed": seed, **({"train.epochs": epochs} if epochs else {})})
 
 
+def _finished_run(variant: str, seed: int) -> Path:
+    """The run folder that holds this variant's trained model of this seed (a gated variant's: its base's); exits
+    with the command that makes it when it is missing."""
+    trained_by = GATED.get(variant, variant)
+    run = RUNS / f"{trained_by}_s{seed}"
+    if not (run / "trained.json").is_file() or not (run / "checkpoint.pt").is_file():
+        sys.exit(f"{variant} seed {seed} needs the finished run in {run}, which is missing: run "
+                 f"`python benchmarks/weak_bench.py train --variant {trained_by} --seed {seed}` first")
+    return run
+
+
 def _gated(variant: str, seed: int, out: Path) -> tuple[Path, dict]:
     """The base variant's finished run of this seed, evaluated on the test split with model.map_gate score."""
     from ssn_edge.jobs import eval_job
 
-    base = RUNS / f"{GATED[variant]}_s{seed}"
-    if not (base / "trained.json").is_file() or not (base / "checkpoint.pt").is_file():
-        sys.exit(f"{variant} evaluates the finished run in {base}, which is missing: run "
-                 f"`python benchmarks/weak_bench.py train --variant {GATED[variant]} --seed {seed}` first")
+    base = _finished_run(variant, seed)
     trained = json.loads((base / "trained.json").read_text())
     metrics = eval_job(base / "checkpoint.pt", None, "test", map_gate="score")
     out.mkdir(parents=True, exist_ok=True)
@@ -244,20 +252,15 @@ def by_defect(args) -> None:
     pixels, so a type that covers most defect pixels (Magnetic tile: uneven) weighs most in the run's overall AP."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from ssn_edge.data import load_dataset, select
+    from ssn_edge.data import load_arrays, load_dataset, select
     from ssn_edge.evaluate import outputs_to_predictions, predict_raw
-    from ssn_edge.jobs import split_arrays
     from ssn_edge.train import model_from_checkpoint
 
-    base = GATED.get(args.variant, args.variant)
-    checkpoint = RUNS / f"{base}_s{args.seed}" / "checkpoint.pt"
-    if not checkpoint.is_file():
-        sys.exit(f"{args.variant} seed {args.seed}: {checkpoint} is missing: run "
-                 f"`python benchmarks/weak_bench.py train --variant {base} --seed {args.seed}` first")
+    checkpoint = _finished_run(args.variant, args.seed) / "checkpoint.pt"
     model, recipe, _ = model_from_checkpoint(checkpoint, None, "score" if args.variant in GATED else None)
-    arrays = split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False)
-    defects = np.array([s.defect for s in select(load_dataset(recipe.data.path), "test")])
-    assert len(defects) == len(arrays), "split_arrays and select disagree on the test split"
+    samples = select(load_dataset(recipe.data.path), "test")  # one read: the arrays and their defect types
+    arrays = load_arrays(samples, tuple(recipe.data.image_size))
+    defects = np.array([s.defect for s in samples])
     raw, logits = predict_raw(model, arrays.images)
     _, maps = outputs_to_predictions(raw, logits, arrays.images.shape[-2:])
     normal, scored = arrays.labels == 0, arrays.mask_valid & (arrays.masks.reshape(len(arrays), -1).any(1))
