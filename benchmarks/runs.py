@@ -61,8 +61,10 @@ def adopt(src: Path, out: Path, recipe) -> None:
         indent=2))
 
 
-def train_once(recipe, out: Path, reuse_from: str | None, quiet: bool, evaluate: bool = True) -> dict[str, Any]:
-    """Train recipe into out unless a finished (or adopted) training is there; returns its `trained.json` record."""
+def train_once(recipe, out: Path, reuse_from: str | None, quiet: bool, evaluate: bool = True,
+               resume: Path | None = None) -> dict[str, Any]:
+    """Train recipe into out unless a finished (or adopted) training is there; returns its `trained.json` record.
+    resume: a checkpoint to go on from (its epochs count in the history, not in train_s)."""
     from ssn_edge.jobs import train_job
 
     done = out / TRAINED
@@ -73,7 +75,7 @@ def train_once(recipe, out: Path, reuse_from: str | None, quiet: bool, evaluate:
         print(f"reusing the finished training in {out} ({trained['train_s']} s)")
         return trained
     t0 = time.perf_counter()
-    result = train_job(recipe, out, progress=not quiet, evaluate=evaluate)
+    result = train_job(recipe, out, resume=resume, progress=not quiet, evaluate=evaluate)
     trained = {"train_s": round(time.perf_counter() - t0, 1), "history": result.history, "metrics": result.metrics}
     atomic_write(done, json.dumps(trained, indent=2))
     return trained
