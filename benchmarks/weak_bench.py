@@ -142,8 +142,8 @@ VARIANTS.update({gated: (VARIANTS[base][0], {**VARIANTS[base][1], "model.map_gat
 # <base>_8ep: the base variant's finished 4-epoch run (same seed; run it first) resumed and trained on to epoch 8,
 # to ask whether the 4-epoch CPU schedule, not the missing masks, holds the mixed model's pixel AP back (the
 # supervised loss still fell by a third in epoch 4). The resumed schedule restarts: the recipe's milestones at 8
-# epochs put the lr back at its start for epochs 5-6, x0.4 at 7, x0.16 at 8; a weak or mixed run's pseudo-masks are made
-# again at epoch 5 from the resumed (epoch-4) model.
+# epochs put the lr back at its start for epochs 5-6, x0.4 at 7, x0.16 at 8; a run that makes pseudo-masks makes
+# them again at epoch 5 from the resumed (epoch-4) model.
 CONTINUED = {f"{base}_8ep": base for base in ("cam", "ssn_weak_detached_pseudo_grow", "mixed_10_balanced_pseudo_grow",
                                               "supervised")}
 VARIANTS.update({name: (VARIANTS[base][0], {**VARIANTS[base][1], "train.epochs": 8}, VARIANTS[base][2])
