@@ -170,9 +170,9 @@ def _recipe(variant: str, seed: int, epochs: int | None):
 
 
 def _finished_run(variant: str, seed: int) -> Path:
-    """The run folder that holds this variant's trained model of this seed (a gated variant's: its base's); exits
-    with the command that makes it when it is missing."""
-    trained_by = GATED.get(variant, variant)
+    """The run folder that holds this variant's trained model of this seed (a gated or _8ep variant's: its base's);
+    exits with the command that makes it when it is missing."""
+    trained_by = GATED.get(variant) or CONTINUED.get(variant) or variant
     run = RUNS / f"{trained_by}_s{seed}"
     if not (run / "trained.json").is_file() or not (run / "checkpoint.pt").is_file():
         sys.exit(f"{variant} seed {seed} needs the finished run in {run}, which is missing: run "
@@ -205,12 +205,12 @@ def train(args) -> None:
     elif args.variant in CONTINUED:
         if args.epochs is not None or args.reuse_from is not None:
             sys.exit(f"{args.variant} resumes its base's run: --epochs and --reuse-from do not apply")
-        base = _finished_run(CONTINUED[args.variant], args.seed)
+        base = _finished_run(args.variant, args.seed)
         checkpoint, trained = out / "checkpoint.pt", train_once(recipe, out, None, args.quiet, resume=base / "checkpoint.pt")
-        # the time to epoch 8: the base's 4 epochs and this run's 4
-        base_s = json.loads((base / "trained.json").read_text())["train_s"]
-        trained = {**trained, "train_s": round(base_s + trained["train_s"], 1),
-                   "reused_from": f"{base.relative_to(ROOT)} (resumed at epoch 4)"}
+        # the time to epoch 8: the base's epochs and this run's
+        base_trained = json.loads((base / "trained.json").read_text())
+        trained = {**trained, "train_s": round(base_trained["train_s"] + trained["train_s"], 1),
+                   "reused_from": f"{base.relative_to(ROOT)} (resumed at epoch {len(base_trained['history'])})"}
     else:
         checkpoint, trained = out / "checkpoint.pt", train_once(recipe, out, args.reuse_from, args.quiet)
     history, metrics = trained["history"], trained["metrics"]
@@ -371,7 +371,8 @@ def table(args) -> None:
     checks = []
     # each weak-SSN variant against supervised and CAM, each mixed-10 % variant against supervised; a gated variant
     # against the gated ones, so both sides of a check make their maps the same way
-    weak_ours = [v for v, (_, _, setting) in VARIANTS.items() if setting == "weak" and v not in ("cam", "cam_gated", "cam_8ep")]
+    weak_ours = [v for v, (_, overrides, setting) in VARIANTS.items()
+                 if setting == "weak" and overrides.get("model.cls_head") != "cam"]
     mixed_10 = [v for v, (_, overrides, _) in VARIANTS.items() if overrides.get("data.mask_fraction") == 0.1]
 
     def same_map(reference: str, ours: str) -> str:
