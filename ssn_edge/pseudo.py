@@ -27,7 +27,8 @@ without growth 38.52 / 43.46 / 45.52), AUPRO 74.94. Against the hidden masks, th
 masks were 65 % precise at 35 % recall, ungrown 76 % at 18 % (a diagnostic, not a results record). Growing further
 (0.95, seed 0) did not help: AP 43.80. Nor did teaching a fresh run from epoch 0 with the finished model's grown
 masks (train.pseudo_teacher, self-training in two runs; mixed_10_selftrain, seed 0): AP 39.25, below its teacher.
-With masks on 50 % and no batch balance (mixed_50_pseudo_grow, seed 0): 43.32 vs 44.72 without pseudo-masks.
+With masks on 50 % and no batch balance (mixed_50_pseudo_grow, seed 0): 43.32 vs 44.72 without pseudo-masks (42.99
+in a rerun of mixed_50).
 In the weak setting (ssn_weak_detached_pseudo_grow, seeds 0-2): pixel AP 14.43 ± 1.32 vs 12.20 ± 4.54 and AUPRO
 72.16 ± 3.40 vs 50.52 ± 17.47 without pseudo-masks (ssn_weak_detached), image AUROC 86.65 vs 91.22; still 1.72x
 CAM's AP.
