@@ -71,7 +71,7 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 def train(recipe_path, data_path, out_dir, epochs, seed, weights, resume, setting, mask_fraction, sets) -> None:
     """Train SSN from a recipe; writes checkpoint.pt, history.json and metrics.json to --out."""
     from ssn_edge.config import load_recipe, parse_override
-    from ssn_edge.jobs import train_job
+    from ssn_edge.train.job import train_job
 
     overrides = dict(parse_override(s) for s in sets)
     if data_path:
@@ -103,7 +103,7 @@ def train(recipe_path, data_path, out_dir, epochs, seed, weights, resume, settin
 @click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False), help="metrics.json path (default: beside the checkpoint).")
 def evaluate(checkpoint, data_path, split, weights, map_gate, out_file) -> None:
     """Evaluate a checkpoint: image AUROC/AP/F1-max, pixel AUPRO/AP/AUROC."""
-    from ssn_edge.jobs import eval_job
+    from ssn_edge.evaluation.job import eval_job
 
     metrics = eval_job(Path(checkpoint), data_path, split, weights, map_gate)
     _print_metrics(metrics)
@@ -208,9 +208,9 @@ def export(checkpoint, out_dir, fp16, int8, int8_acc, max_drop, acc_metric, cali
     """Export a checkpoint to an OpenVINO bundle: FP32 always, FP16/INT8/accuracy-controlled INT8 on request."""
     import dataclasses
 
-    from ssn_edge.calibration import CalibrationSpec, load_calibration_spec
-    from ssn_edge.export import export_bundle
-    from ssn_edge.quantize import QuantizeOptions
+    from ssn_edge.export.calibration import CalibrationSpec, load_calibration_spec
+    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.export.quantize import QuantizeOptions
 
     given = [o for o, v in (("--calibration", calibration_yaml), ("--calibration-folder", calibration_folder),
                             ("--calibration-manifest", calibration_manifest)) if v]
@@ -259,7 +259,7 @@ def export(checkpoint, out_dir, fp16, int8, int8_acc, max_drop, acc_metric, cali
 @click.option("--seconds", "throughput_seconds", default=2.0, show_default=True, type=float, help="Throughput window per variant (0: skip).")
 def report(bundle, data_path, split, checkpoint, weights, out_dir, runs, throughput_seconds) -> None:
     """Accuracy/speed report of every precision of a bundle vs FP32: report.json + a self-contained report.html."""
-    from ssn_edge.report import build_report
+    from ssn_edge.report.build import build_report
 
     result = build_report(bundle, data_path, split, checkpoint, out_dir, runs=runs, weights=weights,
                           throughput_seconds=throughput_seconds)
@@ -282,7 +282,7 @@ def report(bundle, data_path, split, checkpoint, weights, out_dir, runs, through
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Training epochs (default: the demo's).")
 def demo(out_dir, weights, epochs) -> None:
     """Procedural defects -> quick ResNet18 SSN -> FP32 + INT8 bundle -> report.html, in a few minutes."""
-    from ssn_edge.demo import DEMO_EPOCHS, run_demo
+    from ssn_edge.demo.run import DEMO_EPOCHS, run_demo
 
     run_demo(out_dir, epochs or DEMO_EPOCHS, weights, echo=click.echo)
 

@@ -56,10 +56,10 @@ HEAD_OF = {**{v: v for v in LIGHT_HEADS}, "light_head_learned_noise": "light_hea
 
 
 def _frontier_int8():
-    from ssn_edge.quantize import QuantizeOptions
+    from ssn_edge.export.quantize import QuantizeOptions
 
     # Every frontier INT8 model is quantized the same way: the frontier was measured with NNCF's default
-    # estimators on normal calibration images (the export's defaults changed during it; see ssn_edge.quantize).
+    # estimators on normal calibration images (the export's defaults changed during it; see ssn_edge.export.quantize).
     return QuantizeOptions(activation_range="nncf_default", score_offset=False)
 
 
@@ -87,8 +87,8 @@ def recipe_of(record: dict) -> str:
 
 
 def train(args) -> None:
-    from ssn_edge.calibration import CalibrationSpec
-    from ssn_edge.export import export_bundle
+    from ssn_edge.export.calibration import CalibrationSpec
+    from ssn_edge.export.exporter import export_bundle
 
     recipe = _recipe(args.dataset, args.variant, args.seed, epochs=args.epochs)
     out = run_dir(args.dataset, args.variant, args.seed) if args.epochs is None else RUNS / f"smoke_{args.dataset}_{args.variant}"
@@ -127,9 +127,9 @@ def train(args) -> None:
 def wrn50_bundle() -> Path:
     """An untrained WRN50-2 SSN (random backbone: no ImageNet WRN50 weights here; seeded, so rebuildable) exported
     to FP32 and INT8: its latency is the paper-backbone point of the frontier. Its accuracy means nothing."""
-    from ssn_edge.calibration import CalibrationSpec
-    from ssn_edge.checkpoint import save_checkpoint
-    from ssn_edge.export import export_bundle
+    from ssn_edge.export.calibration import CalibrationSpec
+    from ssn_edge.model.checkpoint import save_checkpoint
+    from ssn_edge.export.exporter import export_bundle
     from ssn_edge.model.backbones import weights_fingerprint
     from ssn_edge.model.ssn import SuperSimpleNet
 
@@ -192,7 +192,7 @@ def latency(args) -> None:
 
 def epoch_ratio(args) -> None:
     """Median epoch time of learned vs fixed noise, same data, same process, a few epochs each."""
-    from ssn_edge.jobs import train_job
+    from ssn_edge.train.job import train_job
 
     medians = {}
     for variant in ("fixed_noise", "learned_noise"):

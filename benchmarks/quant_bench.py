@@ -32,8 +32,8 @@ ACC_KEYS = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap", "score_max_abs
 def torch_latency(checkpoint: Path, size: tuple[int, int], warmup: int, runs: int) -> float:
     import torch
 
-    from ssn_edge.evaluate import torch_latency_ms
-    from ssn_edge.train import model_from_checkpoint
+    from ssn_edge.evaluation.evaluate import torch_latency_ms
+    from ssn_edge.model.load import model_from_checkpoint
 
     torch.set_num_threads(2)
     model, _, _ = model_from_checkpoint(checkpoint)
@@ -56,9 +56,9 @@ def main() -> None:
         print(f"skipped: {args.checkpoint} not found (run benchmarks/train_bench.py accuracy first)")
         return
 
-    from ssn_edge.calibration import CalibrationSpec
-    from ssn_edge.export import export_bundle
-    from ssn_edge.report import build_report
+    from ssn_edge.export.calibration import CalibrationSpec
+    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.report.build import build_report
     from ssn_edge.runtime.bench import bench_bundle, conv_peak_sweep
     from ssn_edge.runtime.bundle import load_bundle
 
@@ -91,7 +91,7 @@ def main() -> None:
         rec = {**base, "runtime": r["runtime"], "precision": r["precision"]}
         rec.update({k: r[k] for k in ACC_KEYS if r.get(k) is not None})
         q = meta["models"].get(r["precision"], {}).get("quantization") if r["runtime"] == "openvino" else None
-        if q:  # how this INT8 model was quantized (ssn_edge.quantize)
+        if q:  # how this INT8 model was quantized (ssn_edge.export.quantize)
             rec.update(calibration_defects=meta["calibration"]["spec"].get("defects", 0.0), act_range=q["activation_range"],
                        score_offset=q["score_offset_value"])
         s = speed.get(r["precision"]) if r["runtime"] == "openvino" else None

@@ -65,7 +65,7 @@ def train_once(recipe, out: Path, reuse_from: str | None, quiet: bool, evaluate:
                resume: Path | None = None) -> dict[str, Any]:
     """Train recipe into out unless a finished (or adopted) training is there; returns its `trained.json` record.
     resume: a checkpoint to go on from (its epochs count in the history, not in train_s)."""
-    from ssn_edge.jobs import train_job
+    from ssn_edge.train.job import train_job
 
     done = out / TRAINED
     if reuse_from is not None and not done.exists():

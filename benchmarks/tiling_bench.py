@@ -57,7 +57,7 @@ def checkpoint_of(variant: str) -> Path:
 def train(args) -> None:
     from benchmarks.runs import bench_recipe
     from ssn_edge.config import parse_override
-    from ssn_edge.jobs import train_job
+    from ssn_edge.train.job import train_job
 
     _require_data()
     recipe = bench_recipe(RECIPES[args.variant], dict(parse_override(s) for s in args.set))
@@ -80,8 +80,8 @@ def train(args) -> None:
 
 def bundle_of(variant: str, graph: str | None = None) -> Path:
     """Export (FP32 + INT8) once; reuse afterwards."""
-    from ssn_edge.calibration import CalibrationSpec
-    from ssn_edge.export import export_bundle
+    from ssn_edge.export.calibration import CalibrationSpec
+    from ssn_edge.export.exporter import export_bundle
 
     name = "bundle" if graph is None else f"bundle_{graph}"
     out = (RUNS / variant / name) if variant != "single_256" else RUNS / "single_256" / name
@@ -105,7 +105,7 @@ def rss_of_predict(bundle: Path, image: Path, precision: str, out: Path) -> floa
 
 
 def evaluate_variant(variant: str, precision: str, arrays, images: list[np.ndarray]) -> dict:
-    from ssn_edge.export import metrics_from_maps
+    from ssn_edge.export.exporter import metrics_from_maps
     from ssn_edge.runtime.engine import Engine
 
     engine = Engine(bundle_of(variant), precision=precision, mode="latency")
@@ -201,7 +201,8 @@ def edge_profile(args) -> None:
     import torch
 
     from ssn_edge.data import load_arrays, load_dataset, select
-    from ssn_edge.train_tiled import heads_trained_on, predict_tiled_raw, tiled_from_checkpoint
+    from ssn_edge.model.load import heads_trained_on, tiled_from_checkpoint
+    from ssn_edge.evaluation.evaluate import predict_tiled_raw
 
     _require_data()
     variant = "tiled_ens9"
@@ -241,7 +242,8 @@ def graph_match(args) -> None:
     import dataclasses
 
     from ssn_edge.data import load_arrays, load_dataset, select
-    from ssn_edge.train_tiled import evaluate_tiled, heads_trained_on, tiled_from_checkpoint
+    from ssn_edge.evaluation.evaluate import evaluate_tiled
+    from ssn_edge.model.load import heads_trained_on, tiled_from_checkpoint
 
     _require_data()
     path = Path(args.checkpoint) if args.checkpoint else checkpoint_of(args.variant)

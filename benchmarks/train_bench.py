@@ -43,7 +43,7 @@ def _base(recipe, args) -> dict:
 
 
 def accuracy(args) -> None:
-    from ssn_edge.jobs import train_job
+    from ssn_edge.train.job import train_job
 
     recipe = _recipe(args)
     out = ROOT / "runs" / "bench" / f"{args.dataset}_{recipe.train.setting}_{args.variant}_s{recipe.train.seed}"
@@ -72,8 +72,8 @@ def cache_ratio(args) -> None:
     """One epoch without and one with the cache, same process, same recipe: the ratio is the speed-up."""
     import torch
 
-    from ssn_edge.jobs import split_arrays
-    from ssn_edge.train import train
+    from ssn_edge.evaluation.job import split_arrays
+    from ssn_edge.train.loop import train
 
     recipe = _recipe(args)
     recipe.train.epochs = 1

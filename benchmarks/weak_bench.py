@@ -182,7 +182,7 @@ def _finished_run(variant: str, seed: int) -> Path:
 
 def _gated(variant: str, seed: int, out: Path) -> tuple[Path, dict]:
     """The base variant's finished run of this seed, evaluated on the test split with model.map_gate score."""
-    from ssn_edge.jobs import eval_job
+    from ssn_edge.evaluation.job import eval_job
 
     base = _finished_run(variant, seed)
     trained = json.loads((base / "trained.json").read_text())
@@ -193,8 +193,8 @@ def _gated(variant: str, seed: int, out: Path) -> tuple[Path, dict]:
 
 
 def train(args) -> None:
-    from ssn_edge.calibration import CalibrationSpec
-    from ssn_edge.export import export_bundle
+    from ssn_edge.export.calibration import CalibrationSpec
+    from ssn_edge.export.exporter import export_bundle
 
     recipe = _recipe(args.variant, args.seed, args.epochs)
     out = RUNS / (f"{args.variant}_s{args.seed}" if args.epochs is None else f"smoke_{args.variant}")
@@ -238,10 +238,10 @@ def teacher(args) -> None:
     the normal training images exactly as training fits it, no label used; the image score is the map's max."""
     import torch
 
-    from ssn_edge.evaluate import metrics_from_predictions
-    from ssn_edge.jobs import split_arrays
+    from ssn_edge.evaluation.evaluate import metrics_from_predictions
+    from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.model.ssn import SuperSimpleNet
-    from ssn_edge.pseudo import KnnPseudoConfig, fit_knn_teacher
+    from ssn_edge.train.pseudo import KnnPseudoConfig, fit_knn_teacher
     from ssn_edge.runtime.postprocess import anomaly_map
 
     recipe = _recipe("ssn_weak_knn", args.seed, None)
@@ -271,8 +271,8 @@ def by_defect(args) -> None:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     from ssn_edge.data import load_arrays, load_dataset, select
-    from ssn_edge.evaluate import outputs_to_predictions, predict_raw
-    from ssn_edge.train import model_from_checkpoint
+    from ssn_edge.evaluation.evaluate import outputs_to_predictions, predict_raw
+    from ssn_edge.model.load import model_from_checkpoint
 
     checkpoint = _finished_run(args.variant, args.seed) / "checkpoint.pt"
     model, recipe, _ = model_from_checkpoint(checkpoint, None, "score" if args.variant in GATED else None)

@@ -61,7 +61,7 @@ class NoiseConfig:
     perlin_threshold: float = 0.2  # 0.2 MVTec AD; 0.6 for thin, small defects (VisA, KSDD2)
     empty_prob: float = 0.5  # probability that a sample gets no synthetic anomaly
     # kind "learned" only (spec 4): eps = tanh(n + G(A, n, z)) * beta * per-channel std(A), n unit noise blurred by
-    # smooth, G trained adversarially (ssn_edge.model.generator).
+    # smooth, G trained adversarially (ssn_edge.train.generator).
     beta: float = 0.1  # bound on |eps| relative to each channel's feature std (1.5: about adaptive sigma 1.0 at start)
     z_dim: int = 16  # random vector fed to G (stochasticity)
     gen_hidden: int = 128  # G's hidden width (1x1 convs)
@@ -93,7 +93,7 @@ class TrainConfig:
     eval_every: int = 0  # epochs between evaluations on the test split (0: only at the end)
     cls_focal_gamma: float = 4.0  # the image score's focal-loss gamma (paper: 4; the map's stays 4)
     # weak/mixed: from this epoch (0-based) on, label-only defects train with pseudo-masks from the model's own
-    # map (ssn_edge.pseudo): its top pseudo_top fraction of pixels, a margin around them unknown. None: off.
+    # map (ssn_edge.train.pseudo): its top pseudo_top fraction of pixels, a margin around them unknown. None: off.
     pseudo_mask_epoch: int | None = None
     pseudo_top: float = 0.01
     pseudo_rest: str = "normal"  # the pixels outside a pseudo-mask's defect and margin: "normal" or "unknown"
@@ -107,7 +107,7 @@ class TrainConfig:
     # map. Measured (Magnetic tile, mixed 10 %, seed 0): pixel AP 39.25, below its teacher's 45.10.
     pseudo_teacher: str | None = None
     # "map": pseudo-masks from the model's own map (above). "knn": from a nearest-neighbour teacher on the frozen
-    # backbone (a patch far from every normal training patch; ssn_edge.pseudo.knn_pseudo_masks), positives
+    # backbone (a patch far from every normal training patch; ssn_edge.train.pseudo.knn_pseudo_masks), positives
     # only, made once: it owes nothing to the heads, so it can start at epoch 0.
     pseudo_source: str = "map"
     pseudo_border: int = 0  # knn: pixels along the image border never marked defect (the teacher errs there)
@@ -132,7 +132,7 @@ class TrainConfig:
     # pseudo-masks on Magnetic tile (seed 0): no help (weak pixel AP 10.46 vs 12.05, mixed 10 % 27.09 vs 28.00).
     real_pixel_weight: float = 0.0
     # supervised/mixed: this many extra training images per defect with a mask, each the defect pasted onto a
-    # normal training image (ssn_edge.paste): a few annotated defects seen in many contexts. 0: off. Measured on
+    # normal training image (ssn_edge.train.paste): a few annotated defects seen in many contexts. 0: off. Measured on
     # Magnetic tile, mixed 10 %, seeds 0-2: pixel AP 40.85 vs 36.76 alone, 39.13 vs 44.78 with pseudo_grow.
     paste_copies: int = 0
 

@@ -19,7 +19,7 @@ def shared_path(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
-    from ssn_edge.synthetic import SyntheticSpec, make_dataset
+    from ssn_edge.data.synthetic import SyntheticSpec, make_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     return make_dataset(root, SyntheticSpec(size=64, n_train=8, n_test_good=4, n_test_defect_per_type=2))
@@ -38,7 +38,7 @@ def tiny_recipe_dict(data: Path) -> dict:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_dataset) -> Path:
     from ssn_edge.config import recipe_from_dict
-    from ssn_edge.jobs import train_job
+    from ssn_edge.train.job import train_job
 
     out = tmp_path_factory.mktemp("tiny_run")
     result = train_job(recipe_from_dict(tiny_recipe_dict(tiny_dataset)), out, progress=False)
@@ -50,7 +50,7 @@ def loss_inputs(model, recipe, l2, l3, gt, valid, seed: int = 0):
     dict stays empty when ssn_loss was not called."""
     import numpy as np
 
-    import ssn_edge.train as tr
+    import ssn_edge.train.loop as tr
 
     seen: dict = {}
     original = tr.ssn_loss

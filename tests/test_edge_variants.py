@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from conftest import tiny_recipe_dict
-from ssn_edge.checkpoint import load_checkpoint
+from ssn_edge.model.checkpoint import load_checkpoint
 from ssn_edge.config import ModelConfig, RecipeError, recipe_from_dict
 from ssn_edge.data import ArraySet
 from ssn_edge.model.complexity import head_macs
-from ssn_edge.model.generator import NoiseGenerator
-from ssn_edge.model.noise import apply_noise
-from ssn_edge.model.perlin import perlin_masks
+from ssn_edge.train.generator import NoiseGenerator
+from ssn_edge.train.noise import apply_noise
+from ssn_edge.train.perlin import perlin_masks
 from ssn_edge.model.ssn import ClassificationHead, LightClassificationHead, SSNHeads, SuperSimpleNet
 
 
@@ -265,7 +265,7 @@ def test_generator_starts_as_bounded_smooth_noise_and_varies_over_the_map():
 
 
 def _gen_setup(**noise):
-    from ssn_edge.train import build_generator, feature_masks
+    from ssn_edge.train.loop import build_generator, feature_masks
 
     recipe = _recipe(model={"adaptor_channels": 32}, noise={"kind": "learned", **noise})
     torch.manual_seed(0)
@@ -280,7 +280,7 @@ def _gen_setup(**noise):
 
 
 def _objective(model, recipe, gen, batch, seed=3):
-    from ssn_edge.train import train_step
+    from ssn_edge.train.loop import train_step
 
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -288,7 +288,7 @@ def _objective(model, recipe, gen, batch, seed=3):
 
 
 def test_generator_step_maximises_the_heads_loss_and_moves_only_the_generator():
-    from ssn_edge.train import generator_update
+    from ssn_edge.train.loop import generator_update
 
     recipe, model, gen, gen_opt, batch = _gen_setup(mag_weight=0.0, gen_lr=1e-3)
     _, before = _objective(model, recipe, gen, batch)
@@ -304,7 +304,7 @@ def test_generator_step_maximises_the_heads_loss_and_moves_only_the_generator():
 
 
 def test_generator_magnitude_penalty_shrinks_eps():
-    from ssn_edge.train import generator_update
+    from ssn_edge.train.loop import generator_update
 
     recipe, model, gen, gen_opt, batch = _gen_setup(mag_weight=1000.0, gen_lr=1e-3)
     _, before = _objective(model, recipe, gen, batch)
@@ -314,7 +314,7 @@ def test_generator_magnitude_penalty_shrinks_eps():
 
 
 def test_learned_noise_is_validated():
-    from ssn_edge.train import train
+    from ssn_edge.train.loop import train
 
     with pytest.raises(RecipeError, match="noise.kind"):
         _recipe(noise={"kind": "learnt"})
@@ -325,7 +325,8 @@ def test_learned_noise_is_validated():
 
 
 def test_learned_noise_training_logs_learns_and_resumes(tmp_path):
-    from ssn_edge.train import model_from_checkpoint, train
+    from ssn_edge.model.load import model_from_checkpoint
+    from ssn_edge.train.loop import train
 
     arrays = _arrays()  # 6 images, batch 4: 2 heads steps per epoch, a generator step every 3rd
     model_kw = {"cls_head": "light", "adaptor_channels": 32}
@@ -366,7 +367,7 @@ def test_learned_noise_training_logs_learns_and_resumes(tmp_path):
 
 
 def test_non_finite_loss_stops_training_naming_epoch_and_step(tmp_path, monkeypatch):
-    import ssn_edge.train as tr
+    import ssn_edge.train.loop as tr
 
     original = tr.ssn_loss
     calls = {"n": 0}
@@ -392,7 +393,7 @@ BEFORE = {"fixed": (1.2827450037002563, 7677.898506327096), "adaptive": (1.29083
 
 @pytest.mark.parametrize("kind,sigma", [("fixed", 0.015), ("adaptive", 0.1)])
 def test_default_noise_paths_train_as_before(kind, sigma, tmp_path):
-    from ssn_edge.train import train
+    from ssn_edge.train.loop import train
 
     result = train(_recipe(noise={"kind": kind, "sigma": sigma}), _arrays(), tmp_path, progress=False)
     state = load_checkpoint(result.checkpoint)

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ssn_edge.calibration import (
+from ssn_edge.export.calibration import (
     CALIBRATION_FILE,
     CalibrationError,
     CalibrationSpec,
     load_calibration_spec,
     select_calibration,
 )
-from ssn_edge.checkpoint import CheckpointError
-from ssn_edge.export import compile_f32, export_bundle, infer
-from ssn_edge.quantize import QuantizeOptions
+from ssn_edge.model.checkpoint import CheckpointError
+from ssn_edge.export.exporter import compile_f32, export_bundle, infer
+from ssn_edge.export.quantize import QuantizeOptions
 from ssn_edge.runtime.bundle import BundleError, load_bundle, sha256_file
 from ssn_edge.runtime.preprocess import prepare, read_image
 
@@ -37,7 +37,7 @@ def _no_leftovers(parent: Path, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def recipe(tiny_checkpoint):
-    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.model.checkpoint import load_checkpoint
     from ssn_edge.config import recipe_from_dict
 
     return recipe_from_dict(load_checkpoint(tiny_checkpoint)["recipe"])
@@ -45,7 +45,7 @@ def recipe(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def bundle(tiny_checkpoint, tmp_path_factory):
-    from ssn_edge.export import export_bundle
+    from ssn_edge.export.exporter import export_bundle
 
     out = tmp_path_factory.mktemp("export") / "bundle"
     return export_bundle(
@@ -55,7 +55,7 @@ def bundle(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def test_arrays(tiny_dataset):
-    from ssn_edge.jobs import split_arrays
+    from ssn_edge.evaluation.job import split_arrays
 
     return split_arrays(tiny_dataset, "test", (64, 64), progress=False)
 
@@ -69,8 +69,8 @@ def test_arrays(tiny_dataset):
 def test_fp32_matches_pytorch(bundle, tiny_checkpoint, test_arrays):
     import openvino as ov
 
-    from ssn_edge.evaluate import predict_raw
-    from ssn_edge.train import model_from_checkpoint
+    from ssn_edge.evaluation.evaluate import predict_raw
+    from ssn_edge.model.load import model_from_checkpoint
 
     model, _, _ = model_from_checkpoint(tiny_checkpoint)
     ref_maps, ref_scores = predict_raw(model, test_arrays.images)
@@ -93,9 +93,10 @@ def test_anchored_light_head_exports_its_score(tiny_dataset, tmp_path):
 
     from conftest import tiny_recipe_dict
     from ssn_edge.config import recipe_from_dict
-    from ssn_edge.evaluate import predict_raw
-    from ssn_edge.jobs import split_arrays, train_job
-    from ssn_edge.train import model_from_checkpoint
+    from ssn_edge.evaluation.evaluate import predict_raw
+    from ssn_edge.evaluation.job import split_arrays
+    from ssn_edge.train.job import train_job
+    from ssn_edge.model.load import model_from_checkpoint
 
     d = tiny_recipe_dict(tiny_dataset)
     d["model"].update(cls_head="light", score_anchor="map_max")
@@ -124,7 +125,7 @@ def test_fp16_present_and_smaller(bundle):
 def test_int8_is_quantized(bundle, test_arrays):
     import openvino as ov
 
-    from ssn_edge.export import count_quantized_ops, infer
+    from ssn_edge.export.exporter import count_quantized_ops, infer
 
     assert count_quantized_ops(bundle.model_path("fp32")) == 0
     assert count_quantized_ops(bundle.model_path("int8")) > 0
@@ -166,7 +167,7 @@ def _int8_score_shift(monkeypatch, workaround: float) -> float:
     import nncf
     import openvino as ov
 
-    import ssn_edge.export as export
+    import ssn_edge.export.exporter as export
 
     monkeypatch.setattr(export, "SEG_BIAS_WORKAROUND", workaround)
     rng = np.random.default_rng(3)
@@ -199,7 +200,7 @@ def test_openvino_bias_free_conv_issue_still_present(monkeypatch):
 
 @pytest.mark.slow
 def test_metadata_schema(bundle, tiny_checkpoint, test_arrays):
-    from ssn_edge.metrics import f1_max
+    from ssn_edge.evaluation.metrics import f1_max
     from ssn_edge.runtime.postprocess import sigmoid
 
     meta = json.loads((bundle.path / "metadata.json").read_text())
@@ -225,7 +226,7 @@ def test_metadata_schema(bundle, tiny_checkpoint, test_arrays):
     # The image threshold is the F1-max threshold of the FP32 model's sigmoid scores on that split.
     import openvino as ov
 
-    from ssn_edge.export import infer
+    from ssn_edge.export.exporter import infer
 
     _, logits = infer(ov.Core().compile_model(bundle.model_path("fp32"), "CPU", F32), test_arrays.images)
     assert th["image"] == pytest.approx(f1_max(test_arrays.labels, sigmoid(logits))[1], abs=1e-5)
@@ -369,7 +370,7 @@ def test_calibration_spec_files(tmp_path):
 
 
 def test_corrupt_checkpoint(tmp_path):
-    from ssn_edge.export import export_bundle
+    from ssn_edge.export.exporter import export_bundle
 
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
@@ -383,7 +384,7 @@ def test_corrupt_checkpoint(tmp_path):
 def test_checkpoint_from_another_version(tmp_path, tiny_checkpoint):
     import torch
 
-    from ssn_edge.export import export_bundle
+    from ssn_edge.export.exporter import export_bundle
 
     state = torch.load(tiny_checkpoint, weights_only=False)
     state["version"] = 99
@@ -395,12 +396,12 @@ def test_checkpoint_from_another_version(tmp_path, tiny_checkpoint):
 
 
 def test_existing_output_refused_early(tmp_path, monkeypatch):
-    import ssn_edge.train
-    from ssn_edge.export import export_bundle
+    import ssn_edge.model.load
+    from ssn_edge.export.exporter import export_bundle
 
     out = tmp_path / "bundle"
     out.mkdir()
-    monkeypatch.setattr(ssn_edge.train, "model_from_checkpoint", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(ssn_edge.model.load, "model_from_checkpoint", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(BundleError, match="already exists"):
         export_bundle(tmp_path / "any.pt", out, fp16=False, int8=False)
     with pytest.raises(ValueError, match="accuracy metric"):
@@ -409,7 +410,7 @@ def test_existing_output_refused_early(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_failure_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
-    import ssn_edge.export as export
+    import ssn_edge.export.exporter as export
 
     def boom(*args, **kwargs):
         raise RuntimeError("quantizer crashed")
@@ -429,7 +430,7 @@ def test_failure_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_int8_accuracy_control(tiny_checkpoint, tmp_path):
-    from ssn_edge.export import export_bundle
+    from ssn_edge.export.exporter import export_bundle
 
     b = export_bundle(
         tiny_checkpoint,
@@ -493,7 +494,7 @@ def test_cli_calibration_options_need_int8(tiny_checkpoint, tmp_path):
 
 def test_threshold_split_prefers_val(tiny_dataset, tmp_path, caplog):
     from ssn_edge.data import DatasetError
-    from ssn_edge.export import threshold_split
+    from ssn_edge.export.exporter import threshold_split
 
     good = sorted((tiny_dataset / "test" / "good").glob("*.png"))
     bad = sorted((tiny_dataset / "test").glob("[!g]*/*.png"))
@@ -530,7 +531,7 @@ def _toy_arrays(with_masks: bool):
 
 
 def test_thresholds_f1_max_and_subsampling(monkeypatch):
-    import ssn_edge.export as export
+    import ssn_edge.export.exporter as export
     from ssn_edge.runtime.postprocess import sigmoid
 
     arrays, raw, logits = _toy_arrays(with_masks=True)
@@ -547,7 +548,7 @@ def test_thresholds_f1_max_and_subsampling(monkeypatch):
 
 
 def test_pixel_threshold_without_masks(caplog):
-    from ssn_edge.export import thresholds_and_normalization
+    from ssn_edge.export.exporter import thresholds_and_normalization
     from ssn_edge.runtime.postprocess import anomaly_map
 
     arrays, raw, logits = _toy_arrays(with_masks=False)
@@ -559,7 +560,7 @@ def test_pixel_threshold_without_masks(caplog):
 
 
 def test_decision_agreement_metric_counts_flips_at_the_threshold():
-    from ssn_edge.export import metric_value
+    from ssn_edge.export.exporter import metric_value
 
     arrays, raw, logits = _toy_arrays(with_masks=True)
     threshold = 0.5
@@ -575,8 +576,8 @@ def test_decision_agreement_metric_counts_flips_at_the_threshold():
 
 
 def test_calibration_inputs_paint_defects_deterministically(tmp_path, tiny_dataset):
-    from ssn_edge.calibration import CalibrationSpec, CalibrationError, select_calibration
-    from ssn_edge.quantize import calibration_inputs
+    from ssn_edge.export.calibration import CalibrationSpec, CalibrationError, select_calibration
+    from ssn_edge.export.quantize import calibration_inputs
 
     images = select_calibration(CalibrationSpec(source="folder", path=str(tiny_dataset / "train" / "good"), size=6))
     plain = calibration_inputs(images, (64, 64), defects=0.0)
@@ -596,7 +597,7 @@ def test_score_offset_is_subtracted_inside_the_graph_and_keeps_output_names():
     import openvino as ov
     import openvino.opset13 as ops
 
-    from ssn_edge.quantize import subtract_from_score
+    from ssn_edge.export.quantize import subtract_from_score
 
     x = ops.parameter([1, 3, 4, 4], np.float32, name="image")
     m = ops.reduce_mean(x, [1], keep_dims=True)
@@ -613,10 +614,10 @@ def test_score_offset_is_subtracted_inside_the_graph_and_keeps_output_names():
 
 
 def test_int8_export_records_quantization_and_centres_its_score_on_the_calibration_images(tmp_path, tiny_checkpoint):
-    from ssn_edge.calibration import CalibrationSpec, select_calibration
-    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.export.calibration import CalibrationSpec, select_calibration
+    from ssn_edge.model.checkpoint import load_checkpoint
     from ssn_edge.config import recipe_from_dict
-    from ssn_edge.quantize import calibration_inputs
+    from ssn_edge.export.quantize import calibration_inputs
 
     spec = CalibrationSpec(source="recipe", size=8)
     bundle = export_bundle(tiny_checkpoint, tmp_path / "b", fp16=False, int8=True, calibration=spec)

@@ -48,7 +48,7 @@ def test_gated_map_is_the_log_of_pixel_times_image_probability():
 def test_training_and_pseudo_masks_see_the_ungated_logits(tiny_dataset):
     from ssn_edge.data import ArraySet
     from ssn_edge.model.ssn import SuperSimpleNet
-    from ssn_edge.pseudo import model_maps
+    from ssn_edge.train.pseudo import model_maps
 
     cfg = recipe_from_dict(tiny_recipe_dict(tiny_dataset)).model
     torch.manual_seed(0)
@@ -89,11 +89,11 @@ def test_export_sets_the_gate_in_the_graph_and_says_so(tiny_checkpoint, tiny_dat
     from click.testing import CliRunner
 
     import cli
-    from ssn_edge.evaluate import predict_raw
-    from ssn_edge.jobs import split_arrays
-    from ssn_edge.report import build_report, torch_variant
+    from ssn_edge.evaluation.evaluate import predict_raw
+    from ssn_edge.evaluation.job import split_arrays
+    from ssn_edge.report.build import build_report, torch_variant
     from ssn_edge.runtime.bundle import load_bundle
-    from ssn_edge.train import model_from_checkpoint
+    from ssn_edge.model.load import model_from_checkpoint
 
     out = tmp_path / "bundle"
     result = CliRunner().invoke(cli.main, ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out),

@@ -15,7 +15,7 @@ from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ssn_edge.metrics import aupro, evaluate_all, f1_max, image_metrics, pixel_metrics
+from ssn_edge.evaluation.metrics import aupro, evaluate_all, f1_max, image_metrics, pixel_metrics
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
@@ -184,7 +184,7 @@ def test_aupro_rejects_bad_input(masks: np.ndarray, maps: np.ndarray, fpr_limit:
 
 
 def test_metrics_module_does_not_import_torch() -> None:
-    code = "import sys, ssn_edge.metrics; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, ssn_edge.evaluation.metrics; assert 'torch' not in sys.modules, 'torch was imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
@@ -310,7 +310,7 @@ def test_evaluate_all_combines_and_forwards_valid() -> None:
 
 
 def test_gap_threshold_keeps_decisions_and_leaves_the_data_point():
-    from ssn_edge.metrics import f1_max, gap_threshold
+    from ssn_edge.evaluation.metrics import f1_max, gap_threshold
 
     labels = np.array([0, 0, 0, 1, 1, 1])
     scores = np.array([0.1, 0.2, 0.3, 0.35, 0.8, 0.9])

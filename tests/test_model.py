@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ssn_edge.config import ModelConfig, NoiseConfig
-from ssn_edge.model.losses import focal_loss, truncated_l1
-from ssn_edge.model.noise import apply_noise, sample_noise
-from ssn_edge.model.perlin import perlin_2d, perlin_mask, perlin_masks
+from ssn_edge.train.losses import focal_loss, truncated_l1
+from ssn_edge.train.noise import apply_noise, sample_noise
+from ssn_edge.train.perlin import perlin_2d, perlin_mask, perlin_masks
 from ssn_edge.model.ssn import SSNHeads, SuperSimpleNet
 
 
@@ -116,7 +116,7 @@ def test_xavier_init_and_batchnorm_ones():
 
 
 def test_noise_sigma_schedule():
-    from ssn_edge.model.noise import noise_sigma
+    from ssn_edge.train.noise import noise_sigma
 
     constant = NoiseConfig(kind="adaptive", sigma=1.0)
     assert [noise_sigma(constant, e, 5) for e in range(5)] == [1.0] * 5
@@ -139,7 +139,7 @@ def test_smoothed_noise_keeps_its_variance_and_is_spatially_coherent():
 
 
 def test_score_focal_gamma_reaches_the_classification_loss():
-    from ssn_edge.model.losses import ssn_loss
+    from ssn_edge.train.losses import ssn_loss
 
     maps = torch.zeros(4, 1, 8, 8)
     mask = torch.zeros(4, 1, 8, 8)
@@ -153,7 +153,7 @@ def test_score_focal_gamma_reaches_the_classification_loss():
 
 
 def test_real_pixel_weight_gives_a_small_real_defect_the_weight_of_all_synthetic_ones():
-    from ssn_edge.model.losses import ssn_loss
+    from ssn_edge.train.losses import ssn_loss
 
     maps = torch.zeros(2, 1, 16, 16, requires_grad=True)
     mask = torch.zeros(2, 1, 16, 16)

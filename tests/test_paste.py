@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_recipe_dict
 from ssn_edge.data import ArraySet
-from ssn_edge.paste import PasteConfig, paste_defect, with_pasted_defects
+from ssn_edge.train.paste import PasteConfig, paste_defect, with_pasted_defects
 
 
 def _square(size: int = 64, box: tuple[int, int, int, int] = (20, 20, 30, 30)) -> np.ndarray:
@@ -95,7 +95,7 @@ def test_paste_copies_is_validated():
 
 def test_tiled_training_on_shared_backbone_features_refuses_pasting(tmp_path):
     from ssn_edge.config import recipe_from_dict
-    from ssn_edge.train import SharedFeatures, train
+    from ssn_edge.train.loop import SharedFeatures, train
 
     d = tiny_recipe_dict(Path("unused"))
     d["train"].update(setting="mixed", paste_copies=2)

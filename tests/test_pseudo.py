@@ -10,7 +10,7 @@ import torch
 from conftest import loss_inputs, tiny_recipe_dict
 from ssn_edge.config import recipe_from_dict
 from ssn_edge.data import ArraySet
-from ssn_edge.pseudo import PseudoMaskConfig, pseudo_masks
+from ssn_edge.train.pseudo import PseudoMaskConfig, pseudo_masks
 
 
 def _peaked(size: int = 64, at: tuple[int, int] = (20, 40), height: float = 5.0) -> np.ndarray:
@@ -35,7 +35,7 @@ def test_a_map_within_the_normal_range_gives_no_pixel_target():
 
 def test_unknown_pixels_get_no_pixel_loss_and_keep_the_crop_defective():
     from ssn_edge.model.ssn import SuperSimpleNet
-    from ssn_edge.train import UNKNOWN, feature_masks
+    from ssn_edge.train.loop import UNKNOWN, feature_masks
 
     d = tiny_recipe_dict(Path("unused"))
     d["train"]["setting"] = "weak"
@@ -63,7 +63,7 @@ def test_unknown_pixels_get_no_pixel_loss_and_keep_the_crop_defective():
 
 
 def test_weak_run_with_pseudo_masks_records_how_many_it_made(tmp_path):
-    from ssn_edge.pseudo import with_pseudo_masks
+    from ssn_edge.train.pseudo import with_pseudo_masks
     from ssn_edge.model.ssn import SuperSimpleNet
 
     recipe = recipe_from_dict(tiny_recipe_dict(Path("unused")))
@@ -108,7 +108,7 @@ def test_hysteresis_grows_a_confident_core_into_its_fainter_region_only():
 
 
 def test_top_k_mil_loss_pushes_only_the_highest_pixels_up():
-    from ssn_edge.model.losses import top_k_mil_loss
+    from ssn_edge.train.losses import top_k_mil_loss
 
     logits = torch.zeros(2, 1, 10, 10)
     logits[:, 0, 3, 3] = 2.0
@@ -141,7 +141,7 @@ def test_mil_loss_joins_the_step_only_for_defects_without_a_mask():
 
 
 def test_knn_distance_is_the_distance_to_the_nearest_bank_row():
-    from ssn_edge.pseudo import knn_distance
+    from ssn_edge.train.pseudo import knn_distance
 
     g = torch.Generator().manual_seed(0)
     bank, queries = torch.randn(50, 6, generator=g), torch.randn(37, 6, generator=g)
@@ -166,7 +166,7 @@ def _knn_arrays(n_good: int = 12, size: int = 32) -> ArraySet:
 
 
 def test_knn_teacher_marks_a_label_only_defect_where_it_differs_from_every_normal_image():
-    from ssn_edge.pseudo import KnnPseudoConfig, knn_pseudo_masks
+    from ssn_edge.train.pseudo import KnnPseudoConfig, knn_pseudo_masks
 
     arrays = _knn_arrays()
     seen: list[np.ndarray] = []
@@ -188,7 +188,7 @@ def test_knn_teacher_marks_a_label_only_defect_where_it_differs_from_every_norma
 
 
 def test_knn_teacher_leaves_a_defect_that_looks_normal_label_only():
-    from ssn_edge.pseudo import KnnPseudoConfig, knn_pseudo_masks
+    from ssn_edge.train.pseudo import KnnPseudoConfig, knn_pseudo_masks
 
     arrays = _knn_arrays()
     arrays.images[12] = arrays.images[0]  # the label-only "defect" is a copy of a normal image
@@ -198,7 +198,7 @@ def test_knn_teacher_leaves_a_defect_that_looks_normal_label_only():
 
 
 def test_knn_teacher_is_not_trusted_along_the_border():
-    from ssn_edge.pseudo import KnnPseudoConfig, knn_pseudo_masks
+    from ssn_edge.train.pseudo import KnnPseudoConfig, knn_pseudo_masks
 
     arrays = _knn_arrays()
     arrays.images[12] = arrays.images[0]

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ssn_edge.report import RANDOM_BACKBONE_WARNING, RECORD_KEYS, compare_scores
+from ssn_edge.report.build import RANDOM_BACKBONE_WARNING, RECORD_KEYS, compare_scores
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory, tiny_checkpoint):
-    from ssn_edge.calibration import CalibrationSpec
-    from ssn_edge.export import export_bundle
+    from ssn_edge.export.calibration import CalibrationSpec
+    from ssn_edge.export.exporter import export_bundle
 
     out = tmp_path_factory.mktemp("report_bundle") / "bundle"
     return export_bundle(tiny_checkpoint, out, fp16=False, int8=True, calibration=CalibrationSpec(size=8))
@@ -27,7 +27,7 @@ def tiny_bundle(tmp_path_factory, tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory, tiny_bundle, tiny_checkpoint):
-    from ssn_edge.report import build_report
+    from ssn_edge.report.build import build_report
 
     out = tmp_path_factory.mktemp("report_out") / "report"
     return build_report(tiny_bundle.path, checkpoint=tiny_checkpoint, out_dir=out, runs=2, throughput_seconds=0.05, examples=2)
@@ -115,7 +115,7 @@ def test_compare_scores_counts_decision_flips_at_the_threshold():
 
 
 def test_report_refuses_a_checkpoint_the_bundle_did_not_come_from(tiny_bundle, tmp_path):
-    from ssn_edge.report import build_report
+    from ssn_edge.report.build import build_report
 
     other = tmp_path / "other.pt"
     other.write_bytes(b"not the exported checkpoint")
@@ -137,7 +137,7 @@ class NoTorch(importlib.abc.MetaPathFinder):  # as if torch were not installed
         return None
 
 sys.meta_path.insert(0, NoTorch())
-from ssn_edge.report import build_report
+from ssn_edge.report.build import build_report
 r = build_report({str(tiny_bundle.path)!r}, out_dir={str(out)!r}, runs=1, throughput_seconds=0, examples=1)
 assert "torch" not in sys.modules, "torch was imported"
 print(r["reference"])
@@ -176,7 +176,7 @@ def _offline_loader(monkeypatch):
 
 
 def test_demo_weight_resolution(monkeypatch):
-    from ssn_edge.demo import resolve_weights
+    from ssn_edge.demo.run import resolve_weights
 
     calls = _offline_loader(monkeypatch)
     backbone, note = resolve_weights(None)
@@ -190,8 +190,8 @@ def test_demo_weight_resolution(monkeypatch):
 
 
 def test_demo_falls_back_to_a_random_backbone_and_says_so(monkeypatch, tmp_path):
-    from ssn_edge.demo import run_demo
-    from ssn_edge.synthetic import SyntheticSpec
+    from ssn_edge.demo.run import run_demo
+    from ssn_edge.data.synthetic import SyntheticSpec
 
     _offline_loader(monkeypatch)
     lines: list[str] = []

@@ -14,7 +14,7 @@ import torch
 from conftest import loss_inputs, tiny_recipe_dict
 from ssn_edge.config import RecipeError, recipe_from_dict
 from ssn_edge.data import ArraySet, Sample
-from ssn_edge.supervision import apply_setting, hide_masks, infer_setting
+from ssn_edge.data.supervision import apply_setting, hide_masks, infer_setting
 
 
 def _samples(per_type: dict[str, int]) -> list[Sample]:
@@ -126,7 +126,7 @@ def test_cam_map_is_the_gap_classifier_applied_per_position():
 
 def test_cam_trains_on_image_labels_only():
     from ssn_edge.model.ssn import SuperSimpleNet
-    from ssn_edge.train import feature_masks
+    from ssn_edge.train.loop import feature_masks
 
     recipe = _cam_recipe()
     arrays, _ = apply_setting(_arrays(2, 0, 2, size=64), "weak")
@@ -152,7 +152,7 @@ def test_cam_complexity_counts_no_segmentation_head():
 @pytest.fixture(scope="module")
 def manifest_dataset(tmp_path_factory) -> Path:
     """The synthetic set as a manifest whose train split also holds defective images with masks."""
-    from ssn_edge.synthetic import SyntheticSpec, make_dataset
+    from ssn_edge.data.synthetic import SyntheticSpec, make_dataset
 
     root = make_dataset(tmp_path_factory.mktemp("weak"), SyntheticSpec(size=64, n_train=8, n_test_good=4, n_test_defect_per_type=4))
     rows = [(f"train/good/{p.name}", "", 0, "good", "train") for p in sorted((root / "train" / "good").iterdir())]
@@ -169,9 +169,9 @@ def manifest_dataset(tmp_path_factory) -> Path:
 
 
 def test_mixed_training_run_records_its_supervision_through_to_the_bundle_and_report(tmp_path, manifest_dataset):
-    from ssn_edge.checkpoint import load_checkpoint
-    from ssn_edge.export import export_bundle
-    from ssn_edge.jobs import train_job
+    from ssn_edge.model.checkpoint import load_checkpoint
+    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.train.job import train_job
 
     d = tiny_recipe_dict(manifest_dataset)
     d["data"]["mask_fraction"] = 0.34  # of 3 annotated defects per type: 1 keeps its mask
@@ -184,15 +184,15 @@ def test_mixed_training_run_records_its_supervision_through_to_the_bundle_and_re
     bundle = export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=False)
     meta = json.loads((tmp_path / "bundle" / "metadata.json").read_text())
     assert meta["setting"] == "mixed" and meta["supervision"]["label_only"] == 6
-    from ssn_edge.report import _supervision_text
+    from ssn_edge.report.build import _supervision_text
 
     text = _supervision_text(bundle.metadata["supervision"])
     assert "3 defective with mask, 6 defective with image label only" in text and "inferred from the data" in text
 
 
 def test_cam_baseline_exports_and_runs_in_the_runtime(tmp_path, manifest_dataset):
-    from ssn_edge.export import export_bundle
-    from ssn_edge.jobs import train_job
+    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.train.job import train_job
     from ssn_edge.runtime.engine import Engine
 
     d = tiny_recipe_dict(manifest_dataset)
@@ -207,8 +207,8 @@ def test_cam_baseline_exports_and_runs_in_the_runtime(tmp_path, manifest_dataset
 
 
 def test_weak_run_switches_to_pseudo_masks_at_the_recipes_epoch(tmp_path, manifest_dataset):
-    from ssn_edge.checkpoint import load_checkpoint
-    from ssn_edge.jobs import train_job
+    from ssn_edge.model.checkpoint import load_checkpoint
+    from ssn_edge.train.job import train_job
 
     d = tiny_recipe_dict(manifest_dataset)
     d["train"].update(setting="weak", epochs=2, pseudo_mask_epoch=1)
@@ -219,8 +219,8 @@ def test_weak_run_switches_to_pseudo_masks_at_the_recipes_epoch(tmp_path, manife
 
 
 def test_weak_run_with_the_knn_teacher_makes_its_pseudo_masks_once_from_epoch_0(tmp_path, manifest_dataset):
-    from ssn_edge.checkpoint import load_checkpoint
-    from ssn_edge.jobs import train_job
+    from ssn_edge.model.checkpoint import load_checkpoint
+    from ssn_edge.train.job import train_job
 
     d = tiny_recipe_dict(manifest_dataset)
     d["train"].update(setting="weak", epochs=2, pseudo_mask_epoch=0, pseudo_source="knn", pseudo_refresh=True)
@@ -232,7 +232,7 @@ def test_weak_run_with_the_knn_teacher_makes_its_pseudo_masks_once_from_epoch_0(
 
 
 def test_masked_share_draws_that_share_of_a_batchs_defects_from_masked_images():
-    from ssn_edge.train import draw_defective
+    from ssn_edge.train.loop import draw_defective
 
     defective = np.array([[i, v] for i in range(10) for v in range(2)])  # 10 images x 2 flip views
     mask_valid = np.zeros(12, dtype=bool)
@@ -283,8 +283,8 @@ def test_real_pixel_weight_and_pseudo_source_are_validated():
 def test_label_only_score_to_map_decides_whether_a_mask_less_defects_score_bends_the_map(monkeypatch, to_map, rows, reaches):
     """Only the score's loss is kept, so any gradient in the segmentation head came through the map input of the
     classification head: row 1 is a defect with a mask, row 2 one with its label only."""
-    import ssn_edge.train as tr
-    from ssn_edge.model.losses import focal_loss
+    import ssn_edge.train.loop as tr
+    from ssn_edge.train.losses import focal_loss
     from ssn_edge.model.ssn import SuperSimpleNet
 
     d = tiny_recipe_dict(Path("unused"))
@@ -312,7 +312,7 @@ def test_label_only_score_to_map_is_a_boolean():
 def _every_map_a_defect(monkeypatch) -> None:
     """A tiny model's map after an epoch stands out nowhere: pseudo-masks with the normal level at its lowest, so
     every label-only defect gets one."""
-    import ssn_edge.train as tr
+    import ssn_edge.train.loop as tr
 
     make = tr.with_pseudo_masks
     monkeypatch.setattr(tr, "with_pseudo_masks",
@@ -320,9 +320,9 @@ def _every_map_a_defect(monkeypatch) -> None:
 
 
 def test_pseudo_masks_do_not_count_as_annotated_when_batches_are_balanced(tmp_path, manifest_dataset, monkeypatch):
-    import ssn_edge.train as tr
-    from ssn_edge.checkpoint import load_checkpoint
-    from ssn_edge.jobs import train_job
+    import ssn_edge.train.loop as tr
+    from ssn_edge.model.checkpoint import load_checkpoint
+    from ssn_edge.train.job import train_job
 
     seen = []
     original = tr.draw_defective
@@ -344,8 +344,8 @@ def test_pseudo_masks_do_not_count_as_annotated_when_batches_are_balanced(tmp_pa
 
 
 def test_refreshed_pseudo_masks_are_remade_from_the_data_as_given_every_epoch(tmp_path, manifest_dataset, monkeypatch):
-    from ssn_edge.checkpoint import load_checkpoint
-    from ssn_edge.jobs import train_job
+    from ssn_edge.model.checkpoint import load_checkpoint
+    from ssn_edge.train.job import train_job
 
     _every_map_a_defect(monkeypatch)
     d = tiny_recipe_dict(manifest_dataset)
@@ -361,9 +361,9 @@ def test_refreshed_pseudo_masks_are_remade_from_the_data_as_given_every_epoch(tm
 
 
 def test_pseudo_teacher_makes_the_pseudo_masks_once_from_its_own_map(tmp_path, manifest_dataset, monkeypatch):
-    import ssn_edge.train as tr
-    from ssn_edge.checkpoint import load_checkpoint
-    from ssn_edge.jobs import train_job
+    import ssn_edge.train.loop as tr
+    from ssn_edge.model.checkpoint import load_checkpoint
+    from ssn_edge.train.job import train_job
 
     d = tiny_recipe_dict(manifest_dataset)
     d["train"].update(setting="weak", epochs=1)
@@ -394,10 +394,10 @@ def test_pseudo_teacher_makes_the_pseudo_masks_once_from_its_own_map(tmp_path, m
 
 
 def test_pasted_defects_train_as_annotated_and_the_run_records_how_many(tmp_path, manifest_dataset, monkeypatch):
-    import ssn_edge.train as tr
-    from ssn_edge.checkpoint import load_checkpoint
-    from ssn_edge.jobs import train_job
-    from ssn_edge.report import _supervision_text
+    import ssn_edge.train.loop as tr
+    from ssn_edge.model.checkpoint import load_checkpoint
+    from ssn_edge.train.job import train_job
+    from ssn_edge.report.build import _supervision_text
 
     pools = []
     original = tr.draw_defective

@@ -11,7 +11,8 @@ import torch
 
 from conftest import tiny_recipe_dict
 from ssn_edge.config import recipe_from_dict
-from ssn_edge.jobs import split_arrays, train_job
+from ssn_edge.evaluation.job import split_arrays
+from ssn_edge.train.job import train_job
 
 
 def _tiled_recipe(data, mode: str, **tiling):
@@ -35,7 +36,7 @@ def single_run(tiny_dataset, tmp_path_factory):
 
 
 def test_ensemble_has_one_trained_model_per_location(ensemble_run):
-    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.model.checkpoint import load_checkpoint
 
     out, result = ensemble_run
     state = load_checkpoint(result.checkpoint)
@@ -59,7 +60,8 @@ def test_tiled_training_resumes_by_keeping_finished_locations(ensemble_run, tiny
 def test_shared_backbone_differs_from_independent_tiles_only_through_context(ensemble_run, tiny_dataset):
     """Same weights both ways; with a backbone that sees no context (1x1 'image') they would be equal, so
     check the plumbing instead: a tile whose crop is the whole image gives identical outputs."""
-    from ssn_edge.train_tiled import predict_tiled_raw, tiled_from_checkpoint
+    from ssn_edge.evaluation.evaluate import predict_tiled_raw
+    from ssn_edge.model.load import tiled_from_checkpoint
 
     _, result = ensemble_run
     model, recipe, _ = tiled_from_checkpoint(result.checkpoint)
@@ -79,7 +81,9 @@ def test_a_tiled_model_gates_each_tiles_map_by_that_tiles_score(ensemble_run, ti
     """model.map_gate chosen at load time reaches every location's heads, in both graphs."""
     import torch
 
-    from ssn_edge.train_tiled import predict_tiled_raw, tiled_from_checkpoint
+    from ssn_edge.evaluation.evaluate import predict_tiled_raw
+
+    from ssn_edge.model.load import tiled_from_checkpoint
 
     _, result = ensemble_run
     plain, _, _ = tiled_from_checkpoint(result.checkpoint)
@@ -94,10 +98,11 @@ def test_a_tiled_model_gates_each_tiles_map_by_that_tiles_score(ensemble_run, ti
 
 
 def test_ensemble_export_and_runtime_match_torch(ensemble_run, tiny_dataset, tmp_path):
-    from ssn_edge.export import export_bundle
+    from ssn_edge.export.exporter import export_bundle
     from ssn_edge.runtime.engine import Engine
     from ssn_edge.runtime.preprocess import read_image
-    from ssn_edge.train_tiled import merged_predictions, predict_tiled_raw, tiled_from_checkpoint
+    from ssn_edge.evaluation.evaluate import merged_predictions, predict_tiled_raw
+    from ssn_edge.model.load import tiled_from_checkpoint
 
     _, result = ensemble_run
     bundle = export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=True)
@@ -119,7 +124,7 @@ def test_ensemble_export_and_runtime_match_torch(ensemble_run, tiny_dataset, tmp
 
 
 def test_single_model_tiles_any_image_size_and_streams_its_map(single_run, tmp_path, monkeypatch):
-    from ssn_edge.export import export_bundle
+    from ssn_edge.export.exporter import export_bundle
     from ssn_edge.runtime import tiled
     from ssn_edge.runtime.predict import predict_paths
 
@@ -146,7 +151,7 @@ def test_single_model_tiles_any_image_size_and_streams_its_map(single_run, tmp_p
 
 
 def test_shared_backbone_tiles_must_fit_the_feature_grid(tiny_dataset, tmp_path):
-    from ssn_edge.train_tiled import runtime_tiling
+    from ssn_edge.model.tiled import runtime_tiling
 
     recipe = _tiled_recipe(tiny_dataset, "ensemble")
     recipe.tiling = dataclasses.replace(recipe.tiling, tile=(24, 24), stride=(20, 20))
@@ -155,8 +160,8 @@ def test_shared_backbone_tiles_must_fit_the_feature_grid(tiny_dataset, tmp_path)
 
 
 def test_report_on_a_tiled_bundle(ensemble_run, tiny_dataset, tmp_path):
-    from ssn_edge.export import export_bundle
-    from ssn_edge.report import build_report
+    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.report.build import build_report
 
     _, result = ensemble_run
     bundle = export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=False)
@@ -171,7 +176,7 @@ def test_report_on_a_tiled_bundle(ensemble_run, tiny_dataset, tmp_path):
 
 
 def test_bmp_frames_are_read_in_strips_with_the_same_result(single_run, tmp_path, monkeypatch):
-    from ssn_edge.export import export_bundle
+    from ssn_edge.export.exporter import export_bundle
     from ssn_edge.runtime import preprocess
     from ssn_edge.runtime.predict import predict_paths
 
@@ -199,7 +204,7 @@ def test_shared_backbone_training_features_are_the_shared_graphs_crops(tiny_data
     gives location boxes[r % T] at inference: not the maps of the tile run alone."""
     from ssn_edge.model.ssn import SuperSimpleNet
     from ssn_edge.model.tiled import crop_features
-    from ssn_edge.train import FeatureSource, SharedFeatures
+    from ssn_edge.train.loop import FeatureSource, SharedFeatures
 
     recipe = _tiled_recipe(tiny_dataset, "ensemble")
     model = SuperSimpleNet(recipe.model).eval()
@@ -219,7 +224,7 @@ def test_shared_backbone_training_features_are_the_shared_graphs_crops(tiny_data
 
 
 def test_flipped_box_mirrors_the_tile_with_its_context():
-    from ssn_edge.train import _flipped_box
+    from ssn_edge.train.loop import _flipped_box
 
     assert _flipped_box((0, 16, 32, 48), (False, False), (64, 80)) == (0, 16, 32, 48)
     assert _flipped_box((0, 16, 32, 48), (True, False), (64, 80)) == (32, 16, 64, 48)
@@ -227,7 +232,7 @@ def test_flipped_box_mirrors_the_tile_with_its_context():
 
 
 def test_tiled_run_records_which_features_its_heads_learned_on(ensemble_run, tiny_dataset, tmp_path):
-    from ssn_edge.checkpoint import load_checkpoint
+    from ssn_edge.model.checkpoint import load_checkpoint
 
     out, result = ensemble_run
     assert load_checkpoint(result.checkpoint)["trained_on"] == "shared_backbone"

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import loss_inputs, tiny_recipe_dict
-from ssn_edge.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ssn_edge.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ssn_edge.config import RecipeError, load_recipe, recipe_from_dict
 from ssn_edge.data import ArraySet
-from ssn_edge.train import make_items, train, train_step
+from ssn_edge.train.loop import make_items, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_supervised_noise_stays_outside_real_defects_and_labels_follow():
     recipe = _recipe(setting="supervised")
     arrays = _arrays(n=4, defective=2)
     from ssn_edge.model.ssn import SuperSimpleNet
-    from ssn_edge.train import feature_masks
+    from ssn_edge.train.loop import feature_masks
 
     model = SuperSimpleNet(recipe.model)
     chunk = np.array([[0, 0], [1, 0], [2, 0], [3, 0]])
@@ -94,8 +94,8 @@ def test_defective_without_mask_is_positive_and_its_pixels_unknown():
     arrays.mask_valid[1] = False
     arrays.masks[1] = False
     from ssn_edge.model.ssn import SuperSimpleNet
-    from ssn_edge.train import feature_masks
-    import ssn_edge.train as tr
+    from ssn_edge.train.loop import feature_masks
+    import ssn_edge.train.loop as tr
 
     model = SuperSimpleNet(recipe.model)
     chunk = np.array([[0, 0], [1, 0]])

@@ -6,17 +6,18 @@ Two ways to feed the heads, same weights:
 * independent tiles ("tiles" graph, the paper's): every tile goes through the backbone on its own.
 The two differ only near tile borders, where the shared backbone sees the neighbouring image and an
 independent tile sees zero padding (measured: `benchmarks/tiling_bench.py edge-profile`). The heads are trained
-on the features of the graph they will run in (`ssn_edge.train_tiled`).
+on the features of the graph they will run in (`ssn_edge.train.tiled`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ssn_edge.config import ModelConfig
+from ssn_edge.config import ModelConfig, Recipe
 from ssn_edge.model.ssn import FeatureExtractor, SSNHeads
-from ssn_edge.runtime.tiling import TilingConfig
+from ssn_edge.runtime.tiling import TileGrid, TilingConfig
 
 LAYER2_STRIDE, LAYER3_STRIDE = 8, 16
 
@@ -68,3 +69,34 @@ class TiledSSN(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.forward_tiles(x) if x.dim() == 5 else self.forward_image(x)
+
+
+def runtime_tiling(recipe: Recipe, graph: str | None = None) -> TilingConfig:
+    """The runtime's TilingConfig for a tiled recipe. graph: override the recipe's choice (see tiling.GRAPHS)."""
+    t = recipe.tiling
+    if t is None:
+        raise ValueError(f"recipe {recipe.name!r} has no tiling section")
+    size = tuple(recipe.data.image_size)
+    if graph is None:
+        graph = "image" if t.shared_backbone else ("tiles" if t.mode == "ensemble" else "tile")
+    locations = TileGrid(size, t.tile, t.stride).count if t.mode == "ensemble" else 1
+    return TilingConfig(
+        tile=t.tile,
+        stride=t.stride,
+        score=t.score,
+        seam_halfwidth=t.seam_halfwidth,
+        seam_sigma=t.seam_sigma,
+        mode=t.mode,
+        image_size=size,
+        locations=locations,
+        graph=graph,
+    )
+
+
+def padded_images(images: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """Whole images (N, 3, H, W) zero-padded to the tile grid, as the shared-backbone ("image") graph pads them."""
+    ph, pw = grid.padded_size
+    out = np.zeros((len(images), 3, ph, pw), dtype=np.float32)
+    out[:, :, : images.shape[2], : images.shape[3]] = images
+    return out
+

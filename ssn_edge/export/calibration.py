@@ -60,7 +60,7 @@ class CalibrationSpec:
     size: int = DEFAULT_SIZE
     seed: int = 0
     # fraction of the calibration images that get a synthetic defect painted in before NNCF sees them, so the
-    # activation ranges cover what defects do (ssn_edge.quantize); 0 calibrates on the images as they are
+    # activation ranges cover what defects do (ssn_edge.export.quantize); 0 calibrates on the images as they are
     defects: float = 1.0
 
     def __post_init__(self) -> None:

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from ssn_edge import __version__
-from ssn_edge.calibration import CALIBRATION_FILE, CalibrationSpec, calibration_record, select_calibration
+from ssn_edge.export.calibration import CALIBRATION_FILE, CalibrationSpec, calibration_record, select_calibration
 from ssn_edge.data import ArraySet, load_arrays
-from ssn_edge.export import (
+from ssn_edge.export.exporter import (
     F32_CONFIG,
     INPUT_NAME,
     MAP_STRIDE,
@@ -124,7 +124,7 @@ def export_tiled_bundle(
 ) -> Bundle:
     import openvino as ov
 
-    from ssn_edge.train_tiled import heads_trained_on, tiled_from_checkpoint
+    from ssn_edge.model.load import heads_trained_on, tiled_from_checkpoint
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -173,7 +173,7 @@ def export_tiled_bundle(
             import nncf
 
             if calibration.defects:
-                # Painting defects and the score-offset correction (ssn_edge.quantize) are measured on whole-image
+                # Painting defects and the score-offset correction (ssn_edge.export.quantize) are measured on whole-image
                 # models only; tiled graphs calibrate on the images as they are, and the record says so.
                 calibration = dataclasses.replace(calibration, defects=0.0)
             calib_meta = calibration_record(calibration, calib_images, recipe)

@@ -6,7 +6,7 @@ Three things, each measured on MVTec bottle against the FP32 model's decisions a
 * **Synthetic defects in the calibration images** (`CalibrationSpec.defects`): calibration sets hold normal
   parts only, so NNCF measures no activation range for what a defect does to the features, and INT8 clips it:
   defective images' score logits fell by 0.85 on average. Scratches, spots and cracks painted onto the
-  calibration images (`ssn_edge.synthetic`, deterministic from the spec's seed) put those responses into the
+  calibration images (`ssn_edge.data.synthetic`, deterministic from the spec's seed) put those responses into the
   ranges. No real defect is needed.
 * **Min/max activation ranges** (`activation_range: minmax`) instead of NNCF's default quantile/mean estimators,
   which clip the tails where a defect's evidence lives (max |score change| 3.46 -> 0.80 logits).
@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from ssn_edge.runtime.preprocess import prepare, read_image
-from ssn_edge.synthetic import DEFECTS, paint_defect
+from ssn_edge.data.synthetic import DEFECTS, paint_defect
 
 log = logging.getLogger("ssn_edge")
 

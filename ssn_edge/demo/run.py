@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ssn_edge.synthetic import DEFECTS, SyntheticSpec, make_dataset
+from ssn_edge.data.synthetic import DEFECTS, SyntheticSpec, make_dataset
 
 log = logging.getLogger("ssn_edge")
 
@@ -151,11 +151,11 @@ def run_demo(
 
     spec / model_overrides / train_overrides / runs / throughput_seconds shrink the demo further (tests).
     """
-    from ssn_edge.calibration import CalibrationSpec
+    from ssn_edge.export.calibration import CalibrationSpec
     from ssn_edge.config import recipe_from_dict
-    from ssn_edge.export import export_bundle
-    from ssn_edge.jobs import train_job
-    from ssn_edge.report import build_report
+    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.train.job import train_job
+    from ssn_edge.report.build import build_report
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ bundle (fp32 at an f32 hint, bf16 = the fp32 IR at a bf16 hint where the CPU has
 int8_acc), on one split of a dataset:
 
 * image AUROC/AP and pixel AUPRO/AP, through the shared post-processing (``anomaly_map``, ``sigmoid``) and
-  ``ssn_edge.metrics``, i.e. exactly what training-time evaluation and the runtime compute;
+  ``ssn_edge.evaluation.metrics``, i.e. exactly what training-time evaluation and the runtime compute;
 * how far each variant's image scores move from the reference (max and mean |difference| of the sigmoid
   scores) and how many images change decision at the bundle's image threshold ("flips");
 * batch-1 median latency and throughput (``ssn_edge.runtime.bench``), IR size.
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ssn_edge.data import ArraySet
-from ssn_edge.metrics import evaluate_arrays
+from ssn_edge.evaluation.metrics import evaluate_arrays
 from ssn_edge.runtime.atomic import atomic_write
 from ssn_edge.runtime.bundle import Bundle, load_bundle, sha256_file
 from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
@@ -181,8 +181,8 @@ def torch_variant(
     """PyTorch FP32 outputs of the checkpoint, and its batch-1 latency / throughput; map_gate: the bundle's."""
     import torch
 
-    from ssn_edge.evaluate import predict_raw, torch_latency_ms
-    from ssn_edge.train import model_from_checkpoint
+    from ssn_edge.evaluation.evaluate import predict_raw, torch_latency_ms
+    from ssn_edge.model.load import model_from_checkpoint
 
     model, _recipe, _state = model_from_checkpoint(Path(checkpoint), weights, map_gate)
     raw_maps, logits = predict_raw(model, images, batch_size=8)
@@ -211,7 +211,9 @@ def torch_tiled_variant(checkpoint: Path, images: np.ndarray, weights: str | Non
     """PyTorch FP32 of a tiled checkpoint: its tiles' outputs merged by the runtime's own merge."""
     import torch
 
-    from ssn_edge.train_tiled import merged_predictions, predict_tiled_raw, tiled_from_checkpoint
+    from ssn_edge.evaluation.evaluate import merged_predictions, predict_tiled_raw
+
+    from ssn_edge.model.load import tiled_from_checkpoint
 
     model, _recipe, _state = tiled_from_checkpoint(Path(checkpoint), weights, map_gate=map_gate)
     graph = "tiles" if model.tiling.graph == "tile" else model.tiling.graph
@@ -695,7 +697,7 @@ def build_report(
 
     Returns {"records", "report_json", "report_html", "reference", "warnings", "out_dir"}.
     """
-    from ssn_edge.jobs import split_arrays
+    from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.runtime.bench import bench_bundle
     from ssn_edge.runtime.engine import Engine
     from ssn_edge.runtime.predict import map_display_range

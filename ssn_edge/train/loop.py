@@ -1,5 +1,5 @@
 """SSN training (spec 2): feature duplication, Perlin-masked noise, truncated L1 + focal losses, AdamW groups,
-MultiStep schedule; unsupervised, supervised, weak and mixed (spec 5, `ssn_edge.supervision`). The frozen backbone's features are cached when no
+MultiStep schedule; unsupervised, supervised, weak and mixed (spec 5, `ssn_edge.data.supervision`). The frozen backbone's features are cached when no
 augmentation changes them, so an epoch costs only the adaptor and heads."""
 
 from __future__ import annotations
@@ -21,20 +21,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from ssn_edge.checkpoint import load_checkpoint, save_checkpoint
+from ssn_edge.model.checkpoint import load_checkpoint, save_checkpoint
 from ssn_edge.config import Recipe, recipe_from_dict, with_map_gate
 from ssn_edge.data import ArraySet
-from ssn_edge.evaluate import evaluate_model
+from ssn_edge.evaluation.evaluate import evaluate_model
 from ssn_edge.model.backbones import weights_fingerprint
-from ssn_edge.model.generator import NoiseGenerator
-from ssn_edge.model.losses import focal_loss, ssn_loss, top_k_mil_loss
-from ssn_edge.model.noise import apply_noise, noise_sigma, sample_noise
-from ssn_edge.model.perlin import perlin_masks
+from ssn_edge.model.load import model_from_checkpoint
+from ssn_edge.train.generator import NoiseGenerator
+from ssn_edge.train.losses import focal_loss, ssn_loss, top_k_mil_loss
+from ssn_edge.train.noise import apply_noise, noise_sigma, sample_noise
+from ssn_edge.train.perlin import perlin_masks
 from ssn_edge.model.ssn import SuperSimpleNet
 from ssn_edge.model.tiled import crop_features
-from ssn_edge.paste import PasteConfig, with_pasted_defects
-from ssn_edge.pseudo import KnnPseudoConfig, PseudoMaskConfig, knn_pseudo_masks, with_pseudo_masks
-from ssn_edge.supervision import apply_setting
+from ssn_edge.train.paste import PasteConfig, with_pasted_defects
+from ssn_edge.train.pseudo import KnnPseudoConfig, PseudoMaskConfig, knn_pseudo_masks, with_pseudo_masks
+from ssn_edge.data.supervision import apply_setting
 
 log = logging.getLogger("ssn_edge")
 
@@ -472,7 +473,7 @@ def train(
             config = KnnPseudoConfig(top=t.pseudo_top, border=t.pseudo_border)
             train_arrays, pseudo = knn_pseudo_masks(lambda idx: _merged(model, source, idx), as_given, config, seed=t.seed)
         elif supervised and make_pseudo:
-            # Weak defects get pseudo-masks from the map the model has learned so far (ssn_edge.pseudo); a
+            # Weak defects get pseudo-masks from the map the model has learned so far (ssn_edge.train.pseudo); a
             # resumed run makes them again from the resumed model.
             config = PseudoMaskConfig(top=t.pseudo_top, rest=t.pseudo_rest, grow_quantile=t.pseudo_grow)
             train_arrays, pseudo = with_pseudo_masks(teacher or model, as_given, config, seed=t.seed)
@@ -577,23 +578,3 @@ def _pseudo_teacher(path: Path, recipe: Recipe) -> SuperSimpleNet:
     return model_from_checkpoint(path, recipe.model.weights)[0]
 
 
-def model_from_checkpoint(path: Path, weights: str | None = None, map_gate: str | None = None
-                          ) -> tuple[SuperSimpleNet, Recipe, dict]:
-    """Rebuild the trained model; the backbone is reloaded and must match the one it was trained with.
-    map_gate: model.map_gate for this model instead of the recipe's (it has no parameters; None: the recipe's)."""
-    state = load_checkpoint(path)
-    recipe = with_map_gate(recipe_from_dict(state["recipe"]), map_gate, path)
-    if weights is not None:
-        recipe.model.weights = weights
-    model = SuperSimpleNet(recipe.model)
-    model.heads.load_state_dict(state["heads"])
-    found = weights_fingerprint(model.features.trunk)
-    expected = state["backbone"].get("fingerprint")
-    if expected and found != expected:
-        raise ValueError(
-            f"{path}: backbone weights differ from the ones it was trained with "
-            f"(fingerprint {found}, expected {expected}, trained with {state['backbone'].get('weights_source')}); "
-            "pass the same weights file with --weights"
-        )
-    model.eval()
-    return model, recipe, state

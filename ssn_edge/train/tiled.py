@@ -23,41 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssn_edge.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ssn_edge.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ssn_edge.config import Recipe, recipe_from_dict, with_map_gate
 from ssn_edge.data import ArraySet
-from ssn_edge.evaluate import metrics_from_predictions
+from ssn_edge.evaluation.evaluate import evaluate_tiled
 from ssn_edge.model.backbones import weights_fingerprint
-from ssn_edge.model.tiled import TiledSSN
+from ssn_edge.model.load import KIND_TILED, tiled_from_checkpoint
+from ssn_edge.model.tiled import padded_images, runtime_tiling
 from ssn_edge.runtime.atomic import atomic_write
 from ssn_edge.runtime.tiled import merge_outputs
 from ssn_edge.runtime.tiling import TileGrid, TilingConfig, tile
-from ssn_edge.train import SharedFeatures, TrainResult, train
+from ssn_edge.train.loop import SharedFeatures, TrainResult, train
 
 log = logging.getLogger("ssn_edge")
-KIND = "tiled"
-
-
-def runtime_tiling(recipe: Recipe, graph: str | None = None) -> TilingConfig:
-    """The runtime's TilingConfig for a tiled recipe. graph: override the recipe's choice (see tiling.GRAPHS)."""
-    t = recipe.tiling
-    if t is None:
-        raise ValueError(f"recipe {recipe.name!r} has no tiling section")
-    size = tuple(recipe.data.image_size)
-    if graph is None:
-        graph = "image" if t.shared_backbone else ("tiles" if t.mode == "ensemble" else "tile")
-    locations = TileGrid(size, t.tile, t.stride).count if t.mode == "ensemble" else 1
-    return TilingConfig(
-        tile=t.tile,
-        stride=t.stride,
-        score=t.score,
-        seam_halfwidth=t.seam_halfwidth,
-        seam_sigma=t.seam_sigma,
-        mode=t.mode,
-        image_size=size,
-        locations=locations,
-        graph=graph,
-    )
 
 
 def tile_arrays(arrays: ArraySet, grid: TileGrid, locations: list[int]) -> ArraySet:
@@ -84,19 +62,6 @@ def tile_arrays(arrays: ArraySet, grid: TileGrid, locations: list[int]) -> Array
                     labels[r], valid[r] = 1, False
             paths.append(f"{arrays.paths[i]}#tile{k}")
     return ArraySet(images=images, masks=masks, labels=labels, mask_valid=valid, paths=paths)
-
-
-def _padded_images(images: np.ndarray, grid: TileGrid) -> np.ndarray:
-    """Whole images (N, 3, H, W) zero-padded to the tile grid, as the shared-backbone ("image") graph pads them."""
-    ph, pw = grid.padded_size
-    out = np.zeros((len(images), 3, ph, pw), dtype=np.float32)
-    out[:, :, : images.shape[2], : images.shape[3]] = images
-    return out
-
-
-def heads_trained_on(state: dict) -> str:
-    """Which features a tiled checkpoint's heads learned on; checkpoints from before the record: lone tiles."""
-    return state.get("trained_on", "independent_tiles")
 
 
 def _tile_recipe(recipe: Recipe) -> Recipe:
@@ -132,7 +97,7 @@ def train_tiled(
     names = ["single"] if cfg.mode == "single" else [f"loc_{k:02d}" for k in range(grid.count)]
     heads, histories, times = [], {}, {}
     backbone = None
-    padded = _padded_images(train_arrays.images, grid) if cfg.graph == "image" else None
+    padded = padded_images(train_arrays.images, grid) if cfg.graph == "image" else None
     trained_on = "shared_backbone" if padded is not None else "independent_tiles"
     marker = out_dir / "trained_on.txt"
     # Folders from before the marker existed hold locations trained on lone tiles.
@@ -162,7 +127,7 @@ def train_tiled(
         times[name] = time.perf_counter() - t0
         backbone = state["backbone"]
     payload = {
-        "kind": KIND,
+        "kind": KIND_TILED,
         "recipe": recipe.to_dict(),
         "tiling": cfg.to_dict(),
         "trained_on": trained_on,
@@ -180,67 +145,3 @@ def train_tiled(
     return TrainResult(path, [r for h in histories.values() for r in h], metrics)
 
 
-def is_tiled_checkpoint(state: dict) -> bool:
-    return state.get("kind") == KIND
-
-
-def tiled_from_checkpoint(path: Path, weights: str | None = None, graph: str | None = None,
-                          map_gate: str | None = None) -> tuple[TiledSSN, Recipe, dict]:
-    """Rebuild a tiled model. graph: which way it runs ("image": shared backbone, "tiles": independent);
-    map_gate: as in ssn_edge.train.model_from_checkpoint."""
-    state = load_checkpoint(path)
-    if not is_tiled_checkpoint(state):
-        raise CheckpointError(f"{path}: not a tiled checkpoint")
-    recipe = with_map_gate(recipe_from_dict(state["recipe"]), map_gate, path)
-    if weights is not None:
-        recipe.model.weights = weights
-    cfg = TilingConfig.from_dict(state["tiling"])
-    if graph is not None:
-        cfg = dataclasses.replace(cfg, graph=graph)
-    model = TiledSSN(recipe.model, cfg if cfg.graph != "tile" else dataclasses.replace(cfg, graph="tiles"))
-    for k, heads in enumerate(model.heads):
-        heads.load_state_dict(state["heads"][k])
-    found = weights_fingerprint(model.features.trunk)
-    expected = state["backbone"].get("fingerprint")
-    if expected and found != expected:
-        raise ValueError(f"{path}: backbone weights differ from the ones it was trained with; pass them with --weights")
-    model.tiling = cfg
-    model.eval()
-    return model, recipe, state
-
-
-@torch.no_grad()
-def predict_tiled_raw(model: TiledSSN, images: np.ndarray, graph: str, batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised images (N, 3, H, W) at the tiling's image size -> raw maps (N, T, h, w), logits (N, T)."""
-    cfg = dataclasses.replace(model.tiling, graph=graph)
-    grid = cfg.grid(cfg.image_size)
-    maps, logits = [], []
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
-        if graph == "image":
-            inp = torch.from_numpy(_padded_images(x, grid))
-        else:
-            tiles = np.stack([tile(img.transpose(1, 2, 0), grid).transpose(0, 3, 1, 2) for img in x])
-            inp = torch.from_numpy(np.ascontiguousarray(tiles))
-        m, s = model(inp)
-        maps.append(m.float().numpy())
-        logits.append(s.float().numpy())
-    return np.concatenate(maps), np.concatenate(logits)
-
-
-def merged_predictions(cfg: TilingConfig, raw: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image merge of tiled raw outputs with the runtime's merge: scores (N,), maps (N, H, W)."""
-    grid = cfg.grid(cfg.image_size)
-    scores, maps = np.empty(len(raw), dtype=np.float32), []
-    for i in range(len(raw)):
-        merged, scores[i] = merge_outputs(raw[i], logits[i], grid, cfg)
-        maps.append(merged)
-    return scores, np.stack(maps)
-
-
-def evaluate_tiled(model: TiledSSN, arrays: ArraySet, graph: str | None = None) -> dict[str, float]:
-    """Metrics at the tiling's image size, run in the tiling's graph ("tile" runs as "tiles") unless told otherwise."""
-    graph = graph or ("tiles" if model.tiling.graph == "tile" else model.tiling.graph)
-    raw, logits = predict_tiled_raw(model, arrays.images, graph)
-    scores, maps = merged_predictions(model.tiling, raw, logits)
-    return metrics_from_predictions(arrays, scores, maps)

@@ -50,7 +50,7 @@ def sample_noise(features: Tensor, cfg: NoiseConfig) -> Tensor:
         std = features.detach().float().std(dim=(0, 2, 3), keepdim=True)
         return eps * (cfg.sigma * std)
     if cfg.kind == "learned":
-        raise ValueError("noise kind 'learned' is drawn by ssn_edge.model.generator.NoiseGenerator, not sample_noise")
+        raise ValueError("noise kind 'learned' is drawn by ssn_edge.train.generator.NoiseGenerator, not sample_noise")
     raise ValueError(f"unknown noise kind {cfg.kind!r}")
 
 

@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ssn_edge import __version__
-from ssn_edge.calibration import CALIBRATION_FILE, CalibrationSpec, calibration_record, select_calibration
+from ssn_edge.export.calibration import CALIBRATION_FILE, CalibrationSpec, calibration_record, select_calibration
 from ssn_edge.data import ArraySet, DatasetError, load_arrays, load_dataset, select
-from ssn_edge.metrics import evaluate_all, f1_max, gap_threshold
-from ssn_edge.quantize import QuantizeOptions, advanced_parameters, calibration_inputs, quantize, subtract_from_score
+from ssn_edge.evaluation.metrics import evaluate_all, f1_max, gap_threshold
+from ssn_edge.export.quantize import QuantizeOptions, advanced_parameters, calibration_inputs, quantize, subtract_from_score
 from ssn_edge.runtime.bundle import Bundle, BundleError, sha256_file, write_bundle
 from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
 from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -249,7 +249,7 @@ def metric_value(
         return 100.0 * float(np.mean((scores >= threshold) == reference[idx]))
     if name.startswith("image_"):
         return evaluate_all(labels, scores)[name]
-    from ssn_edge.metrics import pixel_metrics
+    from ssn_edge.evaluation.metrics import pixel_metrics
 
     maps = anomaly_map(raw_maps, arrays.images.shape[-2:])
     return pixel_metrics(arrays.masks[idx], maps, valid=arrays.mask_valid[idx])[name]
@@ -316,7 +316,7 @@ def _offset_corrected(quantized, calib: Calibration):
 
 
 def quantize_int8(ov_model, calib: Calibration, options: QuantizeOptions):
-    """INT8 by NNCF post-training quantization (ssn_edge.quantize); returns (model, score offset or None)."""
+    """INT8 by NNCF post-training quantization (ssn_edge.export.quantize); returns (model, score offset or None)."""
     return _offset_corrected(quantize(ov_model.clone(), calib.inputs, options), calib)
 
 
@@ -397,19 +397,19 @@ def export_bundle(
     the recipe's data.path; its 'val' split, else 'test'). INT8 models are calibrated on ``calibration``
     (default: 128 normal training images of the recipe's data). ``max_drop`` is in percentage points of
     ``acc_metric``. ``map_gate`` sets model.map_gate in the exported graph (None: as trained). Nothing is written
-    unless everything succeeds. A tiled checkpoint goes to :func:`ssn_edge.export_tiled.export_tiled_bundle`
+    unless everything succeeds. A tiled checkpoint goes to :func:`ssn_edge.export.tiled.export_tiled_bundle`
     (``graph`` picks its graph; default from the recipe).
     """
-    from ssn_edge.checkpoint import load_checkpoint
-    from ssn_edge.train import model_from_checkpoint
-    from ssn_edge.train_tiled import is_tiled_checkpoint
+    from ssn_edge.model.checkpoint import load_checkpoint
+    from ssn_edge.model.load import model_from_checkpoint
+    from ssn_edge.model.load import is_tiled_checkpoint
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if out_dir.exists() and not overwrite:  # before minutes of work, and before reading the checkpoint
         raise BundleError(f"{out_dir}: already exists (choose another --out or pass --overwrite)")
     _check_options(max_drop, acc_metric)
     if is_tiled_checkpoint(load_checkpoint(checkpoint)):
-        from ssn_edge.export_tiled import export_tiled_bundle
+        from ssn_edge.export.tiled import export_tiled_bundle
 
         if int8_acc:
             raise ValueError(f"{checkpoint}: accuracy-controlled INT8 is not offered for tiled models yet; use --int8")

@@ -1,0 +1,1 @@
+"""`ssn-edge demo`: the whole pipeline on a procedural data set."""

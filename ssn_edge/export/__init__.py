@@ -1,0 +1,1 @@
+"""Export: graph conversion, calibration, quantization and bundle writing."""

@@ -1,0 +1,1 @@
+"""The accuracy-vs-quantization report (torch-free)."""

@@ -1,0 +1,1 @@
+"""Training: Perlin masks, noise, losses, the loop, tiled and weak/mixed training."""
