@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -120,24 +121,54 @@ def evaluate(checkpoint, data_path, split, weights, map_gate, out_file) -> None:
 @click.option("--overlays", is_flag=True, help="Also write heatmap overlays to OUT/overlays/.")
 @click.option("--maps", "save_maps", is_flag=True, help="Also write full-resolution maps to OUT/maps/<image>.npy (float16).")
 @click.option("--device", default="CPU", show_default=True)
-def predict(bundle, images, precision, out_dir, overlays, save_maps, device) -> None:
-    """Score IMAGES (files or folders) with a bundle; writes predictions.json/.csv to --out.
+@click.option("--recursive", is_flag=True, help="Also scan the sub-folders of folders given.")
+@click.option("--bit-depth", "bit_depth", default="auto", show_default=True, type=click.Choice(["auto", "8", "10", "12", "14", "16"]),
+              help="Significant bits of 16-bit images' samples (a 12-bit camera's PNGs: 12). auto: the PNG's sBIT "
+                   "chunk, else the smallest depth that holds the image's maximum. Pin it on a production line.")
+def predict(bundle, images, precision, out_dir, overlays, save_maps, device, recursive, bit_depth) -> None:
+    """Score IMAGES (files or folders) with a bundle; results go to --out as they come.
 
-    A tiled bundle takes images of any size: it tiles them, merges the tiles' maps and smooths the seams."""
-    from ssn_edge.runtime.predict import predict_paths
+    OUT/predictions.jsonl and .csv get one row per input (scored, or the reason it could not be); when the run
+    ends, OUT/predictions.json holds the summary. The previous run's results in OUT are removed first. Exit
+    status: 0 every input scored, 3 some could not be (the rest were scored; each is listed), 2 nothing ran
+    (bad bundle or option). A tiled bundle takes images of any size: it tiles them, merges the tiles' maps and
+    smooths the seams."""
+    from ssn_edge.runtime.predict import run_predict
 
-    preds = predict_paths(
-        bundle, list(images), Path(out_dir), precision=precision, overlays=overlays, device=device, save_maps=save_maps
-    )
-    width = min(60, max(len(str(p.path)) for p in preds))
-    click.echo(f"{'image':<{width}}  {'score':>7}  {'decision':<8}  {'map max':>8}  {'ms':>7}")
-    for p in preds:
-        name = str(p.path)
-        if len(name) > width:
-            name = "..." + name[-(width - 3):]
-        click.echo(f"{name:<{width}}  {p.score:7.4f}  {'DEFECT' if p.decision else 'ok':<8}  {p.map_max:8.3f}  {p.latency_ms:7.1f}")
-    n_bad = sum(p.decision for p in preds)
-    click.echo(f"{len(preds)} images, {n_bad} defective; results: {Path(out_dir) / 'predictions.json'}")
+    width, shown = 48, []
+
+    def show(record, _prediction) -> None:
+        name = record.path if len(record.path) <= width else "..." + record.path[-(width - 3):]
+        if record.ok and not shown:  # the header once something is scored (not above a bundle error)
+            shown.append(True)
+            click.echo(f"{'image':<{width}}  {'score':>7}  {'decision':<8}  {'map max':>8}  {'ms':>7}")
+        if record.ok:
+            click.echo(f"{name:<{width}}  {record.score:7.4f}  {'DEFECT' if record.decision else 'ok':<8}  {record.map_max:8.3f}  {record.latency_ms:7.1f}")
+        else:
+            click.echo(f"error: {record.path}: {record.error}", err=True)
+
+    run = run_predict(bundle, list(images), Path(out_dir), precision=precision, overlays=overlays, device=device,
+                      save_maps=save_maps, recursive=recursive, bit_depth=None if bit_depth == "auto" else int(bit_depth),
+                      on_result=show)
+    integer_depths = [d for d in run.bit_depths if d not in ("8", "float")]
+    if bit_depth == "auto" and len(integer_depths) > 1:
+        counts = ", ".join(f"{run.bit_depths[d]} at {d} bits" for d in sorted(integer_depths, key=int))
+        click.echo(f"note: 16-bit images were read at different bit depths ({counts}); if they come from one camera, "
+                   "pass --bit-depth", err=True)
+    if run.same_file:
+        click.echo(f"note: {run.same_file} input(s) name a file also named by another input (each scored; see same_file_as)", err=True)
+    if run.skipped:
+        click.echo(f"note: {run.skipped} file(s) in the folders given have no image name and were skipped", err=True)
+    click.echo(f"{run.scored} images scored, {run.defective} defective, {run.failed} could not be scored; "
+               f"results: {run.summary}")
+    if run.failed:
+        sys.exit(3)
+
+
+def _window_seconds(_ctx, _param, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"{value} is not a time window: give seconds >= 0 (0 skips the throughput run)")
+    return value
 
 
 @main.command("bench")
@@ -145,7 +176,8 @@ def predict(bundle, images, precision, out_dir, overlays, save_maps, device) -> 
 @click.option("--precision", "precisions", multiple=True, help="Repeatable; default: all in the bundle (+ bf16 where the CPU has it).")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0))
-@click.option("--seconds", "throughput_seconds", default=5.0, show_default=True, type=float, help="Throughput window per precision (0: skip).")
+@click.option("--seconds", "throughput_seconds", default=5.0, show_default=True, type=float, callback=_window_seconds,
+              help="Throughput window per precision (0: skip).")
 @click.option("--peak/--no-peak", default=False, show_default=True, help="Also measure this CPU's 3x3-conv peak (f32, int8) and the achieved/peak ratio.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write all records to this file.")
 @click.option("--device", default="CPU", show_default=True)
@@ -153,6 +185,10 @@ def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file,
     """Latency (batch 1), throughput, MACs and GOPS of a bundle per precision on this machine."""
     from ssn_edge.runtime.bench import bench_bundle, conv_peak_sweep, peak_ratio
 
+    if json_file:  # refused now, not after minutes of measuring
+        first = next((p for p in Path(json_file).resolve().parents if p.exists()), None)
+        if first is not None and not first.is_dir():
+            raise ValueError(f"{json_file}: cannot write the results: {first} is a file, not a folder")
     records = bench_bundle(bundle, list(precisions) or None, warmup, runs, throughput_seconds, device)
     peaks: dict = {}
     if peak:
@@ -177,9 +213,13 @@ def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file,
     if records:
         click.echo(f"MACs (batch 1): {records[0]['macs'] / 1e9:.3f} G; cpu: {records[0]['cpu']}")
     if json_file:
+        from ssn_edge.runtime.atomic import atomic_write
+
         out = Path(json_file)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"results": records, "peaks": list(peaks.values())}, indent=2) + "\n")
+        try:
+            atomic_write(out, json.dumps({"results": records, "peaks": list(peaks.values())}, indent=2) + "\n")
+        except OSError as exc:
+            raise ValueError(f"{out}: cannot write the results: {exc.strerror or exc}") from None
         click.echo(f"results: {out}")
 
 
@@ -202,50 +242,62 @@ def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file,
 @click.option("--weights", help="Backbone weights file, if not where training found it.")
 @click.option("--map-gate", type=click.Choice(MAP_GATES), default=None, help=MAP_GATE_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
-def export(checkpoint, out_dir, fp16, int8, int8_acc, max_drop, acc_metric, calibration_yaml, calibration_folder,
-           calibration_manifest, calibration_size, calibration_defects, act_range, score_offset, data_path, weights,
-           map_gate, overwrite) -> None:
+def export(**opts) -> None:
     """Export a checkpoint to an OpenVINO bundle: FP32 always, FP16/INT8/accuracy-controlled INT8 on request."""
-    import dataclasses
-
-    from ssn_edge.export.calibration import CalibrationSpec, load_calibration_spec
     from ssn_edge.export.exporter import export_bundle
-    from ssn_edge.export.quantize import QuantizeOptions
 
-    given = [o for o, v in (("--calibration", calibration_yaml), ("--calibration-folder", calibration_folder),
-                            ("--calibration-manifest", calibration_manifest)) if v]
-    if len(given) > 1:
-        raise click.UsageError(f"{' and '.join(given)}: give one calibration source")
-    if (given or calibration_size is not None or calibration_defects is not None) and not (int8 or int8_acc):
-        raise click.UsageError("calibration options only apply with --int8 or --int8-acc")
-    spec = None
-    if int8 or int8_acc:
-        if calibration_yaml:
-            spec = load_calibration_spec(calibration_yaml)
-        elif calibration_folder:
-            spec = CalibrationSpec(source="folder", path=calibration_folder)
-        elif calibration_manifest:
-            spec = CalibrationSpec(source="manifest", path=calibration_manifest)
-        else:
-            spec = CalibrationSpec()
-        if calibration_size is not None:
-            spec = dataclasses.replace(spec, size=calibration_size)
-        if calibration_defects is not None:
-            spec = dataclasses.replace(spec, defects=calibration_defects)
-    out = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / "bundle"
-    bundle = export_bundle(
-        Path(checkpoint), out, fp16=fp16, int8=int8, int8_acc=int8_acc, calibration=spec, max_drop=max_drop,
-        acc_metric=acc_metric, weights=weights, overwrite=overwrite, threshold_data=data_path,
-        quantize_options=QuantizeOptions(activation_range=act_range, score_offset=score_offset), map_gate=map_gate,
-    )
+    options = _export_options(opts)
+    out = Path(opts["out_dir"]) if opts["out_dir"] else Path(opts["checkpoint"]).resolve().parent / "bundle"
+    bundle = export_bundle(Path(opts["checkpoint"]), out, options)
     click.echo(f"bundle: {bundle.path}")
     click.echo(f"  {'precision':<10} {'weights':<8} {'size MB':>9}")
     for precision in bundle.precisions:
-        entry = bundle.metadata["models"][precision]
-        size = sum((bundle.path / entry[k]).stat().st_size for k in ("xml", "bin")) / 1e6
-        click.echo(f"  {precision:<10} {entry['weights_precision']:<8} {size:>9.2f}")
-    th = bundle.metadata["thresholds"]
-    click.echo(f"thresholds ({th['source']} split): image {th['image']:.4f}, pixel {th['pixel']:.4f}")
+        size = (bundle.model_path(precision).stat().st_size + bundle.weights_path(precision).stat().st_size) / 1e6
+        click.echo(f"  {precision:<10} {bundle.metadata.models[precision].weights_precision:<8} {size:>9.2f}")
+    th = bundle.metadata.thresholds
+    click.echo(f"thresholds ({th.source} split): image {th.image:.4f}, pixel {th.pixel:.4f}")
+
+
+def _calibration_spec(opts: dict):
+    """The calibration set the export options name (None without INT8); one source at most."""
+    import dataclasses
+
+    from ssn_edge.export.calibration import CalibrationSpec, load_calibration_spec
+
+    given = [o for o, key in (("--calibration", "calibration_yaml"), ("--calibration-folder", "calibration_folder"),
+                              ("--calibration-manifest", "calibration_manifest")) if opts[key]]
+    if len(given) > 1:
+        raise click.UsageError(f"{' and '.join(given)}: give one calibration source")
+    tuned = opts["calibration_size"] is not None or opts["calibration_defects"] is not None
+    if not (opts["int8"] or opts["int8_acc"]):
+        if given or tuned:
+            raise click.UsageError("calibration options only apply with --int8 or --int8-acc")
+        return None
+    if opts["calibration_yaml"]:
+        spec = load_calibration_spec(opts["calibration_yaml"])
+    elif opts["calibration_folder"]:
+        spec = CalibrationSpec(source="folder", path=opts["calibration_folder"])
+    elif opts["calibration_manifest"]:
+        spec = CalibrationSpec(source="manifest", path=opts["calibration_manifest"])
+    else:
+        spec = CalibrationSpec()
+    if opts["calibration_size"] is not None:
+        spec = dataclasses.replace(spec, size=opts["calibration_size"])
+    if opts["calibration_defects"] is not None:
+        spec = dataclasses.replace(spec, defects=opts["calibration_defects"])
+    return spec
+
+
+def _export_options(opts: dict):
+    from ssn_edge.export.exporter import ExportOptions
+    from ssn_edge.export.quantize import QuantizeOptions
+
+    return ExportOptions(
+        fp16=opts["fp16"], int8=opts["int8"], int8_acc=opts["int8_acc"], calibration=_calibration_spec(opts),
+        quantize=QuantizeOptions(activation_range=opts["act_range"], score_offset=opts["score_offset"]),
+        max_drop=opts["max_drop"], acc_metric=opts["acc_metric"], threshold_data=opts["data_path"],
+        weights=opts["weights"], map_gate=opts["map_gate"], overwrite=opts["overwrite"],
+    )
 
 
 @main.command("report")
@@ -264,16 +316,16 @@ def report(bundle, data_path, split, checkpoint, weights, out_dir, runs, through
     result = build_report(bundle, data_path, split, checkpoint, out_dir, runs=runs, weights=weights,
                           throughput_seconds=throughput_seconds)
     click.echo(f"{'runtime':<8} {'precision':<9} {'img AUROC':>9} {'px AUPRO':>9} {'max dscore':>10} {'flips':>5} {'ms':>8}")
-    for r in result["records"]:
+    for r in result.records:
         def num(key: str, fmt: str) -> str:
             return format(r[key], fmt) if r.get(key) is not None else "-"
 
         click.echo(f"{r['runtime']:<8} {r['precision']:<9} {num('image_auroc', '.2f'):>9} {num('pixel_aupro', '.2f'):>9} "
                    f"{num('score_max_abs_diff', '.2e'):>10} {r['flips']:>5} {num('latency_ms', '.2f'):>8}")
-    for w in result["warnings"]:
+    for w in result.warnings:
         click.echo(w)
-    click.echo(f"reference: {result['reference']}")
-    click.echo(f"report: {result['report_html']}")
+    click.echo(f"reference: {result.reference}")
+    click.echo(f"report: {result.report_html}")
 
 
 @main.command("demo")

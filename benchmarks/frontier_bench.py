@@ -14,6 +14,7 @@ reused on rerun). Records name their recipe; the table groups by it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -88,7 +89,7 @@ def recipe_of(record: dict) -> str:
 
 def train(args) -> None:
     from ssn_edge.export.calibration import CalibrationSpec
-    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
 
     recipe = _recipe(args.dataset, args.variant, args.seed, epochs=args.epochs)
     out = run_dir(args.dataset, args.variant, args.seed) if args.epochs is None else RUNS / f"smoke_{args.dataset}_{args.variant}"
@@ -106,13 +107,13 @@ def train(args) -> None:
     records = []
     if metrics:  # PyTorch FP32 on the test split (runs trained before the evaluate=False change, or adopted)
         records.append({**common, "runtime": "torch", "precision": "fp32", **{k: round(metrics[k], 3) for k in keys if k in metrics}})
-    bundle = export_bundle(out / "checkpoint.pt", out / "bundle", fp16=False, int8=True,
-                           calibration=CalibrationSpec(source="recipe", size=128, defects=0.0), overwrite=True,
-                           quantize_options=_frontier_int8())
+    bundle = export_bundle(out / "checkpoint.pt", out / "bundle", ExportOptions(
+        int8=True, calibration=CalibrationSpec(source="recipe", size=128, defects=0.0), overwrite=True,
+        quantize=_frontier_int8()))
     if not metrics:
-        m = bundle.metadata["models"]["fp32"]["metrics"]  # the FP32 IR through OpenVINO with INFERENCE_PRECISION_HINT f32
+        m = bundle.metadata.models["fp32"].metrics  # the FP32 IR through OpenVINO with INFERENCE_PRECISION_HINT f32
         records.append({**common, "runtime": "openvino", "precision": "fp32", **{k: round(m[k], 3) for k in keys if k in m}})
-    m = bundle.metadata["models"]["int8"]["metrics"]  # INT8 through OpenVINO on the threshold split (test here)
+    m = bundle.metadata.models["int8"].metrics  # INT8 through OpenVINO on the threshold split (test here)
     records.append({**common, "runtime": "openvino", "precision": "int8", **{k: round(m[k], 3) for k in keys if k in m}})
     if "eps_rel_mean" in history[-1]:
         records[0]["eps_rel_mean_last"] = round(history[-1]["eps_rel_mean"], 4)
@@ -128,9 +129,8 @@ def wrn50_bundle() -> Path:
     """An untrained WRN50-2 SSN (random backbone: no ImageNet WRN50 weights here; seeded, so rebuildable) exported
     to FP32 and INT8: its latency is the paper-backbone point of the frontier. Its accuracy means nothing."""
     from ssn_edge.export.calibration import CalibrationSpec
-    from ssn_edge.model.checkpoint import save_checkpoint
-    from ssn_edge.export.exporter import export_bundle
-    from ssn_edge.model.backbones import weights_fingerprint
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
+    from ssn_edge.model.checkpoint import KIND_SSN, BackboneIdentity, CheckpointRecord, save_checkpoint
     from ssn_edge.model.ssn import SuperSimpleNet
 
     out = RUNS / "wrn50_random"
@@ -139,13 +139,13 @@ def wrn50_bundle() -> Path:
     recipe = _recipe("mvtec_bottle", "adaptive_noise", 0)
     recipe.model.backbone, recipe.model.weights, recipe.model.pretrained = "wide_resnet50_2", None, False
     model = SuperSimpleNet(recipe.model)
-    save_checkpoint(out / "checkpoint.pt", {
-        "recipe": recipe.to_dict(), "heads": model.heads.state_dict(), "epoch": 0, "history": [],
-        "backbone": {"name": "wide_resnet50_2", "weights_source": "random (pretrained: false)",
-                     "fingerprint": weights_fingerprint(model.features.trunk)}})
-    export_bundle(out / "checkpoint.pt", out / "bundle", fp16=False, int8=True,
-                  calibration=CalibrationSpec(source="recipe", size=32, defects=0.0), overwrite=True,
-                  quantize_options=_frontier_int8())
+    backbone = BackboneIdentity.of("wide_resnet50_2", model.features.trunk)
+    save_checkpoint(out / "checkpoint.pt", CheckpointRecord(
+        kind=KIND_SSN, recipe=recipe.to_dict(), heads=model.heads.state_dict(),
+        backbone=dataclasses.replace(backbone, weights_source="random (pretrained: false)")))
+    export_bundle(out / "checkpoint.pt", out / "bundle", ExportOptions(
+        int8=True, calibration=CalibrationSpec(source="recipe", size=32, defects=0.0), overwrite=True,
+        quantize=_frontier_int8()))
     return out / "bundle"
 
 

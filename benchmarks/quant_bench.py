@@ -57,7 +57,7 @@ def main() -> None:
         return
 
     from ssn_edge.export.calibration import CalibrationSpec
-    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
     from ssn_edge.report.build import build_report
     from ssn_edge.runtime.bench import bench_bundle, conv_peak_sweep
     from ssn_edge.runtime.bundle import load_bundle
@@ -65,20 +65,19 @@ def main() -> None:
     t0 = time.perf_counter()
     if not args.skip_export:
         shutil.rmtree(args.out, ignore_errors=True)
-        export_bundle(
-            args.checkpoint, args.out, fp16=True, int8=True, int8_acc=True,
-            calibration=CalibrationSpec(source="recipe", size=128), max_drop=args.max_drop,
-            acc_metric=args.acc_metric, threshold_data=args.data, overwrite=True,
-        )
+        export_bundle(args.checkpoint, args.out, ExportOptions(
+            fp16=True, int8=True, int8_acc=True, calibration=CalibrationSpec(source="recipe", size=128),
+            max_drop=args.max_drop, acc_metric=args.acc_metric, threshold_data=args.data, overwrite=True,
+        ))
     export_s = time.perf_counter() - t0
     bundle = load_bundle(args.out)
     meta = bundle.metadata
-    base = {"dataset": args.dataset, "backbone": meta["backbone"]["name"], "setting": meta["setting"],
+    base = {"dataset": args.dataset, "backbone": meta.provenance.backbone.name, "setting": meta.provenance.setting,
             "command": command_line()}
 
     report = build_report(args.out, data_path=args.data, checkpoint=args.checkpoint,
                           out_dir=ROOT / "runs" / "bench" / "bottle_report", runs=30)
-    print("report:", report["report_html"])
+    print("report:", report.report_html)
 
     # Speed: every measurement below in this one process, back to back.
     size = bundle.input_size
@@ -87,13 +86,14 @@ def main() -> None:
     peaks = {prec: conv_peak_sweep(prec, warmup=10, runs=args.runs) for prec in ("f32", "int8")}
 
     records = []
-    for r in report["records"]:
+    for r in report.records:
         rec = {**base, "runtime": r["runtime"], "precision": r["precision"]}
         rec.update({k: r[k] for k in ACC_KEYS if r.get(k) is not None})
-        q = meta["models"].get(r["precision"], {}).get("quantization") if r["runtime"] == "openvino" else None
+        entry = meta.models.get(r["precision"]) if r["runtime"] == "openvino" else None
+        q = entry.quantization if entry is not None else None
         if q:  # how this INT8 model was quantized (ssn_edge.export.quantize)
-            rec.update(calibration_defects=meta["calibration"]["spec"].get("defects", 0.0), act_range=q["activation_range"],
-                       score_offset=q["score_offset_value"])
+            rec.update(calibration_defects=meta.calibration.spec.defects, act_range=q.activation_range,
+                       score_offset=q.score_offset_value)
         s = speed.get(r["precision"]) if r["runtime"] == "openvino" else None
         if s:
             rec.update(latency_ms=round(s["latency_ms"], 3), latency_p10_ms=round(s["latency_p10_ms"], 3),

@@ -40,10 +40,11 @@ def bench_recipe(path: str | Path, overrides: dict[str, Any]):
 
 def adopt(src: Path, out: Path, recipe) -> None:
     """Take over a finished training of the very same recipe and seed (e.g. train_bench's), instead of repeating it."""
-    from ssn_edge.config import recipe_from_dict
+    from ssn_edge.config import recipe_from_dict, upgrade_recipe_dict
 
     src = src if src.is_absolute() else ROOT / src
-    theirs = recipe_from_dict(json.loads((src / "recipe.json").read_text())).to_dict()
+    # a run of an earlier ssn-edge recorded the earlier recipe layout: compared in the current one
+    theirs = recipe_from_dict(upgrade_recipe_dict(json.loads((src / "recipe.json").read_text()))).to_dict()
     ours = recipe.to_dict()
     if theirs != ours:
         diff = {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours.get(k)}

@@ -26,6 +26,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    kind: str = "ssn"  # the model family: "ssn" (SuperSimpleNet) or "knn" (nearest-neighbour memory bank, knn section)
     backbone: str = "resnet18"
     weights: str | None = None  # a checkpoint file; None: torch hub cache, then download
     pretrained: bool = True  # false must be said explicitly to train on random features
@@ -53,21 +54,24 @@ class ModelConfig:
 
 @dataclass
 class NoiseConfig:
-    kind: str = "fixed"  # "fixed": N(0, sigma^2) as in the paper; "adaptive": sigma * per-channel feature std;
-    # "learned": a noise generator trained against the heads (training only; the fields below)
-    sigma: float = 0.015
-    sigma_end: float | None = None  # anneal sigma linearly to this by the last epoch (None: constant)
-    smooth: float | None = None  # blur the Gaussian noise spatially with this sigma (feature pixels), same variance
-    perlin_threshold: float = 0.2  # 0.2 MVTec AD; 0.6 for thin, small defects (VisA, KSDD2)
-    empty_prob: float = 0.5  # probability that a sample gets no synthetic anomaly
+    # The defaults are the CPU schedule's (as TrainConfig's). "adaptive": eps ~ N(0, (sigma * std)^2), std each
+    # adapted channel's spread in the batch, so it fits any backbone. "fixed": N(0, sigma^2), the paper's, whose
+    # sigma 0.015 is tuned to WRN50 features: ResNet18 scores near chance with it (bottle image AUROC 50.21, 3 seeds;
+    # benchmarks/results/frontier.md). "learned": a generator trained against the heads (spec 4; beta and below).
+    kind: str = "adaptive"
+    sigma: float = 1.0
+    # Blur the unit noise spatially with this sigma (feature pixels), same variance: real anomalies reach the heads
+    # through the 3x3 local-context pooling, spatially coherent, and i.i.d. noise is a texture the 5x5 head could
+    # key on. None: i.i.d. (the paper).
+    smooth: float | None = 1.0
+    perlin_threshold: float = 0.2  # 0.2 MVTec AD; 0.6 for thin, small defects (VisA, KSDD2, Magnetic tile)
     # kind "learned" only (spec 4): eps = tanh(n + G(A, n, z)) * beta * per-channel std(A), n unit noise blurred by
-    # smooth, G trained adversarially (ssn_edge.train.generator).
-    beta: float = 0.1  # bound on |eps| relative to each channel's feature std (1.5: about adaptive sigma 1.0 at start)
-    z_dim: int = 16  # random vector fed to G (stochasticity)
-    gen_hidden: int = 128  # G's hidden width (1x1 convs)
+    # smooth, G trained adversarially (ssn_edge.train.generator). beta 1.5 starts at about adaptive sigma 1.0
+    # (bottle 99.92 / AUPRO 91.88, Magnetic tile 70.52 / 54.84, 3 seeds, none diverged).
+    beta: float = 1.5  # bound on |eps| relative to each channel's feature std
     gen_lr: float = 1e-4  # G's AdamW learning rate
     mag_weight: float = 1.0  # weight of G's L2 magnitude penalty mean(eps^2) / (beta * std)^2
-    heads_per_gen: int = 3  # heads updates per generator update
+    heads_per_gen: int = 3  # heads updates per generator update (spec 4)
 
 
 @dataclass
@@ -75,66 +79,57 @@ class TrainConfig:
     # unsupervised: normal images only; supervised: defective images with masks; weak: defective images with
     # image labels only (masks ignored); mixed: masks where present, image labels elsewhere; auto: from the data.
     setting: str = "unsupervised"
-    epochs: int = 300
-    batch_size: int = 32
-    lr_adaptor: float = 1e-4
-    lr_heads: float = 2e-4
-    weight_decay: float = 1e-5
+    # The defaults train ResNet18 SSN on a 2-core CPU in minutes (MVTec bottle, 12 epochs, 806 s: image AUROC
+    # 99.84, AUPRO 91.73; benchmarks/results/training.json, variant cpu_schedule). The paper's schedule (300 epochs,
+    # batch 32, lr 1e-4 / 2e-4, fp32, whole maps, gamma 4, fixed noise) is recipes/mvtec_wrn50.yaml.
+    epochs: int = 12
+    batch_size: int = 16
+    lr_adaptor: float = 5e-4  # 5x the paper's: ~200 steps instead of its ~2100
+    lr_heads: float = 1e-3
+    weight_decay: float = 1e-5  # the heads' (spec 2)
     lr_milestones: tuple[float, ...] = (0.8, 0.9)  # fractions of the epochs
     lr_gamma: float = 0.4
     seed: int = 0
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; the backbone and eval stay fp32)
-    channels_last: bool = False
-    cache_features: bool = True
-    feature_crop: int | None = None  # train the heads on random crops of the feature map (None: full map)
-    crop_epochs: int | None = None  # crops only in the first N epochs, full maps after (None: crops throughout)
-    clip_grad_norm: float | None = None  # None: 1.0 when supervised (paper), off when unsupervised
-    flip_augment: bool = True  # with defective images (not unsupervised): they are also seen flipped (x4)
-    eval_every: int = 0  # epochs between evaluations on the test split (0: only at the end)
-    cls_focal_gamma: float = 4.0  # the image score's focal-loss gamma (paper: 4; the map's stays 4)
-    # weak/mixed: from this epoch (0-based) on, label-only defects train with pseudo-masks from the model's own
-    # map (ssn_edge.train.pseudo): its top pseudo_top fraction of pixels, a margin around them unknown. None: off.
-    pseudo_mask_epoch: int | None = None
-    pseudo_top: float = 0.01
-    pseudo_rest: str = "normal"  # the pixels outside a pseudo-mask's defect and margin: "normal" or "unknown"
-    pseudo_refresh: bool = False  # make them again at every later epoch, from the model as it is then
-    # map: grow each pseudo-defect into the connected pixels above this (lower) quantile of normal images' map
-    # (hysteresis: confident cores bring their fainter rest along). None: off (only pixels above the 99.9 %).
-    # Measured on Magnetic tile, mixed 10 %, seeds 0-2: pixel AP 44.78 at 0.99 vs 42.50 without (ssn_edge/pseudo.py).
-    pseudo_grow: float | None = None
-    # map: a finished checkpoint (same backbone and size) whose map makes the pseudo-masks, once, at
-    # pseudo_mask_epoch, instead of this run's own half-trained map: self-training in two runs. None: this run's
-    # map. Measured (Magnetic tile, mixed 10 %, seed 0): pixel AP 39.25, below its teacher's 45.10.
-    pseudo_teacher: str | None = None
-    # "map": pseudo-masks from the model's own map (above). "knn": from a nearest-neighbour teacher on the frozen
-    # backbone (a patch far from every normal training patch; ssn_edge.train.pseudo.knn_pseudo_masks), positives
-    # only, made once: it owes nothing to the heads, so it can start at epoch 0.
-    pseudo_source: str = "map"
-    pseudo_border: int = 0  # knn: pixels along the image border never marked defect (the teacher errs there)
-    # mixed: the share of each batch's defective half drawn from defects with a mask, the rest from label-only
-    # ones; None: uniform over all defects, so with masks on 10 % of them a batch of 8 defects holds 0.8 masks.
-    masked_share: float | None = None
-    # weak/mixed: whether a label-only defect's score loss reaches the map (through the classification head's
-    # map input). True (paper): the score bends the map on every defective image. False: only where the pixels'
-    # truth is known, so 90 % mask-less defects cannot push their whole map up with no pixel loss to hold it.
-    label_only_score_to_map: bool = True
-    # weak/mixed: a multiple-instance loss on label-only defects. Each step, up to mil_items of the batch's
-    # defects without a mask get their *whole* map (no crop, no noise) and the mean of its top mil_top fraction
-    # of logits is pushed towards defect: some pixels of the image must be defective, which ones is unknown.
-    # The whole map, because a training crop may miss a small defect. None: off. Measured on Magnetic tile (weak,
-    # seed 0, mil_top 0.01, variant ssn_weak_mil): image AUROC fell to 57.58 and pixel AP to 6.94 (ssn_weak_detached:
-    # 89.67 / 15.54), so it stays off: pushing up what the map already ranks highest taught it the wrong pixels.
-    mil_top: float | None = None
-    mil_items: int = 4
-    # supervised/weak/mixed: the pixel losses once more over the real (or pseudo-mask) defect pixels alone, times
-    # this weight. Without it a real defect's pixels are a few among the many synthetic anomalous ones that
-    # each loss averages over (a pseudo-mask marks ~1 % of an image). 0: off (paper). Measured with the knn
-    # pseudo-masks on Magnetic tile (seed 0): no help (weak pixel AP 10.46 vs 12.05, mixed 10 % 27.09 vs 28.00).
-    real_pixel_weight: float = 0.0
-    # supervised/mixed: this many extra training images per defect with a mask, each the defect pasted onto a
-    # normal training image (ssn_edge.train.paste): a few annotated defects seen in many contexts. 0: off. Measured on
-    # Magnetic tile, mixed 10 %, seeds 0-2: pixel AP 40.85 vs 36.76 alone, 39.13 vs 44.78 with pseudo_grow.
-    paste_copies: int = 0
+    precision: str = "bf16"  # autocast for the heads: ~2x fp32 on AVX512-BF16 (the backbone and eval stay fp32)
+    cache_features: bool = True  # backbone features computed once (false: every step, for sets that do not fit)
+    feature_crop: int | None = 32  # train the heads on random crops of the feature map (4x cheaper; None: full map)
+    # Crops only in the first N epochs, whole maps after (None: crops throughout), so the classification head's
+    # global pooling is tuned on what it meets at inference.
+    crop_epochs: int | None = 10
+    # The image score's focal-loss gamma (the map's stays 4). The paper's 4 leaves an image scored 0.2 on the right
+    # side 0.16 % of its gradient: in ~200 steps bottle's scores stayed bunched (image AUROC 96.6-97.9 while the
+    # map's max separated it); at 0 (plain cross-entropy) 99.8.
+    cls_focal_gamma: float = 0.0
+
+
+@dataclass
+class WeakConfig:
+    """Training on defects that have an image label and no mask (train.setting weak and mixed, spec 5). The defaults
+    are the best measured on Magnetic tile (ResNet18, 4 epochs, seeds 0-2, FP32; benchmarks/weak_bench.py): mixed
+    with masks on 10 % (variant mixed_10_balanced_pseudo_grow) image AUROC / AUPRO / pixel AP 87.39 / 74.94 / 44.78
+    (supervised 82.27 / 74.17 / 55.29); weak (ssn_weak_detached_pseudo_grow) 86.65 / 72.16 / 14.43 (CAM 8.39 AP)."""
+
+    # mixed: the share of each batch's defective half drawn from defects with a mask, the rest from label-only ones;
+    # None: uniform, so with masks on 10 % a batch of 8 defects holds 0.8 masks. With the grown pseudo-masks 0.5 did
+    # best (AP 45.10, seed 0; 0.25: 37.21, 0.75: 40.44); alone it did little (seed 0: 28.08 vs 27.53 uniform).
+    # No effect where every defect or none has a mask.
+    masked_share: float | None = 0.5
+    # Whether a label-only defect's score loss reaches the map (through the classification head's map input).
+    # True (paper): the score bends the map on every defective image. False: only where the pixels' truth is known.
+    # None: false for weak, which the best weak row uses (alone, without pseudo-masks, it gave AUPRO 50.52 over
+    # seeds 0-2 against the paper's 65.42 on seed 0), true otherwise (mixed: false left AP where it was, 28.37 vs
+    # 28.08 on seed 0, at 4.4 points less image AUROC).
+    label_only_score_to_map: bool | None = None
+    # From this epoch (0-based) on, each label-only defect gets a pseudo-mask from the model's own map
+    # (ssn_edge.train.pseudo): its pixels above 99.9 % of normal images' map (within its top pseudo_top fraction)
+    # are defect, every other pixel unknown (no pixel is taught normal). A resumed run makes them again from the
+    # resumed model. None: off (mixed 10 % AP 36.76 without, 42.50 with, ungrown). The CAM head makes none.
+    pseudo_mask_epoch: int | None = 2
+    pseudo_top: float = 0.25
+    # Grow each pseudo-defect into the connected pixels above this (lower) quantile of normal images' map
+    # (hysteresis: a confident core brings its fainter rest along). None: off. Mixed 10 % AP 44.78 at 0.99 vs 42.50
+    # without; 0.95: 43.80 (seed 0).
+    pseudo_grow: float | None = 0.99
 
 
 @dataclass
@@ -160,13 +155,38 @@ class TilingRecipe:
 
 
 @dataclass
+class KnnConfig:
+    """model.kind knn (ssn_edge/model/knn, fitted by ssn_edge/train/knn.py): PatchCore's memory bank of normal
+    training patches; the map is each patch's distance to its nearest bank patch. train.seed seeds the fit."""
+
+    # The defaults were chosen on Magnetic tile's TRAINING split (a fifth of its normal images and its 196 defective
+    # ones held out of the fit; benchmarks/knn_bench.py tune, records split train_heldout in results/knn.json), image
+    # AUROC / pixel AUPRO: greedy 10k of 400k candidates 95.95 / 74.35; all 509k candidates 95.46 / 74.46, 200k
+    # 94.91 / 74.11, 100k 92.44, 50k 90.91; a random bank of 10 % (51k) 90.42 / 74.21, random 10k 85.12; greedy 5k
+    # 94.32, 20k (200k pool) 95.15; projection 64 dims 93.72; channels averaged to 192 93.82.
+    # The bank: a fraction (<= 1) of all normal training patches, or a count (> 1) of them.
+    coreset: float = 0.02
+    sampler: str = "greedy"  # "greedy": k-center coreset (paper); "random": a uniform draw from the candidates
+    # At most this many candidate patches are kept (drawn evenly over the images as they are extracted): the bound
+    # on the fit's memory (pool x channels x 4 bytes: 614 MB for ResNet18, + 2 x pool x projection x 4 = 410 MB for
+    # the projection) and on the greedy coreset's time, O(pool x bank x projection): 17 ms a step at 400k here.
+    pool: int = 400_000
+    projection: int | None = 128  # greedy distances on a random projection to this many dims (None: the features)
+    channels: int | None = None  # average the concatenated layer2+layer3 channels down to this many (None: keep all)
+    held_out: int = 16  # normal training images kept out of the bank, whose distances set the outputs' scale
+    batch: int = 16  # images per feature-extraction batch
+
+
+@dataclass
 class Recipe:
     name: str = "recipe"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    weak: WeakConfig = field(default_factory=WeakConfig)  # train.setting weak and mixed: the label-only defects
     tiling: TilingRecipe | None = None  # None: the model sees the whole image at data.image_size
+    knn: KnnConfig = field(default_factory=KnnConfig)  # model.kind knn only
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -180,14 +200,72 @@ _CHOICES = {
     "model.cls_head": CLS_HEADS,
     "model.score_anchor": ("none", "map_max"),
     "model.map_gate": MAP_GATES,
+    "model.kind": ("ssn", "knn"),
+    "knn.sampler": ("greedy", "random"),
     "noise.kind": ("fixed", "adaptive", "learned"),
     "train.setting": ("unsupervised", "supervised", "weak", "mixed", "auto"),
     "train.precision": ("fp32", "bf16"),
-    "train.pseudo_rest": ("normal", "unknown"),
-    "train.pseudo_source": ("map", "knn"),
     "tiling.mode": ("single", "ensemble"),
     "tiling.score": ("mean", "max", "map_max"),
 }
+
+
+# Keys of the earlier recipe layout (checkpoint format 1): where each one went, or why it went (the measurements
+# are in README.md, "Supervision"; Magnetic tile, ResNet18, seed 0 unless said).
+MOVED = {f"train.{k}": f"weak.{k}" for k in ("masked_share", "label_only_score_to_map", "pseudo_mask_epoch",
+                                             "pseudo_top", "pseudo_grow")}
+_KNN_TEACHER = "the knn pseudo-mask teacher taught SSN's map nothing (weak pixel AP 12.05 vs 15.54 without)"
+REMOVED = {
+    "train.mil_top": "the multiple-instance loss broke the weak model (image AUROC 57.58, pixel AP 6.94 vs 89.67 / 15.54)",
+    "train.mil_items": "it belonged to train.mil_top (removed: it broke the weak model)",
+    "train.pseudo_source": _KNN_TEACHER + "; pseudo-masks come from the model's own map",
+    "train.pseudo_border": _KNN_TEACHER + " (and a 16 px border did not help: 12.87)",
+    "train.real_pixel_weight": "no gain (weak pixel AP 10.46 vs 12.05, mixed 10 % 27.09 vs 28.00)",
+    "train.pseudo_refresh": "no gain (remaking pseudo-masks every epoch: mixed 10 % AP 40.23 vs 42.50, seeds 0-2)",
+    "train.pseudo_teacher": "no gain (a second run taught by the first's map: AP 39.25, below its teacher's 45.10)",
+    "train.pseudo_rest": "pseudo-masks teach their defect pixels only; also teaching the rest as normal was worse "
+                         "(weak pixel AP 8.03 vs 12.35)",
+    "train.paste_copies": "copy-paste hurt with the grown pseudo-masks (mixed 10 % AP 39.13 vs 44.78, seeds 0-2)",
+    "train.channels_last": "no recipe or benchmark used it",
+    "train.clip_grad_norm": "gradients are clipped as in the paper: norm 1 when defects train, not otherwise",
+    "train.flip_augment": "defective images are always seen flipped (x4), as in the paper",
+    "train.eval_every": "evaluate a checkpoint with ssn-edge eval (training evaluates once, at the end)",
+    "noise.sigma_end": "no recipe or benchmark annealed sigma",
+    "noise.empty_prob": "half the samples get no synthetic anomaly, as in the paper",
+    "noise.z_dim": "the generator's shape is fixed (ssn_edge.train.generator)",
+    "noise.gen_hidden": "the generator's shape is fixed (ssn_edge.train.generator)",
+}
+# What a recorded recipe of the earlier layout meant where it says nothing: the defaults of that layout, for every
+# key whose default has changed since (a record predating a key trained without it).
+_EARLIER_DEFAULTS = {
+    "noise": {"kind": "fixed", "sigma": 0.015, "smooth": None, "beta": 0.1},
+    "train": {"epochs": 300, "batch_size": 32, "lr_adaptor": 1e-4, "lr_heads": 2e-4, "precision": "fp32",
+              "feature_crop": None, "crop_epochs": None, "cls_focal_gamma": 4.0},
+    "weak": {"masked_share": None, "label_only_score_to_map": True, "pseudo_mask_epoch": None, "pseudo_top": 0.01,
+             "pseudo_grow": None},
+}
+
+
+def upgrade_recipe_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """A recorded recipe (checkpoint, recipe.json) in the current layout. One of the earlier layout (no 'weak'
+    section) gets its moved keys moved, its removed ones dropped and that layout's defaults where it is silent;
+    one in the current layout is returned as it is."""
+    if "weak" in values:
+        return values
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    weak = dict(_EARLIER_DEFAULTS["weak"])
+    for section in ("noise", "train"):
+        part = out.setdefault(section, {})
+        for key, default in _EARLIER_DEFAULTS[section].items():
+            part.setdefault(key, default)
+        for key in list(part):
+            dotted = f"{section}.{key}"
+            if dotted in MOVED:
+                weak[key] = part.pop(key)
+            elif dotted in REMOVED:
+                part.pop(key)
+    out["weak"] = weak
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -251,6 +329,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for key in values:
         if key not in known:
             full = f"{prefix}.{key}" if prefix else key
+            if full in MOVED:
+                raise RecipeError(f"recipe key '{full}' is now '{MOVED[full]}'")
+            if full in REMOVED:
+                raise RecipeError(f"recipe key '{full}' was removed: {REMOVED[full]}")
             raise RecipeError(f"unknown recipe key '{full}' (known: {', '.join(sorted(known))})")
     kwargs = {}
     for name, value in values.items():
@@ -265,33 +347,62 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     recipe = _build(Recipe, values, "")
     if recipe.model.score_anchor != "none" and recipe.model.cls_head == "cam":
         raise RecipeError("model.score_anchor: the CAM head has no segmentation map to anchor its score to; use none")
-    mil = recipe.train.mil_top
-    if mil is not None and not 0.0 < mil <= 1.0:
-        raise RecipeError(f"train.mil_top must be in (0, 1] (or null), got {mil}")
-    if recipe.train.mil_items < 1:
-        raise RecipeError(f"train.mil_items must be >= 1, got {recipe.train.mil_items}")
-    share = recipe.train.masked_share
-    if share is not None and not 0.0 <= share <= 1.0:
-        raise RecipeError(f"train.masked_share must be between 0 and 1 (or null), got {share}")
-    grow = recipe.train.pseudo_grow
-    if grow is not None and not 0.0 < grow < 0.999:
-        raise RecipeError(f"train.pseudo_grow must be in (0, 0.999) (below the 0.999 core level), or null; got {grow}")
-    if recipe.train.pseudo_teacher is not None and recipe.train.pseudo_source != "map":
-        raise RecipeError("train.pseudo_teacher makes pseudo-masks from a checkpoint's map (train.pseudo_source map), not the knn teacher")
-    if grow is not None and recipe.train.pseudo_source != "map":
-        raise RecipeError("train.pseudo_grow grows the map's pseudo-masks (train.pseudo_source map); the knn teacher's are not grown")
-    if recipe.train.pseudo_border < 0:
-        raise RecipeError(f"train.pseudo_border must be >= 0, got {recipe.train.pseudo_border}")
-    if not recipe.train.real_pixel_weight >= 0.0:
-        raise RecipeError(f"train.real_pixel_weight must be >= 0, got {recipe.train.real_pixel_weight}")
-    if recipe.train.paste_copies < 0:
-        raise RecipeError(f"train.paste_copies must be >= 0, got {recipe.train.paste_copies}")
-    if recipe.train.paste_copies and recipe.train.setting in ("weak", "unsupervised"):
-        raise RecipeError(f"train.paste_copies pastes defects that have a mask; the {recipe.train.setting} setting "
-                          "trains with none (use mixed, supervised or auto)")
-    if recipe.train.pseudo_source == "knn" and recipe.model.cls_head == "cam":
-        raise RecipeError("train.pseudo_source knn: the CAM head has no segmentation map to teach; use map or no pseudo-masks")
+    _check_train(recipe.train)
+    _check_weak(recipe.weak)
+    _check_knn(recipe)
     return recipe
+
+
+def _check_train(t: TrainConfig) -> None:
+    if t.epochs < 1:
+        raise RecipeError(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.batch_size < 1:
+        raise RecipeError(f"train.batch_size must be >= 1, got {t.batch_size}")
+    if t.feature_crop is not None and t.feature_crop < 1:
+        raise RecipeError(f"train.feature_crop must be >= 1 (or null: whole maps), got {t.feature_crop}")
+
+
+def _check_weak(w: WeakConfig) -> None:
+    if w.masked_share is not None and not 0.0 <= w.masked_share <= 1.0:
+        raise RecipeError(f"weak.masked_share must be between 0 and 1 (or null), got {w.masked_share}")
+    if w.pseudo_mask_epoch is not None and w.pseudo_mask_epoch < 0:
+        raise RecipeError(f"weak.pseudo_mask_epoch must be >= 0 (or null: no pseudo-masks), got {w.pseudo_mask_epoch}")
+    if not 0.0 < w.pseudo_top <= 1.0:
+        raise RecipeError(f"weak.pseudo_top must be in (0, 1], got {w.pseudo_top}")
+    if w.pseudo_grow is not None and not 0.0 < w.pseudo_grow < 0.999:
+        raise RecipeError(f"weak.pseudo_grow must be in (0, 0.999) (below the 0.999 core level), or null; got {w.pseudo_grow}")
+
+
+# What a knn recipe may set outside its knn section: the rest is SuperSimpleNet's (noise, the training loop, the heads).
+_KNN_USES = {"model": ("kind", "backbone", "weights", "pretrained"), "train": ("setting", "seed")}
+
+
+def _check_knn(recipe: Recipe) -> None:
+    """A knn recipe must not carry SSN settings it would silently ignore, nor an SSN recipe knn ones."""
+    if recipe.model.kind != "knn":
+        if recipe.knn != KnnConfig():
+            raise RecipeError("recipe section 'knn' applies to model.kind knn only (this recipe's model.kind is ssn)")
+        return
+    for section, cls, used in (("model", ModelConfig, _KNN_USES["model"]), ("noise", NoiseConfig, ()),
+                               ("train", TrainConfig, _KNN_USES["train"]), ("weak", WeakConfig, ())):
+        value, default = getattr(recipe, section), cls()
+        for f in dataclasses.fields(cls):
+            if f.name not in used and getattr(value, f.name) != getattr(default, f.name):
+                raise RecipeError(f"recipe key '{section}.{f.name}' is not used by model.kind knn (a nearest-neighbour "
+                                  f"model has no {'training loop' if section != 'model' else 'SSN heads'}); remove it")
+    if recipe.tiling is not None:
+        raise RecipeError("recipe section 'tiling': model.kind knn runs on whole images only; remove it")
+    if recipe.train.setting not in ("unsupervised", "auto"):
+        raise RecipeError(f"train.setting {recipe.train.setting!r}: model.kind knn learns from normal images only "
+                          "(use unsupervised)")
+    k = recipe.knn
+    if not k.coreset > 0 or (k.coreset > 1 and k.coreset != int(k.coreset)):
+        raise RecipeError(f"knn.coreset must be a fraction in (0, 1] or a whole count of patches > 1, got {k.coreset}")
+    for name in ("pool", "batch", "projection", "channels"):
+        if getattr(k, name) is not None and getattr(k, name) < 1:
+            raise RecipeError(f"knn.{name} must be >= 1, got {getattr(k, name)}")
+    if k.held_out < 1:
+        raise RecipeError(f"knn.held_out must be >= 1 (the normal images that set the outputs' scale), got {k.held_out}")
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:

@@ -50,7 +50,7 @@ def loss_inputs(model, recipe, l2, l3, gt, valid, seed: int = 0):
     dict stays empty when ssn_loss was not called."""
     import numpy as np
 
-    import ssn_edge.train.loop as tr
+    import ssn_edge.train.step as tr
 
     seen: dict = {}
     original = tr.ssn_loss

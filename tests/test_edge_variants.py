@@ -265,7 +265,8 @@ def test_generator_starts_as_bounded_smooth_noise_and_varies_over_the_map():
 
 
 def _gen_setup(**noise):
-    from ssn_edge.train.loop import build_generator, feature_masks
+    from ssn_edge.train.batches import feature_masks
+    from ssn_edge.train.learned import build_generator
 
     recipe = _recipe(model={"adaptor_channels": 32}, noise={"kind": "learned", **noise})
     torch.manual_seed(0)
@@ -280,7 +281,7 @@ def _gen_setup(**noise):
 
 
 def _objective(model, recipe, gen, batch, seed=3):
-    from ssn_edge.train.loop import train_step
+    from ssn_edge.train.step import train_step
 
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -288,7 +289,7 @@ def _objective(model, recipe, gen, batch, seed=3):
 
 
 def test_generator_step_maximises_the_heads_loss_and_moves_only_the_generator():
-    from ssn_edge.train.loop import generator_update
+    from ssn_edge.train.learned import generator_update
 
     recipe, model, gen, gen_opt, batch = _gen_setup(mag_weight=0.0, gen_lr=1e-3)
     _, before = _objective(model, recipe, gen, batch)
@@ -304,7 +305,7 @@ def test_generator_step_maximises_the_heads_loss_and_moves_only_the_generator():
 
 
 def test_generator_magnitude_penalty_shrinks_eps():
-    from ssn_edge.train.loop import generator_update
+    from ssn_edge.train.learned import generator_update
 
     recipe, model, gen, gen_opt, batch = _gen_setup(mag_weight=1000.0, gen_lr=1e-3)
     _, before = _objective(model, recipe, gen, batch)
@@ -338,11 +339,11 @@ def test_learned_noise_training_logs_learns_and_resumes(tmp_path):
         assert 0 < rec["eps_rel_mean"] <= 0.1 and 0 <= rec["eps_saturated"] <= 1
     assert [r["gen_steps"] for r in full.history] == [0, 1] and np.isfinite(full.history[1]["gen_loss"])
     state = load_checkpoint(full.checkpoint)
-    assert state["generator"]["heads_steps"] == 4
+    assert state.resume.generator["heads_steps"] == 4
 
     # The generator's weights change: a run that never reaches a generator step keeps its initial ones.
     frozen = train(_recipe(model_kw, {**noise, "heads_per_gen": 10**6}, epochs=2), arrays, tmp_path / "frozen", progress=False)
-    g_full, g_init = state["generator"]["state"], load_checkpoint(frozen.checkpoint)["generator"]["state"]
+    g_full, g_init = state.resume.generator["state"], load_checkpoint(frozen.checkpoint).resume.generator["state"]
     assert g_full.keys() == g_init.keys()
     # The output layer starts at zero (G starts as plain noise), so one step moves it; the first layer's bias
     # gets its first gradient only once the output layer is non-zero.
@@ -351,13 +352,13 @@ def test_learned_noise_training_logs_learns_and_resumes(tmp_path):
 
     # --resume restores heads, generator, both optimisers and the step counter: the same weights as one run.
     half = train(_recipe(model_kw, noise, epochs=1), arrays, tmp_path / "half", progress=False)
-    assert load_checkpoint(half.checkpoint)["generator"]["heads_steps"] == 2
+    assert load_checkpoint(half.checkpoint).resume.generator["heads_steps"] == 2
     resumed = train(_recipe(model_kw, noise, epochs=2), arrays, tmp_path / "half", resume=half.checkpoint, progress=False)
     assert len(resumed.history) == 2 and resumed.history[1]["gen_steps"] == 1
     back = load_checkpoint(resumed.checkpoint)
-    assert all(torch.equal(state["heads"][k], back["heads"][k]) for k in state["heads"])
-    assert all(torch.equal(g_full[k], back["generator"]["state"][k]) for k in g_full)
-    assert back["generator"]["optimizer"]["state"].keys() == state["generator"]["optimizer"]["state"].keys()
+    assert all(torch.equal(state.heads[k], back.heads[k]) for k in state.heads)
+    assert all(torch.equal(g_full[k], back.resume.generator["state"][k]) for k in g_full)
+    assert back.resume.generator["optimizer"]["state"].keys() == state.resume.generator["optimizer"]["state"].keys()
 
     # The generator is training-only: the checkpoint rebuilds the plain inference model.
     model, _, _ = model_from_checkpoint(resumed.checkpoint)
@@ -367,7 +368,8 @@ def test_learned_noise_training_logs_learns_and_resumes(tmp_path):
 
 
 def test_non_finite_loss_stops_training_naming_epoch_and_step(tmp_path, monkeypatch):
-    import ssn_edge.train.loop as tr
+    import ssn_edge.train.loop as loop
+    import ssn_edge.train.step as tr
 
     original = tr.ssn_loss
     calls = {"n": 0}
@@ -379,25 +381,28 @@ def test_non_finite_loss_stops_training_naming_epoch_and_step(tmp_path, monkeypa
 
     monkeypatch.setattr(tr, "ssn_loss", poisoned)
     with pytest.raises(tr.NonFiniteLossError, match=r"heads loss is nan at epoch 1, step 2/2"):
-        tr.train(_recipe(noise={"kind": "learned"}), _arrays(), tmp_path, progress=False)
+        loop.train(_recipe(noise={"kind": "learned"}), _arrays(), tmp_path, progress=False)
 
 
 # ---------------------------------------------------------------- default paths unchanged
 
 
-# A 1-epoch tiny run of each default noise kind, recorded with the code before the edge variants existed
-# (commit ce0824a): mean loss and the sum of |heads weights|. A change in the default path (an extra random
-# draw, a reordered step) moves these by far more than the tolerance; float noise across thread counts does not.
+# A 1-epoch tiny run of the paper's schedule with each plain noise kind, recorded with the code before the edge
+# variants existed (commit ce0824a): mean loss and the sum of |heads weights|. A change in the default path (an
+# extra random draw, a reordered step) moves these by far more than the tolerance; float noise across thread
+# counts does not.
 BEFORE = {"fixed": (1.2827450037002563, 7677.898506327096), "adaptive": (1.2908376455307007, 7677.903080675867)}
+PAPER_SCHEDULE = {"precision": "fp32", "lr_adaptor": 1e-4, "lr_heads": 2e-4, "feature_crop": None, "cls_focal_gamma": 4.0}
 
 
 @pytest.mark.parametrize("kind,sigma", [("fixed", 0.015), ("adaptive", 0.1)])
 def test_default_noise_paths_train_as_before(kind, sigma, tmp_path):
     from ssn_edge.train.loop import train
 
-    result = train(_recipe(noise={"kind": kind, "sigma": sigma}), _arrays(), tmp_path, progress=False)
+    recipe = _recipe(noise={"kind": kind, "sigma": sigma, "smooth": None}, **PAPER_SCHEDULE)
+    result = train(recipe, _arrays(), tmp_path, progress=False)
     state = load_checkpoint(result.checkpoint)
     loss, weight_sum = BEFORE[kind]
     assert result.history[0]["loss"] == pytest.approx(loss, rel=1e-5)
-    assert sum(float(v.float().abs().sum()) for v in state["heads"].values()) == pytest.approx(weight_sum, rel=1e-6)
-    assert set(result.history[0]) == {"epoch", "loss", "epoch_s"} and "generator" not in state
+    assert sum(float(v.float().abs().sum()) for v in state.heads.values()) == pytest.approx(weight_sum, rel=1e-6)
+    assert set(result.history[0]) == {"epoch", "loss", "epoch_s"} and state.resume.generator is None

@@ -19,7 +19,8 @@ from ssn_edge.export.calibration import (
     select_calibration,
 )
 from ssn_edge.model.checkpoint import CheckpointError
-from ssn_edge.export.exporter import compile_f32, export_bundle, infer
+from ssn_edge.export.exporter import ExportOptions, export_bundle
+from ssn_edge.export.inference import compile_f32, infer
 from ssn_edge.export.quantize import QuantizeOptions
 from ssn_edge.runtime.bundle import BundleError, load_bundle, sha256_file
 from ssn_edge.runtime.preprocess import prepare, read_image
@@ -37,19 +38,16 @@ def _no_leftovers(parent: Path, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def recipe(tiny_checkpoint):
-    from ssn_edge.model.checkpoint import load_checkpoint
-    from ssn_edge.config import recipe_from_dict
+    from ssn_edge.model.load import load_model
 
-    return recipe_from_dict(load_checkpoint(tiny_checkpoint)["recipe"])
+    return load_model(tiny_checkpoint).recipe
 
 
 @pytest.fixture(scope="module")
 def bundle(tiny_checkpoint, tmp_path_factory):
-    from ssn_edge.export.exporter import export_bundle
-
     out = tmp_path_factory.mktemp("export") / "bundle"
     return export_bundle(
-        tiny_checkpoint, out, fp16=True, int8=True, calibration=CalibrationSpec(size=CALIB_SIZE, seed=0)
+        tiny_checkpoint, out, ExportOptions(fp16=True, int8=True, calibration=CalibrationSpec(size=CALIB_SIZE, seed=0))
     )
 
 
@@ -101,23 +99,22 @@ def test_anchored_light_head_exports_its_score(tiny_dataset, tmp_path):
     d = tiny_recipe_dict(tiny_dataset)
     d["model"].update(cls_head="light", score_anchor="map_max")
     ckpt = train_job(recipe_from_dict(d), tmp_path / "run", progress=False).checkpoint
-    b = export_bundle(ckpt, tmp_path / "bundle", fp16=False, int8=False)
+    b = export_bundle(ckpt, tmp_path / "bundle")
     model, _, _ = model_from_checkpoint(ckpt)
     x = split_arrays(tiny_dataset, "test", (64, 64), progress=False).images[:4]
     ref_maps, ref_scores = predict_raw(model, x)
     assert not np.allclose(ref_scores, ref_maps.reshape(len(x), -1).max(1), atol=1e-4)  # trained: fc is not zero
     out = ov.Core().compile_model(b.model_path("fp32"), "CPU", F32)(x)
     assert np.abs(out["score"] - ref_scores).max() < 1e-3
-    assert b.metadata["recipe"]["model"]["score_anchor"] == "map_max"
+    assert b.metadata.provenance.recipe["model"]["score_anchor"] == "map_max"
 
 
 @pytest.mark.slow
 def test_fp16_present_and_smaller(bundle):
     assert bundle.precisions == ["fp32", "fp16", "int8"]
-    entry = bundle.metadata["models"]["fp16"]
-    assert entry["weights_precision"] == "fp16"
-    fp32_bin = (bundle.path / bundle.metadata["models"]["fp32"]["bin"]).stat().st_size
-    fp16_bin = (bundle.path / entry["bin"]).stat().st_size
+    assert bundle.metadata.models["fp16"].weights_precision == "fp16"
+    fp32_bin = bundle.weights_path("fp32").stat().st_size
+    fp16_bin = bundle.weights_path("fp16").stat().st_size
     assert fp16_bin < 0.6 * fp32_bin
 
 
@@ -125,15 +122,15 @@ def test_fp16_present_and_smaller(bundle):
 def test_int8_is_quantized(bundle, test_arrays):
     import openvino as ov
 
-    from ssn_edge.export.exporter import count_quantized_ops, infer
+    from ssn_edge.export.inference import count_quantized_ops
+    from ssn_edge.runtime.schema import ModelCalibration
 
     assert count_quantized_ops(bundle.model_path("fp32")) == 0
     assert count_quantized_ops(bundle.model_path("int8")) > 0
-    entry = bundle.metadata["models"]["int8"]
-    assert entry["weights_precision"] == "int8"
-    assert entry["calibration"] == {"file": CALIBRATION_FILE, "size": CALIB_SIZE}
-    int8_bin = (bundle.path / entry["bin"]).stat().st_size
-    assert int8_bin < 0.4 * (bundle.path / bundle.metadata["models"]["fp32"]["bin"]).stat().st_size
+    entry = bundle.metadata.models["int8"]
+    assert entry.weights_precision == "int8"
+    assert entry.calibration == ModelCalibration(CALIBRATION_FILE, CALIB_SIZE)
+    assert bundle.weights_path("int8").stat().st_size < 0.4 * bundle.weights_path("fp32").stat().st_size
     maps, scores = infer(ov.Core().compile_model(bundle.model_path("int8"), "CPU"), test_arrays.images)
     assert maps.shape == (len(test_arrays), 16, 16) and np.isfinite(maps).all() and np.isfinite(scores).all()
 
@@ -167,16 +164,17 @@ def _int8_score_shift(monkeypatch, workaround: float) -> float:
     import nncf
     import openvino as ov
 
-    import ssn_edge.export.exporter as export
+    import ssn_edge.export.graph as graph
+    from ssn_edge.export.inference import F32_CONFIG
 
-    monkeypatch.setattr(export, "SEG_BIAS_WORKAROUND", workaround)
+    monkeypatch.setattr(graph, "SEG_BIAS_WORKAROUND", workaround)
     rng = np.random.default_rng(3)
     images = rng.standard_normal((8, 3, 64, 64)).astype(np.float32)
-    fp32 = export.convert(_bias_bug_model(), (64, 64))
+    fp32 = graph.convert_module(_bias_bug_model(), (-1, 3, 64, 64))
     int8 = nncf.quantize(fp32, nncf.Dataset([images[i : i + 1] for i in range(8)]), subset_size=8)
     core = ov.Core()
-    _, ref = export.infer(core.compile_model(fp32, "CPU", export.F32_CONFIG), images)
-    _, got = export.infer(core.compile_model(int8, "CPU", export.F32_CONFIG), images)
+    _, ref = infer(core.compile_model(fp32, "CPU", F32_CONFIG), images)
+    _, got = infer(core.compile_model(int8, "CPU", F32_CONFIG), images)
     return float(np.abs(got - ref).mean() / (np.abs(ref).mean() + 1e-9))
 
 
@@ -189,7 +187,7 @@ def test_int8_score_tracks_fp32_with_the_seg_bias_workaround(monkeypatch):
 @pytest.mark.slow
 def test_openvino_bias_free_conv_issue_still_present(monkeypatch):
     """Canary: OpenVINO CPU miscomputes this INT8 graph without the bias. When this fails, OpenVINO has fixed
-    it and SEG_BIAS_WORKAROUND in ssn_edge/export.py can go."""
+    it and SEG_BIAS_WORKAROUND in ssn_edge/export/graph.py can go."""
     assert _int8_score_shift(monkeypatch, 0.0) > 0.3
 
 
@@ -200,53 +198,61 @@ def test_openvino_bias_free_conv_issue_still_present(monkeypatch):
 
 @pytest.mark.slow
 def test_metadata_schema(bundle, tiny_checkpoint, test_arrays):
-    from ssn_edge.evaluation.metrics import f1_max
+    from ssn_edge.evaluation.metrics import f1_max, gap_threshold
     from ssn_edge.runtime.postprocess import sigmoid
 
     meta = json.loads((bundle.path / "metadata.json").read_text())
+    assert meta["schema"] == "ssn-edge-bundle" and meta["schema_version"] == 2
     assert meta["input"] == {
-        "name": "image",
         "height": 64,
         "width": 64,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "name": "image",
         "channels": 3,
         "layout": "NCHW",
+        "tiles": None,
         "color": "rgb",
         "grayscale": "replicate",
         "scale": "uint8/255, uint16/65535",
         "resize": "area when shrinking, bilinear when enlarging",
-        "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     }
     assert meta["outputs"] == {
-        "map": {"name": "map", "stride": 4, "kind": "logits", "gate": "none"},
-        "score": {"name": "score", "kind": "logit"},
+        "map": {"name": "map", "stride": 4, "kind": "logits", "gate": "none", "per": None},
+        "score": {"name": "score", "kind": "logit", "per": None},
     }
-    assert meta["postprocess"] == {"map_upsample": "bilinear", "blur_sigma": 4.0, "blur_kernel": 25, "score": "sigmoid"}
+    assert meta["postprocess"] == {"map_upsample": "bilinear", "blur_sigma": 4.0, "blur_kernel": 25, "score": "sigmoid",
+                                   "per": None}
     th = meta["thresholds"]
-    assert th["source"] == "test" and th["method"] == "f1_max" and th["images"] == len(test_arrays)
+    assert th["source"] == "test" and th["method"] == "f1_max" and th["count"] == len(test_arrays)
     # The image threshold is the F1-max threshold of the FP32 model's sigmoid scores on that split.
     import openvino as ov
 
-    from ssn_edge.export.exporter import infer
-
     _, logits = infer(ov.Core().compile_model(bundle.model_path("fp32"), "CPU", F32), test_arrays.images)
-    assert th["image"] == pytest.approx(f1_max(test_arrays.labels, sigmoid(logits))[1], abs=1e-5)
+    scores = sigmoid(logits)
+    f1_threshold = f1_max(test_arrays.labels, scores)[1]
+    assert th["image"] == pytest.approx(gap_threshold(scores, f1_threshold), abs=1e-6)  # off the data point
+    assert np.array_equal(scores >= th["image"], scores >= f1_threshold)  # with the F1-max decisions
     assert isinstance(th["pixel"], float) and th["pixel_method"] == "f1_max"
-    norm = meta["normalization"]
-    assert norm["image"]["min"] <= th["image"] <= norm["image"]["max"]
-    assert norm["map"]["min"] < norm["map"]["max"]
+    assert meta["score_range"] == {"min": pytest.approx(float(scores.min())), "max": pytest.approx(float(scores.max()))}
+    assert th["image"] <= meta["score_range"]["max"]
+    assert meta["map_range"]["min"] < meta["map_range"]["max"]
     for precision, entry in meta["models"].items():
-        assert {"xml", "bin", "weights_precision", "metrics"} <= set(entry)
-        assert "image_auroc" in entry["metrics"]
+        assert {"xml", "bin", "weights_precision", "metrics", "metrics_hint"} <= set(entry)
+        assert "image_auroc" in entry["metrics"] and entry["metrics_hint"] == "f32"
     assert meta["tiling"] is None
-    assert meta["backbone"]["name"] == "resnet18"
-    assert meta["recipe"]["data"]["image_size"] == [64, 64]
-    assert meta["setting"] == "unsupervised"
-    assert meta["ssn_edge_version"]
-    assert meta["source_checkpoint"] == {
+    prov = meta["provenance"]
+    assert prov["model_kind"] == "ssn" and prov["created"]
+    assert prov["backbone"]["name"] == "resnet18"
+    assert prov["recipe"]["data"]["image_size"] == [64, 64] and prov["training_size"] == [64, 64]
+    assert prov["setting"] == "unsupervised"
+    assert prov["ssn_edge_version"]
+    assert prov["source_checkpoint"] == {
         "name": "checkpoint.pt",
         "sha256": sha256_file(tiny_checkpoint),
         "epoch": 1,
     }
+    assert meta["supervision"]["setting"] == "unsupervised" and meta["supervision"]["normal"] == 8
     assert meta["calibration"]["count"] == CALIB_SIZE
     # every file is checksummed, and the checksums are right
     listed = set(meta["files"])
@@ -370,13 +376,11 @@ def test_calibration_spec_files(tmp_path):
 
 
 def test_corrupt_checkpoint(tmp_path):
-    from ssn_edge.export.exporter import export_bundle
-
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
     out = tmp_path / "out" / "bundle"
     with pytest.raises(CheckpointError, match=str(bad)) as info:
-        export_bundle(bad, out, fp16=True, int8=True)
+        export_bundle(bad, out, ExportOptions(fp16=True, int8=True))
     assert "\n" not in str(info.value)
     assert not out.exists() and not out.parent.exists()
 
@@ -384,28 +388,25 @@ def test_corrupt_checkpoint(tmp_path):
 def test_checkpoint_from_another_version(tmp_path, tiny_checkpoint):
     import torch
 
-    from ssn_edge.export.exporter import export_bundle
-
     state = torch.load(tiny_checkpoint, weights_only=False)
     state["version"] = 99
     old = tmp_path / "future.pt"
     torch.save(state, old)
     with pytest.raises(CheckpointError, match="version 99"):
-        export_bundle(old, tmp_path / "bundle", fp16=False, int8=False)
+        export_bundle(old, tmp_path / "bundle")
     _no_leftovers(tmp_path, "bundle")
 
 
 def test_existing_output_refused_early(tmp_path, monkeypatch):
     import ssn_edge.model.load
-    from ssn_edge.export.exporter import export_bundle
 
     out = tmp_path / "bundle"
     out.mkdir()
-    monkeypatch.setattr(ssn_edge.model.load, "model_from_checkpoint", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(ssn_edge.model.load, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(BundleError, match="already exists"):
-        export_bundle(tmp_path / "any.pt", out, fp16=False, int8=False)
+        export_bundle(tmp_path / "any.pt", out)
     with pytest.raises(ValueError, match="accuracy metric"):
-        export_bundle(tmp_path / "any.pt", tmp_path / "x", fp16=False, int8=False, acc_metric="f1")
+        ExportOptions(acc_metric="f1")
 
 
 @pytest.mark.slow
@@ -418,7 +419,7 @@ def test_failure_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "quantize_int8", boom)
     out = tmp_path / "bundle"
     with pytest.raises(RuntimeError, match="quantizer crashed"):
-        export.export_bundle(tiny_checkpoint, out, fp16=True, int8=True, calibration=CalibrationSpec(size=2))
+        export.export_bundle(tiny_checkpoint, out, ExportOptions(fp16=True, int8=True, calibration=CalibrationSpec(size=2)))
     _no_leftovers(tmp_path, "bundle")
     assert list(tmp_path.iterdir()) == []
 
@@ -430,26 +431,16 @@ def test_failure_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_int8_accuracy_control(tiny_checkpoint, tmp_path):
-    from ssn_edge.export.exporter import export_bundle
-
-    b = export_bundle(
-        tiny_checkpoint,
-        tmp_path / "acc",
-        fp16=False,
-        int8=False,
-        int8_acc=True,
-        calibration=CalibrationSpec(size=CALIB_SIZE),
-        max_drop=0.5,
-        acc_metric="image_auroc",
-    )
+    b = export_bundle(tiny_checkpoint, tmp_path / "acc", ExportOptions(
+        int8_acc=True, calibration=CalibrationSpec(size=CALIB_SIZE), max_drop=0.5, acc_metric="image_auroc"))
     assert b.precisions == ["fp32", "int8_acc"]
-    entry = b.metadata["models"]["int8_acc"]
-    assert entry["max_drop"] == 0.5 and entry["metric"] == "image_auroc" and entry["drop_type"] == "absolute"
-    report = entry["report"]
-    assert report["fp32"] == pytest.approx(b.metadata["models"]["fp32"]["metrics"]["image_auroc"])
-    assert report["drop"] == pytest.approx(report["fp32"] - report["int8_acc"])
-    assert report["met"] == (report["drop"] <= 0.5)
-    assert report["fake_quantize_ops"] >= 0
+    report = b.metadata.models["int8_acc"].accuracy_control
+    assert report.max_drop == 0.5 and report.metric == "image_auroc" and report.drop_type == "absolute"
+    assert report.data == "test"
+    assert report.fp32 == pytest.approx(b.metadata.models["fp32"].metrics["image_auroc"])
+    assert report.drop == pytest.approx(report.fp32 - report.int8_acc)
+    assert report.met == (report.drop <= 0.5)
+    assert report.fake_quantize_ops >= 0
     assert (b.path / CALIBRATION_FILE).is_file()
 
 
@@ -466,7 +457,7 @@ def test_cli_export_fp32_only(tiny_checkpoint, tmp_path):
     assert "fp32" in result.output and "fp16" not in result.output
     b = load_bundle(out)
     assert b.precisions == ["fp32"]
-    assert not (out / CALIBRATION_FILE).exists() and b.metadata["calibration"] is None
+    assert not (out / CALIBRATION_FILE).exists() and b.metadata.calibration is None
 
     again = CliRunner().invoke(main, ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
@@ -494,7 +485,7 @@ def test_cli_calibration_options_need_int8(tiny_checkpoint, tmp_path):
 
 def test_threshold_split_prefers_val(tiny_dataset, tmp_path, caplog):
     from ssn_edge.data import DatasetError
-    from ssn_edge.export.exporter import threshold_split
+    from ssn_edge.export.thresholds import threshold_split
 
     good = sorted((tiny_dataset / "test" / "good").glob("*.png"))
     bad = sorted((tiny_dataset / "test").glob("[!g]*/*.png"))
@@ -531,36 +522,49 @@ def _toy_arrays(with_masks: bool):
 
 
 def test_thresholds_f1_max_and_subsampling(monkeypatch):
-    import ssn_edge.export.exporter as export
+    import ssn_edge.export.thresholds as th
     from ssn_edge.runtime.postprocess import sigmoid
 
     arrays, raw, logits = _toy_arrays(with_masks=True)
-    thresholds, norm = export.thresholds_and_normalization(arrays, raw, logits)
+    pred = th.from_raw(arrays, raw, logits)
+    thresholds = th.thresholds_from_predictions(arrays, pred, "val", "toy")
+    score_range, map_range = th.value_ranges(pred)
     # F1 = 6/7 at the 4th score (logit 0.2); the threshold goes to the middle of the gap below it (logit -1)
-    assert thresholds["image"] == pytest.approx((float(sigmoid(np.float32(0.2))) + float(sigmoid(np.float32(-1.0)))) / 2)
-    assert thresholds["pixel_method"] == "f1_max"
-    assert norm["image"] == {"min": pytest.approx(float(sigmoid(-2.0))), "max": pytest.approx(float(sigmoid(2.0)))}
-    assert norm["map"]["min"] < thresholds["pixel"] < norm["map"]["max"]
-    monkeypatch.setattr(export, "MAX_THRESHOLD_PIXELS", 1000)  # 6*32*32 = 6144 pixels: subsampled
-    again, _ = export.thresholds_and_normalization(arrays, raw, logits)
-    assert again == export.thresholds_and_normalization(arrays, raw, logits)[0]  # deterministic
-    assert again["pixel"] == pytest.approx(thresholds["pixel"], abs=0.5)
+    assert thresholds.image == pytest.approx((float(sigmoid(np.float32(0.2))) + float(sigmoid(np.float32(-1.0)))) / 2)
+    assert thresholds.pixel_method == "f1_max"
+    assert (thresholds.source, thresholds.data, thresholds.count) == ("val", "toy", 6)
+    assert (score_range.min, score_range.max) == (pytest.approx(float(sigmoid(-2.0))), pytest.approx(float(sigmoid(2.0))))
+    assert map_range.min < thresholds.pixel < map_range.max
+    monkeypatch.setattr(th, "MAX_THRESHOLD_PIXELS", 1000)  # 6*32*32 = 6144 pixels: subsampled
+    again = th.thresholds_from_predictions(arrays, pred)
+    assert again == th.thresholds_from_predictions(arrays, pred)  # deterministic
+    assert again.pixel == pytest.approx(thresholds.pixel, abs=0.5)
+
+
+def test_a_threshold_on_the_lowest_score_moves_below_it():
+    from ssn_edge.evaluation.metrics import gap_threshold
+
+    scores = np.array([0.3, 0.5, 0.4], dtype=np.float32)
+    t = gap_threshold(scores, float(scores.min()))
+    assert t == pytest.approx(float(scores[0]) - 0.05, abs=1e-6)  # half the gap above it
+    assert ((scores >= t) == (scores >= scores.min())).all() and (scores + 1e-6 >= t).all()
+    assert gap_threshold(np.array([0.3]), 0.3) < 0.3
 
 
 def test_pixel_threshold_without_masks(caplog):
-    from ssn_edge.export.exporter import thresholds_and_normalization
+    from ssn_edge.export.thresholds import from_raw, thresholds_from_predictions
     from ssn_edge.runtime.postprocess import anomaly_map
 
     arrays, raw, logits = _toy_arrays(with_masks=False)
     with caplog.at_level(logging.WARNING, logger="ssn_edge"):
-        thresholds, _ = thresholds_and_normalization(arrays, raw, logits)
-    assert thresholds["pixel_method"] == "normal_max" and "no defect masks" in caplog.text
+        thresholds = thresholds_from_predictions(arrays, from_raw(arrays, raw, logits))
+    assert thresholds.pixel_method == "normal_max" and "no defect masks" in caplog.text
     normal_max = anomaly_map(raw[:3], (32, 32)).max()
-    assert normal_max < thresholds["pixel"] < normal_max + 1e-5
+    assert normal_max < thresholds.pixel < normal_max + 1e-5
 
 
 def test_decision_agreement_metric_counts_flips_at_the_threshold():
-    from ssn_edge.export.exporter import metric_value
+    from ssn_edge.export.accuracy import metric_value
 
     arrays, raw, logits = _toy_arrays(with_masks=True)
     threshold = 0.5
@@ -580,9 +584,10 @@ def test_calibration_inputs_paint_defects_deterministically(tmp_path, tiny_datas
     from ssn_edge.export.quantize import calibration_inputs
 
     images = select_calibration(CalibrationSpec(source="folder", path=str(tiny_dataset / "train" / "good"), size=6))
-    plain = calibration_inputs(images, (64, 64), defects=0.0)
-    painted = calibration_inputs(images, (64, 64), defects=1.0, seed=3)
-    again = calibration_inputs(images, (64, 64), defects=1.0, seed=3)
+    to_input = lambda image: prepare(image, (64, 64))[None]  # noqa: E731
+    plain = calibration_inputs(images, to_input, defects=0.0)
+    painted = calibration_inputs(images, to_input, defects=1.0, seed=3)
+    again = calibration_inputs(images, to_input, defects=1.0, seed=3)
     assert all(p.shape == (1, 3, 64, 64) for p in painted)
     assert all(np.array_equal(a, b) for a, b in zip(painted, again))
     changed = [float(np.abs(a - b).max()) for a, b in zip(plain, painted)]
@@ -615,20 +620,19 @@ def test_score_offset_is_subtracted_inside_the_graph_and_keeps_output_names():
 
 def test_int8_export_records_quantization_and_centres_its_score_on_the_calibration_images(tmp_path, tiny_checkpoint):
     from ssn_edge.export.calibration import CalibrationSpec, select_calibration
-    from ssn_edge.model.checkpoint import load_checkpoint
-    from ssn_edge.config import recipe_from_dict
     from ssn_edge.export.quantize import calibration_inputs
+    from ssn_edge.model.load import load_model
 
     spec = CalibrationSpec(source="recipe", size=8)
-    bundle = export_bundle(tiny_checkpoint, tmp_path / "b", fp16=False, int8=True, calibration=spec)
-    q = bundle.metadata["models"]["int8"]["quantization"]
-    assert q["activation_range"] == "minmax" and q["score_offset"] and np.isfinite(q["score_offset_value"])
-    assert bundle.metadata["calibration"]["spec"]["defects"] == 1.0
-    recipe = recipe_from_dict(load_checkpoint(tiny_checkpoint)["recipe"])
-    batch = np.concatenate(calibration_inputs(select_calibration(spec, recipe), (64, 64)))
+    bundle = export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(int8=True, calibration=spec))
+    q = bundle.metadata.models["int8"].quantization
+    assert q.activation_range == "minmax" and q.score_offset and np.isfinite(q.score_offset_value)
+    assert bundle.metadata.calibration.spec.defects == 1.0
+    recipe = load_model(tiny_checkpoint).recipe
+    batch = np.concatenate(calibration_inputs(select_calibration(spec, recipe), lambda im: prepare(im, (64, 64))[None]))
     fp32 = infer(compile_f32(tmp_path / "b" / "model_fp32.xml"), batch)[1]
     int8 = infer(compile_f32(tmp_path / "b" / "model_int8.xml"), batch)[1]
     assert abs(float(np.mean(int8.astype(np.float64) - fp32))) < 1e-4  # the mean shift was taken out
-    plain = export_bundle(tiny_checkpoint, tmp_path / "p", fp16=False, int8=True, calibration=spec,
-                          quantize_options=QuantizeOptions(activation_range="nncf_default", score_offset=False))
-    assert plain.metadata["models"]["int8"]["quantization"]["score_offset_value"] is None
+    plain = export_bundle(tiny_checkpoint, tmp_path / "p", ExportOptions(
+        int8=True, calibration=spec, quantize=QuantizeOptions(activation_range="nncf_default", score_offset=False)))
+    assert plain.metadata.models["int8"].quantization.score_offset_value is None

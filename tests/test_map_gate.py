@@ -91,7 +91,8 @@ def test_export_sets_the_gate_in_the_graph_and_says_so(tiny_checkpoint, tiny_dat
     import cli
     from ssn_edge.evaluation.evaluate import predict_raw
     from ssn_edge.evaluation.job import split_arrays
-    from ssn_edge.report.build import build_report, torch_variant
+    from ssn_edge.report.build import build_report
+    from ssn_edge.report.variants import torch_variant
     from ssn_edge.runtime.bundle import load_bundle
     from ssn_edge.model.load import model_from_checkpoint
 
@@ -100,8 +101,8 @@ def test_export_sets_the_gate_in_the_graph_and_says_so(tiny_checkpoint, tiny_dat
                                            "--map-gate", "score"])
     assert result.exit_code == 0, result.output
     b = load_bundle(out)
-    assert b.metadata["outputs"]["map"]["gate"] == "score"
-    assert b.metadata["outputs"]["map"]["kind"] == "log_probability"
+    assert b.map_gate == b.metadata.outputs.map.gate == "score"
+    assert b.metadata.outputs.map.kind == "log_probability"
     assert b.pixel_threshold < 0
     x = split_arrays(tiny_dataset, "test", (64, 64), progress=False).images[:4]
     gated, _, _ = model_from_checkpoint(tiny_checkpoint, map_gate="score")
@@ -117,9 +118,9 @@ def test_export_sets_the_gate_in_the_graph_and_says_so(tiny_checkpoint, tiny_dat
     # the report's PyTorch reference makes its map as the bundle does, and the page says which map it is
     report = build_report(out, checkpoint=tiny_checkpoint, out_dir=tmp_path / "report", runs=1,
                           throughput_seconds=0, examples=1)
-    by = {(r["runtime"], r["precision"]): r for r in report["records"]}
+    by = {(r["runtime"], r["precision"]): r for r in report.records}
     assert by[("openvino", "fp32")]["pixel_ap"] == pytest.approx(by[("torch", "fp32")]["pixel_ap"], abs=2e-3)
-    assert "model.map_gate score" in Path(report["report_html"]).read_text()
+    assert "model.map_gate score" in Path(report.report_html).read_text()
 
     bad = CliRunner().invoke(cli.main, ["export", "--checkpoint", str(tiny_checkpoint), "--out",
                                         str(tmp_path / "b2"), "--map-gate", "max"])

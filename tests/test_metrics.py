@@ -319,4 +319,5 @@ def test_gap_threshold_keeps_decisions_and_leaves_the_data_point():
     g = gap_threshold(scores, t)
     assert g == pytest.approx(0.325)
     assert np.array_equal(scores >= g, scores >= t)
-    assert gap_threshold(scores, 0.1) == 0.1  # nothing below: unchanged
+    low = gap_threshold(scores, 0.1)  # nothing below: as far below as the gap above, off the data point
+    assert low == pytest.approx(0.05) and np.array_equal(scores >= low, scores >= 0.1)

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory, tiny_checkpoint):
     from ssn_edge.export.calibration import CalibrationSpec
-    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("report_bundle") / "bundle"
-    return export_bundle(tiny_checkpoint, out, fp16=False, int8=True, calibration=CalibrationSpec(size=8))
+    return export_bundle(tiny_checkpoint, out, ExportOptions(int8=True, calibration=CalibrationSpec(size=8)))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def _expected_variants() -> list[tuple[str, str]]:
 
 
 def test_report_json_has_one_record_per_variant(tiny_report):
-    path = Path(tiny_report["report_json"])
+    path = Path(tiny_report.report_json)
     records = json.loads(path.read_text())
     assert isinstance(records, list)
     assert [(r["runtime"], r["precision"]) for r in records] == _expected_variants()
@@ -67,7 +67,7 @@ def test_report_json_has_one_record_per_variant(tiny_report):
 
 
 def test_reference_is_pytorch_and_matches_itself(tiny_report):
-    records = tiny_report["records"]
+    records = tiny_report.records
     refs = [r for r in records if r["is_reference"]]
     assert len(refs) == 1 and refs[0]["runtime"] == "torch" and refs[0]["precision"] == "fp32"
     ref = refs[0]
@@ -81,7 +81,7 @@ def test_reference_is_pytorch_and_matches_itself(tiny_report):
 
 
 def test_report_html_is_one_self_contained_page(tiny_report):
-    html_path = Path(tiny_report["report_html"])
+    html_path = Path(tiny_report.report_html)
     out_dir = html_path.parent
     assert sorted(p.name for p in out_dir.iterdir()) == ["report.html", "report.json"]  # no temp files, no assets
     text = html_path.read_text()
@@ -140,7 +140,7 @@ sys.meta_path.insert(0, NoTorch())
 from ssn_edge.report.build import build_report
 r = build_report({str(tiny_bundle.path)!r}, out_dir={str(out)!r}, runs=1, throughput_seconds=0, examples=1)
 assert "torch" not in sys.modules, "torch was imported"
-print(r["reference"])
+print(r.reference)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -212,7 +212,7 @@ def test_demo_falls_back_to_a_random_backbone_and_says_so(monkeypatch, tmp_path)
     recipe = json.loads((Path(result["checkpoint"]).parent / "recipe.json").read_text())
     assert recipe["model"]["pretrained"] is False and recipe["model"]["weights"] is None
     bundle_meta = json.loads((Path(result["bundle"]) / "metadata.json").read_text())
-    assert bundle_meta["backbone"]["weights_source"].startswith("random")
+    assert bundle_meta["provenance"]["backbone"]["weights_source"].startswith("random")
     assert bundle_meta["thresholds"]["source"] == "val"  # the demo data has a validation split
     assert sorted(bundle_meta["models"]) == ["fp32", "int8"]
     assert RANDOM_BACKBONE_WARNING in Path(result["report_html"]).read_text()

@@ -18,7 +18,15 @@ ov = pytest.importorskip("openvino")
 import openvino.opset13 as ops  # noqa: E402
 
 from ssn_edge.runtime.bundle import BundleError, write_bundle  # noqa: E402
-from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageError, prepare, read_image  # noqa: E402
+from ssn_edge.runtime.preprocess import ImageError, prepare, read_image  # noqa: E402
+from ssn_edge.runtime.schema import (  # noqa: E402
+    Backbone,
+    BundleMetadata,
+    InputSpec,
+    ModelEntry,
+    Provenance,
+    Thresholds,
+)
 
 SIZE = 64
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,20 +67,15 @@ def tiny_bundle(tmp_path_factory) -> Path:
     ov.save_model(q, work / "model_int8.xml", compress_to_fp16=False)
     models = {}
     for p in ("fp32", "fp16", "int8"):
-        models[p] = {"xml": f"model_{p}.xml", "bin": f"model_{p}.bin"}
+        models[p] = ModelEntry(xml=f"model_{p}.xml", bin=f"model_{p}.bin", weights_precision=p)
         files[f"model_{p}.xml"] = work / f"model_{p}.xml"
         files[f"model_{p}.bin"] = work / f"model_{p}.bin"
-    meta = {
-        "input": {"height": SIZE, "width": SIZE, "channels": 3, "layout": "NCHW", "color": "RGB"},
-        "outputs": {"map": {"name": "map", "stride": 4}, "score": {"name": "score"}},
-        "postprocess": {"blur_sigma": 4.0, "blur_kernel": 25},
-        "thresholds": {"image": 0.6, "pixel": 0.5},
-        "normalization": {"mean": IMAGENET_MEAN.tolist(), "std": IMAGENET_STD.tolist()},
-        "models": models,
-        "backbone": "tiny",
-        "recipe": {"name": "tiny"},
-        "setting": "unsupervised",
-    }
+    meta = BundleMetadata(
+        input=InputSpec(SIZE, SIZE),
+        thresholds=Thresholds(image=0.6, pixel=0.5),
+        models=models,
+        provenance=Provenance(backbone=Backbone("tiny"), recipe={"name": "tiny"}, setting="unsupervised"),
+    )
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     write_bundle(out, meta, files)
     return out
@@ -116,7 +119,7 @@ def five_channel_tiff(path: Path) -> Path:
 def test_runtime_imports_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import ssn_edge.runtime.engine, ssn_edge.runtime.predict, ssn_edge.runtime.bench\n"
+        "import ssn_edge.runtime.engine, ssn_edge.runtime.predict, ssn_edge.runtime.bench, ssn_edge.runtime.schema\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
         "bad = [m for m in sys.modules if m.startswith(('torchvision', 'nncf'))]\n"
         "assert not bad, bad\n"
@@ -255,7 +258,8 @@ def test_predict_folder_writes_json_csv(tiny_bundle, image_dir, tmp_path):
         assert rec["latency_ms"] > 0
     with open(out / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["path", "score", "decision", "latency_ms", "map_max"]
+    assert list(rows[0]) == ["path", "score", "decision", "latency_ms", "map_max", "status", "error"]
+    assert all(r["status"] == "ok" and r["error"] == "" for r in rows)
     assert [r["path"] for r in rows] == [p.path for p in preds]
     for r, p in zip(rows, preds):
         assert float(r["score"]) == pytest.approx(p.score, abs=1e-6)
@@ -285,7 +289,7 @@ def test_predict_overlays(tiny_bundle, image_dir, tmp_path):
     assert (render_overlay(img, m, 0.5) == 255).all(axis=2).any()
 
 
-def test_predict_bad_image_fails_before_writing(tiny_bundle, image_dir, tmp_path):
+def test_predict_bad_image_is_listed_and_the_rest_scored(tiny_bundle, image_dir, tmp_path):
     from ssn_edge.runtime.predict import predict_paths
 
     bad = five_channel_tiff(tmp_path / "five.tif")
@@ -293,11 +297,17 @@ def test_predict_bad_image_fails_before_writing(tiny_bundle, image_dir, tmp_path
     with pytest.raises(ImageError) as exc:
         predict_paths(tiny_bundle, [image_dir / "img0.png", bad], out, precision="fp32", overlays=True)
     msg = str(exc.value)
-    assert str(bad) in msg and "\n" not in msg
-    assert not (out / "predictions.json").exists() and not (out / "predictions.csv").exists()
-    assert not (out / "overlays").exists()
+    assert str(bad) in msg and "5 channels" in msg and "\n" not in msg
+    data = json.loads((out / "predictions.json").read_text())
+    assert data["complete"] and data["count"] == 1 and data["failed"] == 1
+    assert [r["path"] for r in data["predictions"]] == [str(image_dir / "img0.png")]
+    assert data["failures"] == [{"path": str(bad), "status": "error", "kind": "channels",
+                                 "error": "image has 5 channels; expected 1 (grayscale), 3 (colour) or 4 (colour + alpha)"}]
+    assert [p.name for p in (out / "overlays").iterdir()] == ["img0.png"]
+    assert not list(out.glob("*.partial"))
     with pytest.raises(ImageError, match="missing.png: file or folder not found"):
         predict_paths(tiny_bundle, [tmp_path / "missing.png"], out)
+    assert not (out / "overlays").exists()  # the earlier run's overlays went with its results
 
 
 def test_tampered_bundle_refused(tiny_bundle, image_dir, tmp_path):
@@ -399,7 +409,7 @@ def test_cli_predict_and_bench(tiny_bundle, image_dir, tmp_path):
     assert "img0.png" in res.output and (tmp_path / "p" / "predictions.json").is_file()
     bad = five_channel_tiff(tmp_path / "bad.tif")
     res = runner.invoke(main, ["predict", str(tiny_bundle), str(bad), "--out", str(tmp_path / "q")])
-    assert res.exit_code == 2 and "bad.tif" in res.output
+    assert res.exit_code == 3 and "bad.tif" in res.output  # 3: some inputs could not be scored
     js = tmp_path / "bench.json"
     res = runner.invoke(main, ["bench", str(tiny_bundle), "--precision", "int8", "--runs", "3", "--warmup", "1", "--seconds", "0.2", "--no-peak", "--json", str(js)])
     assert res.exit_code == 0, res.output

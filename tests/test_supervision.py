@@ -126,7 +126,7 @@ def test_cam_map_is_the_gap_classifier_applied_per_position():
 
 def test_cam_trains_on_image_labels_only():
     from ssn_edge.model.ssn import SuperSimpleNet
-    from ssn_edge.train.loop import feature_masks
+    from ssn_edge.train.batches import feature_masks
 
     recipe = _cam_recipe()
     arrays, _ = apply_setting(_arrays(2, 0, 2, size=64), "weak")
@@ -177,21 +177,21 @@ def test_mixed_training_run_records_its_supervision_through_to_the_bundle_and_re
     d["data"]["mask_fraction"] = 0.34  # of 3 annotated defects per type: 1 keeps its mask
     d["train"]["setting"] = "auto"
     result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False)
-    state = load_checkpoint(result.checkpoint)
-    assert state["recipe"]["train"]["setting"] == "mixed"
-    sup = state["supervision"]
-    assert (sup["normal"], sup["with_mask"], sup["label_only"], sup["source"]) == (8, 3, 6, "data")
-    bundle = export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=False)
+    record = load_checkpoint(result.checkpoint)
+    assert record.recipe["train"]["setting"] == "mixed"
+    sup = record.supervision
+    assert (sup.normal, sup.with_mask, sup.label_only, sup.source) == (8, 3, 6, "data")
+    bundle = export_bundle(result.checkpoint, tmp_path / "bundle")
     meta = json.loads((tmp_path / "bundle" / "metadata.json").read_text())
-    assert meta["setting"] == "mixed" and meta["supervision"]["label_only"] == 6
-    from ssn_edge.report.build import _supervision_text
+    assert meta["provenance"]["setting"] == "mixed" and meta["supervision"]["label_only"] == 6
+    from ssn_edge.report.html import supervision_text
 
-    text = _supervision_text(bundle.metadata["supervision"])
+    text = supervision_text(bundle.metadata.supervision)
     assert "3 defective with mask, 6 defective with image label only" in text and "inferred from the data" in text
 
 
 def test_cam_baseline_exports_and_runs_in_the_runtime(tmp_path, manifest_dataset):
-    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
     from ssn_edge.train.job import train_job
     from ssn_edge.runtime.engine import Engine
 
@@ -199,11 +199,11 @@ def test_cam_baseline_exports_and_runs_in_the_runtime(tmp_path, manifest_dataset
     d["model"]["cls_head"] = "cam"
     d["train"]["setting"] = "weak"
     result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False)
-    export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=True)
+    export_bundle(result.checkpoint, tmp_path / "bundle", ExportOptions(int8=True))
     engine = Engine(tmp_path / "bundle", precision="int8")
     pred = engine.predict_images([np.full((64, 64, 3), 0.5, np.float32)])[0]
     assert pred.anomaly_map.shape == (64, 64) and np.isfinite(pred.score)
-    assert engine.bundle.metadata["setting"] == "weak"
+    assert engine.bundle.metadata.provenance.setting == "weak"
 
 
 def test_weak_run_switches_to_pseudo_masks_at_the_recipes_epoch(tmp_path, manifest_dataset):
@@ -211,28 +211,38 @@ def test_weak_run_switches_to_pseudo_masks_at_the_recipes_epoch(tmp_path, manife
     from ssn_edge.train.job import train_job
 
     d = tiny_recipe_dict(manifest_dataset)
-    d["train"].update(setting="weak", epochs=2, pseudo_mask_epoch=1)
+    d["train"].update(setting="weak", epochs=3)
+    d["weak"] = {"pseudo_mask_epoch": 1}
     result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False)
-    history = load_checkpoint(result.checkpoint)["history"]
+    history = load_checkpoint(result.checkpoint).history
     assert "pseudo_masked" not in history[0] and history[1]["pseudo_candidates"] == 9
+    assert "pseudo_candidates" not in history[2]  # made once
     assert all(np.isfinite(r["loss"]) for r in history)
 
 
-def test_weak_run_with_the_knn_teacher_makes_its_pseudo_masks_once_from_epoch_0(tmp_path, manifest_dataset):
-    from ssn_edge.model.checkpoint import load_checkpoint
+@pytest.mark.parametrize("setting, model, makes", [("weak", {}, True), ("supervised", {}, False),
+                                                   ("weak", {"cls_head": "cam"}, False)])
+def test_pseudo_masks_are_made_only_where_a_map_can_teach_label_only_defects(tmp_path, manifest_dataset, monkeypatch,
+                                                                             setting, model, makes):
+    """At the default epoch 2: not in a supervised run (every defect has its mask), nor for the CAM head (no
+    segmentation map to teach)."""
+    import ssn_edge.train.loop as tr
     from ssn_edge.train.job import train_job
 
+    asked = []
+    monkeypatch.setattr(tr, "with_pseudo_masks", lambda model, arrays, cfg, seed: asked.append(cfg) or (arrays, {
+        "pseudo_masked": 0, "pseudo_candidates": 0}))
     d = tiny_recipe_dict(manifest_dataset)
-    d["train"].update(setting="weak", epochs=2, pseudo_mask_epoch=0, pseudo_source="knn", pseudo_refresh=True)
-    result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False)
-    history = load_checkpoint(result.checkpoint)["history"]
-    assert history[0]["pseudo_candidates"] == 9 and "pseudo_normal_level" in history[0]
-    assert "pseudo_candidates" not in history[1]  # the teacher does not change: no refresh
-    assert all(np.isfinite(r["loss"]) for r in history)
+    d["model"].update(model)
+    d["train"].update(setting=setting, epochs=3)
+    train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False)
+    assert len(asked) == int(makes)
+    if makes:  # the weak section's defaults: the grown pseudo-masks of the best measured rows
+        assert (asked[0].top, asked[0].grow_quantile) == (0.25, 0.99)
 
 
 def test_masked_share_draws_that_share_of_a_batchs_defects_from_masked_images():
-    from ssn_edge.train.loop import draw_defective
+    from ssn_edge.train.batches import draw_defective
 
     defective = np.array([[i, v] for i in range(10) for v in range(2)])  # 10 images x 2 flip views
     mask_valid = np.zeros(12, dtype=bool)
@@ -249,64 +259,49 @@ def test_masked_share_draws_that_share_of_a_batchs_defects_from_masked_images():
     assert len(draw_defective(defective, all_masked, 8, 0.5, np.random.default_rng(1))) == 8
 
 
-def test_masked_share_is_validated():
-    from ssn_edge.config import RecipeError, recipe_from_dict
-
-    with pytest.raises(RecipeError, match="masked_share"):
-        recipe_from_dict({"train": {"masked_share": 1.5}})
-    assert recipe_from_dict({"train": {"masked_share": 0.5}}).train.masked_share == 0.5
-
-
-def test_real_pixel_weight_and_pseudo_source_are_validated():
-    from ssn_edge.config import RecipeError
-
-    with pytest.raises(RecipeError, match="real_pixel_weight"):
-        recipe_from_dict({"train": {"real_pixel_weight": -1.0}})
+def test_the_weak_section_is_validated():
+    with pytest.raises(RecipeError, match="weak.masked_share"):
+        recipe_from_dict({"weak": {"masked_share": 1.5}})
+    assert recipe_from_dict({"weak": {"masked_share": None}}).weak.masked_share is None
     for bad in (0.0, 0.999, 1.5):
-        with pytest.raises(RecipeError, match="pseudo_grow"):
-            recipe_from_dict({"train": {"pseudo_grow": bad}})
-    with pytest.raises(RecipeError, match="pseudo_grow"):
-        recipe_from_dict({"train": {"pseudo_grow": 0.99, "pseudo_source": "knn"}})
-    assert recipe_from_dict({"train": {"pseudo_grow": 0.99}}).train.pseudo_grow == 0.99
-    with pytest.raises(RecipeError, match="pseudo_teacher"):
-        recipe_from_dict({"train": {"pseudo_teacher": "run/checkpoint.pt", "pseudo_source": "knn"}})
-    with pytest.raises(RecipeError, match="pseudo_border"):
-        recipe_from_dict({"train": {"pseudo_border": -1}})
-    with pytest.raises(RecipeError, match="pseudo_source"):
-        recipe_from_dict({"train": {"pseudo_source": "teacher"}})
-    with pytest.raises(RecipeError, match="CAM head"):
-        recipe_from_dict({"model": {"cls_head": "cam"}, "train": {"pseudo_source": "knn"}})
-    assert recipe_from_dict({"train": {"pseudo_source": "knn", "real_pixel_weight": 1}}).train.real_pixel_weight == 1.0
+        with pytest.raises(RecipeError, match="weak.pseudo_grow"):
+            recipe_from_dict({"weak": {"pseudo_grow": bad}})
+    with pytest.raises(RecipeError, match="weak.pseudo_top"):
+        recipe_from_dict({"weak": {"pseudo_top": 0.0}})
+    with pytest.raises(RecipeError, match="weak.pseudo_mask_epoch"):
+        recipe_from_dict({"weak": {"pseudo_mask_epoch": -1}})
+    with pytest.raises(RecipeError, match="label_only_score_to_map"):
+        recipe_from_dict({"weak": {"label_only_score_to_map": "no"}})
 
 
-@pytest.mark.parametrize("to_map, rows, reaches", [(True, [2], True), (False, [2], False), (False, [1], True)])
-def test_label_only_score_to_map_decides_whether_a_mask_less_defects_score_bends_the_map(monkeypatch, to_map, rows, reaches):
+@pytest.mark.parametrize("setting, to_map, rows, reaches", [
+    ("mixed", True, [2], True), ("mixed", False, [2], False), ("mixed", False, [1], True),
+    ("mixed", None, [2], True), ("weak", None, [2], False)])  # None: true for mixed, false for weak (as measured)
+def test_label_only_score_to_map_decides_whether_a_mask_less_defects_score_bends_the_map(monkeypatch, setting, to_map,
+                                                                                       rows, reaches):
     """Only the score's loss is kept, so any gradient in the segmentation head came through the map input of the
     classification head: row 1 is a defect with a mask, row 2 one with its label only."""
-    import ssn_edge.train.loop as tr
+    import ssn_edge.train.batches as batches
+    import ssn_edge.train.step as tr
     from ssn_edge.train.losses import focal_loss
     from ssn_edge.model.ssn import SuperSimpleNet
 
     d = tiny_recipe_dict(Path("unused"))
-    d["train"].update(setting="mixed", label_only_score_to_map=to_map)
+    d["train"]["setting"] = setting
+    d["weak"] = {"label_only_score_to_map": to_map}
     recipe = recipe_from_dict(d)
     arrays = _arrays(1, masked=1, unmasked=1, size=64)
     torch.manual_seed(0)
     model = SuperSimpleNet(recipe.model)
     chunk = np.array([[r, 0] for r in rows])
     l2, l3 = model.features.raw(torch.from_numpy(arrays.images[rows]))
-    gt, valid = tr.feature_masks(arrays, chunk, (16, 16))
+    gt, valid = batches.feature_masks(arrays, chunk, (16, 16))
     monkeypatch.setattr(tr, "ssn_loss", lambda m, score, target, label, pv, **kw: (focal_loss(score, label, gamma=0.0), {}))
     loss, _ = tr.train_step(model, recipe, l2, l3, gt, valid, np.random.default_rng(0))
     loss.backward()
     seg = sum(float(p.grad.abs().sum()) for p in model.heads.segmentation.parameters() if p.grad is not None)
     assert (seg > 0) == reaches
     assert model.heads.classification.fc.weight.grad.abs().sum() > 0  # the score itself always learns
-
-
-def test_label_only_score_to_map_is_a_boolean():
-    with pytest.raises(RecipeError, match="label_only_score_to_map"):
-        recipe_from_dict({"train": {"label_only_score_to_map": "no"}})
 
 
 def _every_map_a_defect(monkeypatch) -> None:
@@ -320,7 +315,7 @@ def _every_map_a_defect(monkeypatch) -> None:
 
 
 def test_pseudo_masks_do_not_count_as_annotated_when_batches_are_balanced(tmp_path, manifest_dataset, monkeypatch):
-    import ssn_edge.train.loop as tr
+    import ssn_edge.train.batches as tr
     from ssn_edge.model.checkpoint import load_checkpoint
     from ssn_edge.train.job import train_job
 
@@ -335,84 +330,9 @@ def test_pseudo_masks_do_not_count_as_annotated_when_batches_are_balanced(tmp_pa
     _every_map_a_defect(monkeypatch)
     d = tiny_recipe_dict(manifest_dataset)
     d["data"]["mask_fraction"] = 0.5
-    d["train"].update(setting="mixed", epochs=2, pseudo_mask_epoch=1, pseudo_rest="unknown", pseudo_top=0.5,
-                      masked_share=0.5)
+    d["train"].update(setting="mixed", epochs=2)
+    d["weak"] = {"pseudo_mask_epoch": 1, "pseudo_top": 0.5, "masked_share": 0.5}
     result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False)
-    history = load_checkpoint(result.checkpoint)["history"]
+    history = load_checkpoint(result.checkpoint).history
     assert history[1]["pseudo_masked"] > 0  # some label-only defects got a pseudo-mask ...
     assert len(set(seen)) == 1 and seen[0] > 0  # ... yet the pool of annotated defects never grew
-
-
-def test_refreshed_pseudo_masks_are_remade_from_the_data_as_given_every_epoch(tmp_path, manifest_dataset, monkeypatch):
-    from ssn_edge.model.checkpoint import load_checkpoint
-    from ssn_edge.train.job import train_job
-
-    _every_map_a_defect(monkeypatch)
-    d = tiny_recipe_dict(manifest_dataset)
-    d["train"].update(setting="weak", epochs=3, pseudo_mask_epoch=1, pseudo_rest="unknown", pseudo_refresh=True)
-    history = load_checkpoint(train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False).checkpoint)["history"]
-    assert "pseudo_candidates" not in history[0]
-    # the second time, the label-only defects are candidates again (not already "annotated" by the first pass)
-    assert history[1]["pseudo_candidates"] == history[2]["pseudo_candidates"] == 9
-    assert history[2]["pseudo_masked"] == 9
-    d["train"]["pseudo_refresh"] = False
-    history = load_checkpoint(train_job(recipe_from_dict(d), tmp_path / "once", progress=False, evaluate=False).checkpoint)["history"]
-    assert "pseudo_candidates" in history[1] and "pseudo_candidates" not in history[2]
-
-
-def test_pseudo_teacher_makes_the_pseudo_masks_once_from_its_own_map(tmp_path, manifest_dataset, monkeypatch):
-    import ssn_edge.train.loop as tr
-    from ssn_edge.model.checkpoint import load_checkpoint
-    from ssn_edge.train.job import train_job
-
-    d = tiny_recipe_dict(manifest_dataset)
-    d["train"].update(setting="weak", epochs=1)
-    teacher_ckpt = train_job(recipe_from_dict(d), tmp_path / "teacher", progress=False, evaluate=False).checkpoint
-    asked = []
-    original = tr.with_pseudo_masks
-    monkeypatch.setattr(tr, "with_pseudo_masks", lambda model, *a, **k: asked.append(model) or original(model, *a, **k))
-    d["train"].update(epochs=2, pseudo_mask_epoch=0, pseudo_rest="unknown", pseudo_refresh=True,
-                      pseudo_teacher=str(teacher_ckpt))
-    history = load_checkpoint(train_job(recipe_from_dict(d), tmp_path / "student", progress=False,
-                                        evaluate=False).checkpoint)["history"]
-    assert len(asked) == 1  # once: the teacher does not change, so refresh does not apply
-    teacher = asked[0]
-    expected = tr.model_from_checkpoint(teacher_ckpt)[0]
-    assert all(torch.equal(a, b) for a, b in zip(teacher.heads.state_dict().values(), expected.heads.state_dict().values()))
-    assert history[0]["pseudo_candidates"] == 9 and "pseudo_candidates" not in history[1]
-    # a teacher that reads other features is refused, naming the checkpoint
-    other = tiny_recipe_dict(manifest_dataset)
-    other["data"]["image_size"] = [32, 32]
-    other["train"].update(setting="weak", epochs=1, pseudo_mask_epoch=0, pseudo_teacher=str(teacher_ckpt))
-    with pytest.raises(ValueError, match="pseudo_teacher was trained with resnet18 at \\[64, 64\\]"):
-        train_job(recipe_from_dict(other), tmp_path / "other", progress=False, evaluate=False)
-    other = tiny_recipe_dict(manifest_dataset)
-    other["model"]["backbone"] = "wide_resnet50_2"
-    other["train"].update(setting="weak", epochs=1, pseudo_mask_epoch=0, pseudo_teacher=str(teacher_ckpt))
-    with pytest.raises(ValueError, match="pseudo_teacher was trained with resnet18 at \\[64, 64\\]; this run uses wide_resnet50_2"):
-        tr._pseudo_teacher(teacher_ckpt, recipe_from_dict(other))
-
-
-def test_pasted_defects_train_as_annotated_and_the_run_records_how_many(tmp_path, manifest_dataset, monkeypatch):
-    import ssn_edge.train.loop as tr
-    from ssn_edge.model.checkpoint import load_checkpoint
-    from ssn_edge.train.job import train_job
-    from ssn_edge.report.build import _supervision_text
-
-    pools = []
-    original = tr.draw_defective
-
-    def spy(defective, mask_valid, n, share, rng):
-        pools.append((len(defective), int(mask_valid[defective[:, 0]].sum())))
-        return original(defective, mask_valid, n, share, rng)
-
-    monkeypatch.setattr(tr, "draw_defective", spy)
-    d = tiny_recipe_dict(manifest_dataset)
-    d["data"]["mask_fraction"] = 0.34  # 1 annotated defect per type: 3 masks
-    d["train"].update(setting="mixed", epochs=1, paste_copies=2, masked_share=0.5)
-    state = load_checkpoint(train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False).checkpoint)
-    sup = state["supervision"]
-    assert (sup["with_mask"], sup["label_only"], sup["pasted"]) == (3, 6, 6)  # annotation counts stay the real ones
-    # 9 real defects + 6 pasted, 4 flip views each; the masked pool is the 3 annotated + 6 pasted
-    assert pools and set(pools) == {((9 + 6) * 4, (3 + 6) * 4)}
-    assert "6 training images made by pasting a masked defect onto a normal image" in _supervision_text(sup)

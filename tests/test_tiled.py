@@ -39,11 +39,11 @@ def test_ensemble_has_one_trained_model_per_location(ensemble_run):
     from ssn_edge.model.checkpoint import load_checkpoint
 
     out, result = ensemble_run
-    state = load_checkpoint(result.checkpoint)
-    assert state["kind"] == "tiled" and len(state["heads"]) == 9
+    record = load_checkpoint(result.checkpoint)
+    assert record.kind == "tiled" and len(record.tiled.heads) == 9 and record.heads is None
     assert sorted(p.name for p in out.glob("loc_*")) == [f"loc_{k:02d}" for k in range(9)]
-    w0 = state["heads"][0]["adaptor.weight"]
-    assert not torch.equal(w0, state["heads"][4]["adaptor.weight"])  # each location trained on its own tiles
+    w0 = record.tiled.heads[0]["adaptor.weight"]
+    assert not torch.equal(w0, record.tiled.heads[4]["adaptor.weight"])  # each location trained on its own tiles
     assert {"image_auroc", "pixel_aupro"} <= set(result.metrics)
 
 
@@ -98,17 +98,16 @@ def test_a_tiled_model_gates_each_tiles_map_by_that_tiles_score(ensemble_run, ti
 
 
 def test_ensemble_export_and_runtime_match_torch(ensemble_run, tiny_dataset, tmp_path):
-    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
     from ssn_edge.runtime.engine import Engine
     from ssn_edge.runtime.preprocess import read_image
     from ssn_edge.evaluation.evaluate import merged_predictions, predict_tiled_raw
     from ssn_edge.model.load import tiled_from_checkpoint
 
     _, result = ensemble_run
-    bundle = export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=True)
-    meta = bundle.metadata
-    assert meta["tiling"]["graph"] == "image" and meta["tiling"]["locations"] == 9
-    assert meta["heads_trained_on"] == "shared_backbone"
+    bundle = export_bundle(result.checkpoint, tmp_path / "bundle", ExportOptions(int8=True))
+    assert bundle.tiling.graph == "image" and bundle.tiling.locations == 9
+    assert bundle.metadata.tiling.heads_trained_on == "shared_backbone"
     assert set(bundle.precisions) == {"fp32", "int8"}
     model, _, _ = tiled_from_checkpoint(result.checkpoint)
     arrays = split_arrays(tiny_dataset, "test", (64, 64), progress=False)
@@ -129,8 +128,8 @@ def test_single_model_tiles_any_image_size_and_streams_its_map(single_run, tmp_p
     from ssn_edge.runtime.predict import predict_paths
 
     _, result = single_run
-    bundle = export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=False)
-    assert bundle.metadata["tiling"]["graph"] == "tile" and bundle.metadata["tiling"]["image_size"] is None
+    bundle = export_bundle(result.checkpoint, tmp_path / "bundle")
+    assert bundle.tiling.graph == "tile" and bundle.tiling.image_size is None
     rng = np.random.default_rng(0)
     big = tmp_path / "big.png"
     cv2.imwrite(str(big), rng.integers(0, 256, size=(150, 130, 3), dtype=np.uint8))  # not a multiple of the tile
@@ -164,14 +163,14 @@ def test_report_on_a_tiled_bundle(ensemble_run, tiny_dataset, tmp_path):
     from ssn_edge.report.build import build_report
 
     _, result = ensemble_run
-    bundle = export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=False)
+    bundle = export_bundle(result.checkpoint, tmp_path / "bundle")
     report = build_report(bundle.path, data_path=str(tiny_dataset), checkpoint=result.checkpoint, runs=1, throughput_seconds=0)
-    records = {(r["runtime"], r["precision"]): r for r in report["records"]}
+    records = {(r["runtime"], r["precision"]): r for r in report.records}
     assert ("torch", "fp32") in records and ("openvino", "fp32") in records
     torch_rec, ov_rec = records[("torch", "fp32")], records[("openvino", "fp32")]
     assert ov_rec["image_auroc"] == pytest.approx(torch_rec["image_auroc"], abs=1e-6)
     assert ov_rec["score_max_abs_diff"] < 1e-4  # (a flip is possible here: the threshold is one of these scores)
-    html = report["report_html"].read_text()
+    html = report.report_html.read_text()
     assert "ensemble (9 model(s))" in html
 
 
@@ -181,7 +180,7 @@ def test_bmp_frames_are_read_in_strips_with_the_same_result(single_run, tmp_path
     from ssn_edge.runtime.predict import predict_paths
 
     _, result = single_run
-    bundle = export_bundle(result.checkpoint, tmp_path / "bundle", fp16=False, int8=False)
+    bundle = export_bundle(result.checkpoint, tmp_path / "bundle")
     rng = np.random.default_rng(1)
     frame = rng.integers(0, 256, size=(150, 130, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "frame.bmp"), frame)
@@ -204,7 +203,7 @@ def test_shared_backbone_training_features_are_the_shared_graphs_crops(tiny_data
     gives location boxes[r % T] at inference: not the maps of the tile run alone."""
     from ssn_edge.model.ssn import SuperSimpleNet
     from ssn_edge.model.tiled import crop_features
-    from ssn_edge.train.loop import FeatureSource, SharedFeatures
+    from ssn_edge.train.features import FeatureSource, SharedFeatures
 
     recipe = _tiled_recipe(tiny_dataset, "ensemble")
     model = SuperSimpleNet(recipe.model).eval()
@@ -224,17 +223,33 @@ def test_shared_backbone_training_features_are_the_shared_graphs_crops(tiny_data
 
 
 def test_flipped_box_mirrors_the_tile_with_its_context():
-    from ssn_edge.train.loop import _flipped_box
+    from ssn_edge.train.features import flipped_box
 
-    assert _flipped_box((0, 16, 32, 48), (False, False), (64, 80)) == (0, 16, 32, 48)
-    assert _flipped_box((0, 16, 32, 48), (True, False), (64, 80)) == (32, 16, 64, 48)
-    assert _flipped_box((0, 16, 32, 48), (False, True), (64, 80)) == (0, 32, 32, 64)
+    assert flipped_box((0, 16, 32, 48), (False, False), (64, 80)) == (0, 16, 32, 48)
+    assert flipped_box((0, 16, 32, 48), (True, False), (64, 80)) == (32, 16, 64, 48)
+    assert flipped_box((0, 16, 32, 48), (False, True), (64, 80)) == (0, 32, 32, 64)
 
 
 def test_tiled_run_records_which_features_its_heads_learned_on(ensemble_run, tiny_dataset, tmp_path):
     from ssn_edge.model.checkpoint import load_checkpoint
 
     out, result = ensemble_run
-    assert load_checkpoint(result.checkpoint)["trained_on"] == "shared_backbone"
+    assert load_checkpoint(result.checkpoint).tiled.trained_on == "shared_backbone"
     with pytest.raises(ValueError, match="trained on shared_backbone features"):
         train_job(_tiled_recipe(tiny_dataset, "ensemble", shared_backbone=False), out, progress=False)
+
+
+def test_a_tiled_checkpoint_records_its_supervision_as_a_plain_one_does(ensemble_run, tiny_dataset, tmp_path):
+    """Regression: tiled checkpoints dropped the supervision record, so the bundle and report had none, and kept
+    the recipe's setting unresolved ("auto")."""
+    from ssn_edge.model.load import load_model
+
+    _, result = ensemble_run
+    sup = load_model(result.checkpoint).supervision
+    assert sup is not None and (sup["setting"], sup["normal"], sup["source"]) == ("unsupervised", 8, "recipe")
+    d = tiny_recipe_dict(tiny_dataset)
+    d["train"]["setting"] = "auto"
+    d["tiling"] = {"tile": [32, 32], "stride": [32, 32], "shared_backbone": False}
+    auto = load_model(train_job(recipe_from_dict(d), tmp_path / "auto", progress=False, evaluate=False).checkpoint)
+    assert auto.tiled and auto.recipe.train.setting == "unsupervised"
+    assert auto.supervision["setting"] == "unsupervised" and auto.supervision["source"] == "data"

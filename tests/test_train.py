@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +11,13 @@ import pytest
 import torch
 
 from conftest import loss_inputs, tiny_recipe_dict
-from ssn_edge.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ssn_edge.config import RecipeError, load_recipe, recipe_from_dict
+from ssn_edge.model.checkpoint import (FORMAT, KIND_SSN, BackboneIdentity, CheckpointError, CheckpointRecord,
+                                       load_checkpoint, save_checkpoint)
+from ssn_edge.config import Recipe, RecipeError, TilingRecipe, load_recipe, recipe_from_dict
 from ssn_edge.data import ArraySet
-from ssn_edge.train.loop import make_items, train, train_step
+from ssn_edge.train.batches import make_items
+from ssn_edge.train.loop import train
+from ssn_edge.train.step import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +40,7 @@ def _recipe(**train_kw):
 
 
 def _heads_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(ckpt)["heads"]
+    return load_checkpoint(ckpt).heads
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -74,7 +79,7 @@ def test_supervised_noise_stays_outside_real_defects_and_labels_follow():
     recipe = _recipe(setting="supervised")
     arrays = _arrays(n=4, defective=2)
     from ssn_edge.model.ssn import SuperSimpleNet
-    from ssn_edge.train.loop import feature_masks
+    from ssn_edge.train.batches import feature_masks
 
     model = SuperSimpleNet(recipe.model)
     chunk = np.array([[0, 0], [1, 0], [2, 0], [3, 0]])
@@ -94,8 +99,8 @@ def test_defective_without_mask_is_positive_and_its_pixels_unknown():
     arrays.mask_valid[1] = False
     arrays.masks[1] = False
     from ssn_edge.model.ssn import SuperSimpleNet
-    from ssn_edge.train.loop import feature_masks
-    import ssn_edge.train.loop as tr
+    from ssn_edge.train.batches import feature_masks
+    import ssn_edge.train.step as tr
 
     model = SuperSimpleNet(recipe.model)
     chunk = np.array([[0, 0], [1, 0]])
@@ -116,25 +121,31 @@ def test_defective_without_mask_is_positive_and_its_pixels_unknown():
 
 def test_supervised_flip_items_and_unsupervised_ignores_defects():
     arrays = _arrays(n=5, defective=2)
-    items = make_items(arrays, _recipe(setting="supervised"))
+    items = make_items(arrays, "supervised")
     assert len(items.normal) == 3 and len(items.defective) == 8  # 2 defective x 4 flip views
-    assert len(make_items(arrays, _recipe(setting="unsupervised")).defective) == 0
+    assert len(make_items(arrays, "unsupervised").defective) == 0
     with pytest.raises(ValueError, match="defective"):
-        make_items(_arrays(n=3), _recipe(setting="supervised"))
+        make_items(_arrays(n=3), "supervised")
+
+
+def _record(recipe: dict) -> CheckpointRecord:
+    return CheckpointRecord(kind=KIND_SSN, recipe=recipe, backbone=BackboneIdentity("resnet18"), heads={})
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     target = tmp_path / "ckpt.pt"
-    save_checkpoint(target, {"recipe": {}, "heads": {}, "backbone": {}})
+    save_checkpoint(target, _record({}))
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(RuntimeError):
-        save_checkpoint(target, {"recipe": {"new": 1}, "heads": {}, "backbone": {}})
-    assert load_checkpoint(target)["recipe"] == {}  # the old one is intact
+        save_checkpoint(target, _record({"new": 1}))
+    assert load_checkpoint(target).recipe == {}  # the old one is intact
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left
+    with pytest.raises(TypeError, match="CheckpointRecord"):
+        save_checkpoint(target, {"recipe": {}, "heads": {}, "backbone": {}})
 
 
 def test_checkpoint_rejects_corrupt_and_foreign_files(tmp_path):
@@ -146,6 +157,42 @@ def test_checkpoint_rejects_corrupt_and_foreign_files(tmp_path):
     torch.save({"format": "ssn-edge-checkpoint", "version": 99, "recipe": {}, "heads": {}, "backbone": {}}, other)
     with pytest.raises(CheckpointError, match="version 99"):
         load_checkpoint(other)
+    torch.save({"format": FORMAT, "version": 2, "kind": "ssn", "recipe": {}, "backbone": {"nom": "x"}, "heads": {}}, other)
+    with pytest.raises(CheckpointError, match="other.pt: checkpoint record is malformed"):
+        load_checkpoint(other)
+
+
+def _as_version_1(record: CheckpointRecord) -> dict:
+    """The flat dict ssn-edge wrote before checkpoint format 2, recipe in the earlier layout, for this record."""
+    recipe = copy.deepcopy(record.recipe)
+    recipe["train"].update(recipe.pop("weak"), pseudo_rest="normal", pseudo_refresh=False, pseudo_teacher=None,
+                           pseudo_source="map", pseudo_border=0, mil_top=None, mil_items=4, real_pixel_weight=0.0,
+                           paste_copies=0, channels_last=False, clip_grad_norm=None, flip_augment=True, eval_every=0)
+    recipe["noise"].update(sigma_end=None, empty_prob=0.5, z_dim=16, gen_hidden=128)
+    del recipe["knn"], recipe["model"]["kind"]
+    return {"format": FORMAT, "version": 1, "recipe": recipe, "heads": record.heads, "backbone": record.backbone.to_dict(),
+            "supervision": {**dataclasses.asdict(record.supervision), "pasted": 0}, "epoch": record.epoch,
+            "optimizer": record.resume.optimizer, "scheduler": record.resume.scheduler, "rng": record.resume.rng,
+            "history": record.history}
+
+
+def test_a_version_1_checkpoint_is_read_in_the_current_layout_and_resumes_exactly(tmp_path):
+    from ssn_edge.model.load import load_model
+
+    arrays = _arrays()
+    first = train(_recipe(epochs=1), arrays, tmp_path / "v2", progress=False)
+    v2 = load_checkpoint(first.checkpoint)
+    old = tmp_path / "v1.pt"
+    torch.save(_as_version_1(v2), old)
+    v1 = load_checkpoint(old)
+    assert v1.recipe == v2.recipe and v1.supervision == v2.supervision and v1.epoch == 1 and v1.kind == KIND_SSN
+    loaded = load_model(old)
+    assert loaded.kind == "ssn" and loaded.supervision["setting"] == "unsupervised" and loaded.trained_on is None
+    a = train(_recipe(epochs=2), arrays, tmp_path / "from_v1", resume=old, progress=False)
+    b = train(_recipe(epochs=2), arrays, tmp_path / "from_v2", resume=first.checkpoint, progress=False)
+    assert _same(_heads_state(a.checkpoint), _heads_state(b.checkpoint)) and a.history == b.history[:1] + a.history[1:]
+    with pytest.raises(ValueError, match="already trained 2 epochs; train.epochs 2 leaves none to run"):
+        train(_recipe(epochs=2), arrays, tmp_path / "again", resume=a.checkpoint, progress=False)
 
 
 def test_recipe_validation_names_the_bad_key(tmp_path):
@@ -161,10 +208,66 @@ def test_recipe_validation_names_the_bad_key(tmp_path):
         load_recipe(bad)
 
 
+def test_keys_of_the_earlier_layout_say_where_they_went(tmp_path):
+    bad = tmp_path / "old.yaml"
+    bad.write_text("train:\n  pseudo_grow: 0.99\n")
+    with pytest.raises(RecipeError, match="old.yaml: recipe key 'train.pseudo_grow' is now 'weak.pseudo_grow'"):
+        load_recipe(bad)
+    bad.write_text("train:\n  mil_top: 0.01\n")
+    with pytest.raises(RecipeError, match="'train.mil_top' was removed: .*broke the weak model"):
+        load_recipe(bad)
+
+
+@pytest.mark.parametrize("epochs", [0, -1])
+def test_epochs_below_one_are_refused_in_one_line_and_nothing_is_written(epochs, tiny_dataset, tmp_path):
+    from click.testing import CliRunner
+
+    import yaml
+    from cli import main
+
+    with pytest.raises(RecipeError, match=f"train.epochs must be >= 1, got {epochs}"):
+        recipe_from_dict({"train": {"epochs": epochs}})
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_dataset)))
+    res = CliRunner().invoke(main, ["train", "--recipe", str(recipe), "--out", str(tmp_path / "run"), "--epochs", str(epochs)])
+    assert res.exit_code == 2 and res.output.strip() == f"error: {recipe}: train.epochs must be >= 1, got {epochs}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_naming_only_its_data_gets_the_cpu_schedule():
+    r = recipe_from_dict({"data": {"path": "parts/"}})
+    assert (r.noise.kind, r.noise.sigma, r.noise.smooth) == ("adaptive", 1.0, 1.0)
+    t = r.train
+    assert (t.epochs, t.batch_size, t.lr_adaptor, t.lr_heads, t.precision) == (12, 16, 5e-4, 1e-3, "bf16")
+    assert (t.feature_crop, t.crop_epochs, t.cls_focal_gamma, t.cache_features) == (32, 10, 0.0, True)
+    w = r.weak  # the best measured weak / mixed setting (mixed_10_balanced_pseudo_grow)
+    assert (w.masked_share, w.pseudo_mask_epoch, w.pseudo_top, w.pseudo_grow) == (0.5, 2, 0.25, 0.99)
+    # the CPU recipe is the defaults on its data and weights
+    cpu = load_recipe(ROOT / "recipes" / "mvtec_resnet18_cpu.yaml")
+    same = recipe_from_dict({"name": cpu.name, "data": {"path": cpu.data.path}, "model": {"weights": cpu.model.weights}})
+    assert cpu == same
+    # the paper's protocol is one recipe away
+    paper = load_recipe(ROOT / "recipes" / "mvtec_wrn50.yaml")
+    assert (paper.noise.kind, paper.noise.sigma, paper.noise.smooth, paper.train.epochs, paper.train.batch_size) == (
+        "fixed", 0.015, None, 300, 32)
+    assert (paper.train.lr_adaptor, paper.train.lr_heads, paper.train.precision, paper.train.feature_crop,
+            paper.train.cls_focal_gamma) == (1e-4, 2e-4, "fp32", None, 4.0)
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
-def test_shipped_recipes_are_valid(name):
-    recipe = load_recipe(ROOT / "recipes" / name)
-    assert recipe.train.epochs > 0
+def test_shipped_recipes_are_valid_and_set_only_what_differs_from_the_defaults(name):
+    import yaml
+
+    load_recipe(ROOT / "recipes" / name)
+    written = yaml.safe_load((ROOT / "recipes" / name).read_text())
+    defaults = {**Recipe().to_dict(), "tiling": dataclasses.asdict(TilingRecipe())}
+    for section, values in written.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            default = defaults[section][key]
+            default = list(default) if isinstance(default, tuple) else default
+            assert value != default, f"{name}: {section}.{key} is the default ({value!r}); leave it out"
 
 
 def test_cli_train_and_eval_on_synthetic_data(tiny_dataset, tmp_path):

@@ -61,7 +61,6 @@ class Supervision:
     label_only: int  # defective images trained with their image label only
     ignored: int  # defective images not used (unsupervised)
     mask_fraction: float = 1.0
-    pasted: int = 0  # extra training images: a masked defect pasted onto a normal image (train.paste_copies)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,8 +77,6 @@ class Supervision:
             parts.append(f"{self.ignored} defective ignored")
         if self.mask_fraction < 1.0:
             parts.append(f"masks kept on data.mask_fraction {self.mask_fraction:g} of the annotated ones")
-        if self.pasted:
-            parts.append(f"{self.pasted} pasted (a masked defect on a normal image, train.paste_copies)")
         return "; ".join(parts)
 
 

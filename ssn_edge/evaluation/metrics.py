@@ -94,14 +94,18 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
 
 
 def gap_threshold(scores: np.ndarray, threshold: float) -> float:
-    """Move a threshold that sits on a score down to the middle of the gap below it: same decisions on these
-    scores, but an image scored exactly at the threshold no longer flips on a 1e-6 difference between two
-    runtimes (what an F1-max threshold, always one of the scores, would otherwise do)."""
+    """Move a threshold that sits on a score down to the middle of the gap below it (on the lowest score: as far
+    below as the gap above it): same decisions on these scores, but an image scored exactly at the threshold no
+    longer flips on a 1e-6 difference between two runtimes (what an F1-max threshold, always one of the scores,
+    would otherwise do)."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     below = scores[scores < threshold]
-    if not below.size:
-        return float(threshold)
-    return float((threshold + below.max()) / 2.0)
+    if below.size:
+        return float((threshold + below.max()) / 2.0)
+    # On the lowest score (every image flagged): as far below it as the gap above it, the same decisions.
+    above = scores[scores > threshold]
+    step = (above.min() - threshold) / 2.0 if above.size else max(abs(threshold), 1.0) * 1e-6
+    return float(threshold - step)
 
 
 def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Rebuild a trained model from its checkpoint, plain or tiled: what export, evaluation and the report use.
+"""Rebuild a trained model from its checkpoint, plain, tiled or knn: what export, evaluation and the report use.
 Nothing here trains; the backbone is reloaded and must be the one the heads were trained on."""
 
 from __future__ import annotations
@@ -7,24 +7,29 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
 from ssn_edge.config import Recipe, recipe_from_dict, with_map_gate
 from ssn_edge.model.backbones import weights_fingerprint
-from ssn_edge.model.checkpoint import CheckpointError, load_checkpoint
+from ssn_edge.model.checkpoint import (KIND_KNN, KIND_SSN, KIND_TILED, BackboneIdentity, CheckpointError,
+                                       CheckpointRecord, load_checkpoint)
+from ssn_edge.model.knn import KnnDetector, KnnHead
 from ssn_edge.model.ssn import SuperSimpleNet
 from ssn_edge.model.tiled import TiledSSN
 from ssn_edge.runtime.tiling import TilingConfig
 
-KIND_TILED = "tiled"
+__all__ = ["KIND_KNN", "KIND_SSN", "KIND_TILED", "LoadedModel", "heads_trained_on", "is_tiled_checkpoint",
+           "knn_from_checkpoint", "load_model", "model_from_checkpoint", "tiled_from_checkpoint"]
 
 
 @dataclass
 class LoadedModel:
     """A trained model in eval mode and the record of how it was trained: what export, evaluation and the report
-    read of a checkpoint (read these properties, not the raw state, which is the checkpoint format's business)."""
+    read of a checkpoint (read these properties, not the raw record, which is the checkpoint format's business)."""
 
-    model: SuperSimpleNet | TiledSSN
+    model: SuperSimpleNet | TiledSSN | KnnDetector
     recipe: Recipe  # as trained, with any load-time override (map gate, weights path)
-    state: dict  # the checkpoint's contents
+    state: CheckpointRecord  # the checkpoint's contents
 
     @property
     def tiled(self) -> bool:
@@ -32,27 +37,28 @@ class LoadedModel:
 
     @property
     def kind(self) -> str:
-        """The model family and shape: "ssn" or "tiled"."""
-        return KIND_TILED if self.tiled else "ssn"
+        """The model family and shape: "ssn", "tiled" or "knn"."""
+        return self.state.kind
 
     @property
     def recipe_dict(self) -> dict:
-        """The recipe exactly as the checkpoint recorded it (provenance)."""
-        return self.state["recipe"]
+        """The recipe as the checkpoint recorded it (provenance; a version-1 one in the current layout)."""
+        return self.state.recipe
 
     @property
     def backbone(self) -> dict:
         """{name, weights_source, fingerprint} of the frozen backbone the heads were trained on."""
-        return self.state["backbone"]
+        return self.state.backbone.to_dict()
 
     @property
     def epoch(self) -> int | None:
-        return self.state.get("epoch")
+        return self.state.epoch
 
     @property
     def supervision(self) -> dict | None:
         """The supervision summary training recorded (setting and image counts); None: not recorded."""
-        return self.state.get("supervision")
+        sup = self.state.supervision
+        return None if sup is None else sup.to_dict()
 
     @property
     def trained_on(self) -> str | None:
@@ -64,64 +70,92 @@ def load_model(path: str | Path, weights: str | None = None, map_gate: str | Non
                graph: str | None = None) -> LoadedModel:
     """The model of any ssn-edge checkpoint. graph: for a tiled one, which way it runs (None: as recorded)."""
     path = Path(path)
-    if is_tiled_checkpoint(load_checkpoint(path)):
-        return LoadedModel(*tiled_from_checkpoint(path, weights, graph=graph, map_gate=map_gate))
-    return LoadedModel(*model_from_checkpoint(path, weights, map_gate))
+    record = load_checkpoint(path)
+    if is_tiled_checkpoint(record):
+        return LoadedModel(*_tiled(path, record, weights, graph, map_gate))
+    return LoadedModel(*_plain(path, record, weights, map_gate))
 
 
 def model_from_checkpoint(path: Path, weights: str | None = None, map_gate: str | None = None
-                          ) -> tuple[SuperSimpleNet, Recipe, dict]:
+                          ) -> tuple[SuperSimpleNet | KnnDetector, Recipe, CheckpointRecord]:
     """Rebuild the trained model; the backbone is reloaded and must match the one it was trained with.
-    map_gate: model.map_gate for this model instead of the recipe's (it has no parameters; None: the recipe's)."""
-    state = load_checkpoint(path)
-    recipe = with_map_gate(recipe_from_dict(state["recipe"]), map_gate, path)
-    if weights is not None:
-        recipe.model.weights = weights
-    model = SuperSimpleNet(recipe.model)
-    model.heads.load_state_dict(state["heads"])
-    found = weights_fingerprint(model.features.trunk)
-    expected = state["backbone"].get("fingerprint")
-    if expected and found != expected:
-        raise ValueError(
-            f"{path}: backbone weights differ from the ones it was trained with "
-            f"(fingerprint {found}, expected {expected}, trained with {state['backbone'].get('weights_source')}); "
-            "pass the same weights file with --weights"
-        )
-    model.eval()
-    return model, recipe, state
-
-
-
-def heads_trained_on(state: dict) -> str:
-    """Which features a tiled checkpoint's heads learned on; checkpoints from before the record: lone tiles."""
-    return state.get("trained_on", "independent_tiles")
-
-
-def is_tiled_checkpoint(state: dict) -> bool:
-    return state.get("kind") == KIND_TILED
+    map_gate: model.map_gate for this model instead of the recipe's (it has no parameters; None: the recipe's).
+    A knn checkpoint gives its KnnDetector (same outputs, so export and evaluation take either)."""
+    return _plain(Path(path), load_checkpoint(path), weights, map_gate)
 
 
 def tiled_from_checkpoint(path: Path, weights: str | None = None, graph: str | None = None,
-                          map_gate: str | None = None) -> tuple[TiledSSN, Recipe, dict]:
+                          map_gate: str | None = None) -> tuple[TiledSSN, Recipe, CheckpointRecord]:
     """Rebuild a tiled model. graph: which way it runs ("image": shared backbone, "tiles": independent);
     map_gate: as in model_from_checkpoint."""
-    state = load_checkpoint(path)
-    if not is_tiled_checkpoint(state):
+    record = load_checkpoint(path)
+    if not is_tiled_checkpoint(record):
         raise CheckpointError(f"{path}: not a tiled checkpoint")
-    recipe = with_map_gate(recipe_from_dict(state["recipe"]), map_gate, path)
+    return _tiled(Path(path), record, weights, graph, map_gate)
+
+
+def heads_trained_on(record: CheckpointRecord) -> str:
+    """Which features a tiled checkpoint's heads learned on ("shared_backbone" | "independent_tiles")."""
+    return record.tiled.trained_on
+
+
+def is_tiled_checkpoint(record: CheckpointRecord) -> bool:
+    return record.kind == KIND_TILED
+
+
+def _recipe(path: Path, record: CheckpointRecord, weights: str | None, map_gate: str | None) -> Recipe:
+    recipe = with_map_gate(recipe_from_dict(record.recipe), map_gate, path)
     if weights is not None:
         recipe.model.weights = weights
-    cfg = TilingConfig.from_dict(state["tiling"])
+    return recipe
+
+
+def _check_backbone(path: Path, trunk: nn.Module, identity: BackboneIdentity, trained: str = "it was trained with") -> None:
+    found = weights_fingerprint(trunk)
+    if identity.fingerprint and found != identity.fingerprint:
+        raise ValueError(
+            f"{path}: backbone weights differ from the ones {trained} (fingerprint {found}, expected "
+            f"{identity.fingerprint}, from {identity.weights_source}); pass the same weights file with --weights"
+        )
+
+
+def _plain(path: Path, record: CheckpointRecord, weights: str | None, map_gate: str | None
+           ) -> tuple[SuperSimpleNet | KnnDetector, Recipe, CheckpointRecord]:
+    if record.kind == KIND_KNN:
+        return knn_from_checkpoint(path, record, weights, map_gate)
+    if record.kind != KIND_SSN:
+        raise CheckpointError(f"{path}: a {record.kind} checkpoint, not a plain SSN one")
+    recipe = _recipe(path, record, weights, map_gate)
+    model = SuperSimpleNet(recipe.model)
+    model.heads.load_state_dict(record.heads)
+    _check_backbone(path, model.features.trunk, record.backbone)
+    return model.eval(), recipe, record
+
+
+def knn_from_checkpoint(path: Path, record: CheckpointRecord, weights: str | None = None, map_gate: str | None = None
+                        ) -> tuple[KnnDetector, Recipe, CheckpointRecord]:
+    """Rebuild a fitted knn model: its bank and standardisation, on the backbone it was fitted with."""
+    if map_gate not in (None, "none"):
+        raise ValueError(f"{path}: a knn model has no score-gated map (map gate is SuperSimpleNet's); drop --map-gate")
+    recipe = _recipe(path, record, weights, None)
+    try:
+        head = KnnHead.from_state_dict(record.heads)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: knn checkpoint without a usable bank ({type(exc).__name__}: {exc})") from None
+    model = KnnDetector(recipe.model, recipe.knn, head)
+    _check_backbone(path, model.features.trunk, record.backbone, "the bank was fitted with")
+    return model.eval(), recipe, record
+
+
+def _tiled(path: Path, record: CheckpointRecord, weights: str | None, graph: str | None, map_gate: str | None
+           ) -> tuple[TiledSSN, Recipe, CheckpointRecord]:
+    recipe = _recipe(path, record, weights, map_gate)
+    cfg = TilingConfig.from_dict(record.tiled.tiling)
     if graph is not None:
         cfg = dataclasses.replace(cfg, graph=graph)
     model = TiledSSN(recipe.model, cfg if cfg.graph != "tile" else dataclasses.replace(cfg, graph="tiles"))
-    for k, heads in enumerate(model.heads):
-        heads.load_state_dict(state["heads"][k])
-    found = weights_fingerprint(model.features.trunk)
-    expected = state["backbone"].get("fingerprint")
-    if expected and found != expected:
-        raise ValueError(f"{path}: backbone weights differ from the ones it was trained with; pass them with --weights")
+    for heads, state in zip(model.heads, record.tiled.heads, strict=True):
+        heads.load_state_dict(state)
+    _check_backbone(path, model.features.trunk, record.backbone)
     model.tiling = cfg
-    model.eval()
-    return model, recipe, state
-
+    return model.eval(), recipe, record

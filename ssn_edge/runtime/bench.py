@@ -24,6 +24,7 @@ from ssn_edge.runtime.bundle import Bundle, load_bundle
 from ssn_edge.runtime.engine import (
     PRECISION_HINTS,
     Engine,
+    check_device,
     check_precision,
     device_supports_bf16,
     get_core,
@@ -219,9 +220,12 @@ def bench_bundle(
 ) -> list[dict[str, Any]]:
     """One result record per precision (keys: RESULT_KEYS plus details). throughput_seconds <= 0 skips the
     throughput measurement (throughput_ips None)."""
+    if not math.isfinite(throughput_seconds):
+        raise ValueError(f"throughput seconds must be a finite number (0 skips), got {throughput_seconds}")
     core = get_core()
+    check_device(device, core)
     bundle = bundle_path if isinstance(bundle_path, Bundle) else load_bundle(bundle_path)
-    names = list(precisions) if precisions else bench_precisions(bundle, device, core)
+    names = list(dict.fromkeys(precisions)) if precisions else bench_precisions(bundle, device, core)  # each once
     for name in names:  # all refused up front, before minutes of measuring
         check_precision(bundle, name)
         if PRECISION_HINTS[name] == "bf16" and not device_supports_bf16(device, core):
@@ -296,6 +300,7 @@ def conv_peak(
     if precision not in ("f32", "bf16", "int8"):
         raise ValueError(f"unknown peak precision {precision!r}; choose f32, bf16 or int8")
     core = get_core()
+    check_device(device, core)
     if precision == "bf16" and not device_supports_bf16(device, core):
         raise ValueError(f"precision 'bf16' needs a {device} with native BF16 (OPTIMIZATION_CAPABILITIES lacks it)")
     model = conv_model(channels, size)

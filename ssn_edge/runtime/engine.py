@@ -8,6 +8,7 @@ by name, and `Engine.inference_precision` reports what the compiled model actual
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,10 +20,9 @@ import numpy as np
 import openvino as ov
 
 from ssn_edge.runtime.bundle import Bundle, BundleError, load_bundle
-from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
+from ssn_edge.runtime.postprocess import anomaly_map, sigmoid
 from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageError, prepare
 from ssn_edge.runtime.tiled import TiledRunner
-from ssn_edge.runtime.tiling import TilingConfig
 
 # Runtime precision name -> INFERENCE_PRECISION_HINT. fp16 IRs store f16 weights but execute in f32 on CPU
 # (what the accuracy of the export was checked at); int8 IRs run their quantized layers in int8 regardless of
@@ -43,6 +43,44 @@ def get_core() -> ov.Core:
         if _core is None:
             _core = ov.Core()
         return _core
+
+
+# Virtual devices that name the real ones after a colon (AUTO:GPU,CPU).
+_VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
+
+
+def openvino_reason(exc: BaseException) -> str:
+    """The informative line of an OpenVINO exception ('Exception from src/...' location lines dropped)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
+    text = (useful or lines or [type(exc).__name__])[0]
+    return re.sub(r'"[^"]*/([^/"]+)"', r'"\1"', text)[:200]  # a library's name, not its full path
+
+
+def check_device(device: str, core: ov.Core | None = None) -> None:
+    """A one-line ValueError saying why OpenVINO cannot use device on this machine (OpenVINO's own message is
+    a stack of source locations); passes for a device it lists, or a virtual device over such devices."""
+    if not device or not device.strip():
+        raise ValueError("--device is empty; give an OpenVINO device name such as CPU")
+    core = core or get_core()
+    available = list(core.available_devices)
+    head, _, rest = device.partition(":")
+    names = [d for d in rest.split(",") if d] if head.upper() in _VIRTUAL_DEVICES else [device]
+    if head.upper() in _VIRTUAL_DEVICES and head != head.upper():
+        raise ValueError(f"device {device!r}: device names are case-sensitive; did you mean {head.upper()!r}?")
+    for name in names:
+        if name in available:
+            continue
+        hint = ""
+        if name.upper() in available or name.split(".")[0].upper() in available:
+            hint = f"; did you mean {name.split('.')[0].upper()!r}? (device names are case-sensitive; the CPU takes no index)"
+        else:
+            try:
+                core.get_property(name, "SUPPORTED_PROPERTIES")
+                hint = " (its plugin loads, but finds no such device)"
+            except RuntimeError as exc:
+                hint = f" ({openvino_reason(exc)})"
+        raise ValueError(f"device {name!r} is not available on this machine (OpenVINO sees: {', '.join(available) or 'none'}){hint}")
 
 
 def device_supports_bf16(device: str = "CPU", core: ov.Core | None = None) -> bool:
@@ -67,7 +105,7 @@ def check_precision(bundle: Bundle, precision: str) -> str:
     if precision not in PRECISION_HINTS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_HINTS)}")
     model = PRECISION_MODELS[precision]
-    if model not in bundle.metadata["models"]:
+    if model not in bundle.metadata.models:
         have = list(bundle.precisions)
         if "fp32" in have:
             have.append("bf16")
@@ -76,20 +114,14 @@ def check_precision(bundle: Bundle, precision: str) -> str:
 
 
 def _check_normalization(bundle: Bundle) -> None:
-    """The runtime prepares inputs with ImageNet mean/std; refuse a bundle that says it was trained otherwise."""
-    norm = bundle.metadata.get("normalization")
-    if not isinstance(norm, dict):
-        return
-    for key, expected in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
-        if key in norm:
-            try:
-                ok = np.allclose(np.asarray(norm[key], dtype=np.float32), expected, atol=1e-4)
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise BundleError(
-                    f"{bundle.path}: input normalization {key} {norm[key]} is not the ImageNet {key} this runtime applies"
-                )
+    """The runtime prepares inputs with ImageNet mean/std; refuse a bundle whose input says otherwise."""
+    spec = bundle.metadata.input
+    for key, values, expected in (("mean", spec.mean, IMAGENET_MEAN), ("std", spec.std, IMAGENET_STD)):
+        if not np.allclose(np.asarray(values, dtype=np.float32), expected, atol=1e-4):
+            raise BundleError(
+                f"{bundle.path}: input {key} {list(values)} is not the ImageNet {key} "
+                f"{[round(float(v), 6) for v in expected]} this runtime applies"
+            )
 
 
 @dataclass(eq=False)
@@ -145,18 +177,16 @@ class Engine:
         self.device = device
         self.mode = mode
         self.precision_hint = PRECISION_HINTS[precision]
+        check_device(device, self.core)
         if self.precision_hint == "bf16" and not device_supports_bf16(device, self.core):
             raise ValueError(f"precision 'bf16' needs a {device} with native BF16 (OPTIMIZATION_CAPABILITIES lacks it)")
         _check_normalization(self.bundle)
         self.model_path = self.bundle.model_path(model_name)
-        self.weights_path = self.bundle.path / self.bundle.metadata["models"][model_name]["bin"]
+        self.weights_path = self.bundle.weights_path(model_name)
         self.input_size = self.bundle.input_size
-        outputs = self.bundle.metadata.get("outputs", {})
-        self.map_name = outputs.get("map", {}).get("name", "map")
-        self.score_name = outputs.get("score", {}).get("name", "score")
-        post = self.bundle.metadata.get("postprocess", {})
-        self.blur_sigma = float(post.get("blur_sigma", BLUR_SIGMA))
-        self.blur_kernel = int(post.get("blur_kernel", BLUR_KERNEL))
+        meta = self.bundle.metadata
+        self.map_name, self.score_name = meta.outputs.map.name, meta.outputs.score.name
+        self.blur_sigma, self.blur_kernel = meta.postprocess.blur_sigma, meta.postprocess.blur_kernel
         self.image_threshold = self.bundle.image_threshold
         self.pixel_threshold = self.bundle.pixel_threshold
 
@@ -169,10 +199,9 @@ class Engine:
             self.model = self.core.read_model(str(self.model_path), str(self.weights_path))
             self.compiled = self.core.compile_model(self.model, device, config)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BundleError(f"{self.model_path}: OpenVINO cannot load this model on {device}: {first}") from None
+            raise BundleError(f"{self.model_path}: OpenVINO cannot load this model on {device}: {openvino_reason(exc)}") from None
         self.config = config
-        self.tiling = TilingConfig.from_dict(self.bundle.tiling) if self.bundle.tiling else None
+        self.tiling = self.bundle.tiling
         names = {name for out in self.compiled.outputs for name in out.get_names()}
         for name in (self.map_name, self.score_name):
             if name not in names:

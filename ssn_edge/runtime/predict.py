@@ -1,17 +1,18 @@
-"""Predict on image files with a bundle: scores, decisions, predictions.json/.csv and optional heatmap overlays.
+"""Predict on image files with a bundle: scores, decisions, streamed result files and optional overlays/maps.
 
-Every input image is read and checked before anything is written, so a bad file in a folder fails the run
-with its name and leaves no half-written results behind. Result files are written to a temporary name and
-renamed into place.
+A folder run scores every image it can read and lists every one it cannot, with the reason (`decode`,
+`preprocess` rules); results are appended as each image is done and a previous run's results are removed
+first (`results` says the file format and why nothing stale can look current). Memory stays flat in the
+number of images: each image, its map and its overlay are dropped once written; a plain bundle's images
+are batched in chunks of at most CHUNK images and CHUNK_PIXELS pixels, a tiled bundle runs one at a time.
 """
 
 from __future__ import annotations
 
-import csv
 import io
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -19,61 +20,26 @@ import numpy as np
 from ssn_edge.runtime.atomic import atomic_write
 from ssn_edge.runtime.bundle import Bundle, load_bundle
 from ssn_edge.runtime.engine import Engine, Prediction
+from ssn_edge.runtime.inputs import IMAGE_EXTENSIONS, InputItem, collect_inputs
 from ssn_edge.runtime.postprocess import sigmoid
-from ssn_edge.runtime.preprocess import ImageError, open_strips, read_image, read_image_raw
+from ssn_edge.runtime.preprocess import ImageError, ImageInfo, check_geometry, load_image, open_strips, to_unit_float
+from ssn_edge.runtime.results import ResultRecord, ResultWriter, clear_previous
 from ssn_edge.runtime.tiled import to_unit
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-CSV_FIELDS = ("path", "score", "decision", "latency_ms", "map_max")
-# Images read (and later predicted) per chunk: bounds memory on large folders.
+__all__ = ["IMAGE_EXTENSIONS", "PredictRun", "predict_paths", "run_predict", "render_overlay"]
+
+# A plain bundle's images are read and predicted per chunk, sent on when it holds this many images or pixels
+# (a frame above CHUNK_PIXELS goes alone), so memory does not grow with the folder or with frame size.
 CHUNK = 32
-
-
-def collect_images(inputs: Iterable[str | Path], recursive: bool = False) -> list[Path]:
-    """Files as given, folders scanned for image extensions (sorted); duplicates dropped, order kept."""
-    files: list[Path] = []
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            pattern = item.rglob("*") if recursive else item.iterdir()
-            found = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise ImageError(f"{item}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            files.extend(found)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise ImageError(f"{item}: file or folder not found")
-    if not files:
-        raise ValueError("no input images given")
-    seen: set[Path] = set()
-    unique = []
-    for f in files:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique
+CHUNK_PIXELS = 8_000_000
 
 
 def map_display_range(bundle: Bundle) -> tuple[float, float] | None:
-    """(low, high) map-logit values for the colour scale, when the bundle's normalization gives them."""
-    norm = bundle.metadata.get("normalization")
-    if not isinstance(norm, dict):
+    """(low, high) map values for the colour scale: the bundle's map_range, when it has a usable one."""
+    r = bundle.metadata.map_range
+    if r is None or not (np.isfinite(r.min) and np.isfinite(r.max) and r.max > r.min):
         return None
-    candidates = [norm.get("map"), norm.get("pixel"), norm]
-    for c in candidates:
-        if not isinstance(c, dict):
-            continue
-        for lo_key, hi_key in (("min", "max"), ("map_min", "map_max"), ("pixel_min", "pixel_max")):
-            if lo_key in c and hi_key in c:
-                try:
-                    lo, hi = float(c[lo_key]), float(c[hi_key])
-                except (TypeError, ValueError):
-                    continue
-                if np.isfinite(lo) and np.isfinite(hi) and hi > lo:
-                    return lo, hi
-    return None
+    return r.min, r.max
 
 
 def normalize_map(m: np.ndarray, pixel_threshold: float, display_range: tuple[float, float] | None) -> np.ndarray:
@@ -112,34 +78,215 @@ def render_overlay(
     return out
 
 
-def _overlay_names(files: Sequence[Path]) -> list[str]:
+def _overlay_names(items: Sequence[InputItem]) -> list[str]:
+    """One output file name per input (<stem>.png, <stem>_1.png, ...): two inputs never share one."""
     names, used = [], set()
-    for f in files:
-        name, k = f"{f.stem}.png", 1
+    for item in items:
+        stem = item.path.stem or "image"
+        name, k = f"{stem}.png", 1
         while name in used:
-            name, k = f"{f.stem}_{k}.png", k + 1
+            name, k = f"{stem}_{k}.png", k + 1
         used.add(name)
         names.append(name)
     return names
 
 
-def write_results(out_dir: Path, predictions: Sequence[Prediction], header: dict, overlays: Sequence[str | None] | None = None) -> tuple[Path, Path]:
-    """predictions.json (header + one record per image) and predictions.csv, each written atomically."""
-    records = []
-    for i, p in enumerate(predictions):
-        rec = p.record()
-        if overlays is not None and overlays[i] is not None:
-            rec["overlay"] = overlays[i]
-        records.append(rec)
-    json_path, csv_path = out_dir / "predictions.json", out_dir / "predictions.csv"
-    atomic_write(json_path, (json.dumps({**header, "predictions": records}, indent=2) + "\n").encode())
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for rec in records:
-        writer.writerow({**rec, "score": f"{rec['score']:.6f}", "latency_ms": f"{rec['latency_ms']:.3f}", "map_max": f"{rec['map_max']:.6f}", "decision": int(rec["decision"])})
-    atomic_write(csv_path, buf.getvalue().encode())
-    return json_path, csv_path
+@dataclass
+class PredictRun:
+    """What a predict run did. failures: the records of inputs that could not be scored (their reasons)."""
+
+    out_dir: Path
+    inputs: int
+    scored: int
+    defective: int
+    failures: list[ResultRecord] = field(default_factory=list)
+    skipped: int = 0  # files in scanned folders without an image name
+    same_file: int = 0  # inputs that name a file an earlier input named too (each scored)
+    bit_depths: dict[str, int] = field(default_factory=dict)
+    summary: Path | None = None
+    jsonl: Path | None = None
+    csv: Path | None = None
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    def failure_message(self) -> str:
+        """One line: the failure itself when there is one, else how many and the first."""
+        first = self.failures[0]
+        if self.failed == 1:
+            return f"{first.path}: {first.error}"
+        return f"{self.failed} of {self.inputs} inputs could not be scored (first: {first.path}: {first.error}); all are listed in {self.summary}"
+
+
+ResultCallback = Callable[[ResultRecord, "Prediction | None"], None]
+
+
+class _Run:
+    """One predict run's state: the engine, the writer, where overlays and maps go. Each image goes in, its
+    record comes out (written, and handed to on_result), and nothing of it is kept."""
+
+    def __init__(self, engine: Engine, writer: ResultWriter, items: list[InputItem], overlays: bool, save_maps: bool,
+                 bit_depth: int | None, on_result: ResultCallback | None):
+        self.engine, self.writer, self.items = engine, writer, items
+        self.overlays, self.save_maps, self.bit_depth, self.on_result = overlays, save_maps, bit_depth, on_result
+        self.names = _overlay_names(items) if (overlays or save_maps) else []
+        self.overlay_dir, self.maps_dir = writer.out_dir / "overlays", writer.out_dir / "maps"
+        if overlays:
+            self.overlay_dir.mkdir(exist_ok=True)
+        if save_maps:
+            self.maps_dir.mkdir(exist_ok=True)
+        self.display_range = map_display_range(engine.bundle)
+        tiling = engine.tiling
+        # The size the whole image is resized to (aspect rule), or None where a tiled model tiles it as it is.
+        self.geometry = engine.input_size if tiling is None else tiling.image_size
+        self.failures: list[ResultRecord] = []
+
+    def fail(self, item: InputItem, error: ImageError) -> None:
+        reason = str(error)
+        prefix = f"{item.name}: "
+        record = ResultRecord(path=item.name, status="error", error=reason[len(prefix):] if reason.startswith(prefix) else reason,
+                              kind=getattr(error, "kind", "unusable"))
+        self.failures.append(record)
+        self.writer.add(record)
+        if self.on_result:
+            self.on_result(record, None)
+
+    def read(self, item: InputItem) -> tuple[np.ndarray, ImageInfo]:
+        if item.problem is not None:
+            raise item.problem
+        image, info = load_image(item.path, self.bit_depth)
+        check_geometry(image.shape, item.name, self.geometry)
+        return image, info
+
+    def done(self, k: int, image: np.ndarray, info: ImageInfo, pred: Prediction, map_streamed: bool = False) -> None:
+        item = self.items[k]
+        record = ResultRecord(path=item.name, status="ok", score=float(pred.score), decision=bool(pred.decision),
+                              latency_ms=float(pred.latency_ms), map_max=pred.map_max, bit_depth=info.bit_depth,
+                              same_file_as=item.same_as)
+        if self.overlays:
+            ov_img = render_overlay(image, pred.anomaly_map, self.engine.pixel_threshold, self.display_range)
+            ok, png = cv2.imencode(".png", ov_img)
+            if not ok:
+                raise ImageError(f"{item.name}: could not encode overlay", "overlay")
+            atomic_write(self.overlay_dir / self.names[k], png.tobytes())
+            record.overlay = f"overlays/{self.names[k]}"
+        if self.save_maps:
+            target = self.maps_dir / f"{Path(self.names[k]).stem}.npy"
+            if not map_streamed:
+                buf = io.BytesIO()
+                np.save(buf, pred.anomaly_map.astype(np.float16))
+                atomic_write(target, buf.getvalue())
+            record.map = f"maps/{target.name}"
+        self.writer.add(record)
+        if self.on_result:
+            self.on_result(record, pred)
+
+    def run_plain(self) -> None:
+        chunk: list[tuple[int, np.ndarray, ImageInfo]] = []
+        pixels = 0
+        for k, item in enumerate(self.items):
+            try:
+                raw, info = self.read(item)
+            except ImageError as exc:
+                self.flush(chunk)  # results stay in input order
+                chunk, pixels = [], 0
+                self.fail(item, exc)
+                continue
+            image = to_unit_float(raw)
+            del raw
+            chunk.append((k, image, info))
+            pixels += image.shape[0] * image.shape[1]
+            del image
+            if len(chunk) >= CHUNK or pixels >= CHUNK_PIXELS:  # before the next image is read: a big frame goes alone
+                self.flush(chunk)
+                chunk, pixels = [], 0
+        self.flush(chunk)
+
+    def flush(self, chunk: list[tuple[int, np.ndarray, ImageInfo]]) -> None:
+        if not chunk:
+            return
+        preds = self.engine.predict_images([c[1] for c in chunk], [self.items[c[0]].name for c in chunk])
+        for i, (k, image, info) in enumerate(chunk):
+            pred, preds[i] = preds[i], None  # each map dropped once written
+            self.done(k, image, info, pred)
+        chunk.clear()
+
+    def run_tiled(self) -> None:
+        tiling = self.engine.tiling
+        streamable = tiling.graph == "tile" and tiling.image_size is None and not self.overlays
+        for k, item in enumerate(self.items):
+            try:
+                # An uncompressed BMP tiled at its own size is read a band at a time; anything else is decoded whole.
+                strips = open_strips(item.path) if (streamable and item.problem is None) else None
+                if strips is not None:
+                    check_geometry(strips.shape, item.name, self.geometry)
+                    image, info = strips, ImageInfo("BMP", 8)
+                else:
+                    image, info = self.read(item)
+            except ImageError as exc:
+                self.fail(item, exc)
+                continue
+            target = self.maps_dir / f"{Path(self.names[k]).stem}.npy" if self.save_maps else None
+            partial = target.with_name(f".{target.name}.partial") if target else None
+            pred = self.engine.predict_tiled(image, item.name, maps_to=partial)
+            if partial is not None:
+                partial.replace(target)
+            self.done(k, image, info, pred, map_streamed=partial is not None)
+            del image, pred
+
+
+def run_predict(
+    bundle_path: str | Path | Bundle,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    precision: str = "int8",
+    overlays: bool = False,
+    device: str = "CPU",
+    recursive: bool = False,
+    mode: str = "throughput",
+    save_maps: bool = False,
+    bit_depth: int | None = None,
+    on_result: ResultCallback | None = None,
+) -> PredictRun:
+    """Score every input image (files, or folders scanned for image names) and write the result files
+    (`results`): a bad image is recorded with its reason and the run goes on. A bad bundle, precision or
+    device raises (BundleError / ValueError) before anything is written. on_result(record, prediction) is
+    called per input as it is done (prediction None for a failure; its map is dropped after the call).
+
+    mode "throughput" (default) keeps all cores busy over a folder; "latency" runs one image at a time on all
+    cores. overlays: out_dir/overlays/<stem>.png. save_maps: each full-resolution map as
+    out_dir/maps/<stem>.npy (float16; streamed band by band for tiled bundles). bit_depth: the depth of
+    16-bit images' samples (None: the sBIT / detection rule of `preprocess`)."""
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    out_dir = Path(out_dir)
+    clear_previous(out_dir)  # first: a run that fails from here on leaves nothing that looks current
+    bundle = bundle_path if isinstance(bundle_path, Bundle) else load_bundle(bundle_path)
+    engine = Engine(bundle, precision=precision, device=device, mode=mode)
+    found = collect_inputs(inputs, recursive=recursive)
+    writer = ResultWriter(out_dir)
+    run = _Run(engine, writer, found.items, overlays, save_maps, bit_depth, on_result)
+    try:
+        run.run_plain() if engine.tiling is None else run.run_tiled()
+    finally:
+        writer.close()
+    header = {
+        "bundle": str(bundle.path),
+        "precision": engine.precision,
+        "inference_precision": engine.inference_precision,
+        "device": device,
+        "image_threshold": engine.image_threshold,
+        "pixel_threshold": engine.pixel_threshold,
+        "bit_depth": bit_depth if bit_depth is not None else "auto",
+        "inputs": len(found.items),
+        "skipped": found.skipped,
+        "same_file": found.aliases,
+    }
+    summary, jsonl, csv_path = writer.finish(header)
+    return PredictRun(out_dir=out_dir, inputs=len(found.items), scored=writer.scored, defective=writer.defective,
+                      failures=run.failures, skipped=found.skipped, same_file=found.aliases,
+                      bit_depths=dict(writer.bit_depths), summary=summary, jsonl=jsonl, csv=csv_path)
 
 
 def predict_paths(
@@ -152,84 +299,15 @@ def predict_paths(
     recursive: bool = False,
     mode: str = "throughput",
     save_maps: bool = False,
+    bit_depth: int | None = None,
 ) -> list[Prediction]:
-    """Predict every image in inputs (files, or folders scanned for image extensions, sorted).
-
-    Writes out_dir/predictions.json and predictions.csv (path, score, decision, latency_ms, map_max) and,
-    with overlays, out_dir/overlays/<stem>.png. The bundle and every image are checked first: a bad one
-    raises BundleError/ImageError naming it, and nothing is written. mode "throughput" (default) keeps all
-    cores busy over a folder; "latency" runs one image at a time on all cores. save_maps: also write each
-    full-resolution map as out_dir/maps/<stem>.npy (float16; streamed band by band for tiled bundles).
-
-    A tiled bundle reads one image at a time in its own pixel type and keeps, per image, one row of tiles
-    and (above 16 megapixels) a preview of the map: memory is set by the tile size, not by the image's.
-    """
-    if isinstance(inputs, (str, Path)):
-        inputs = [inputs]
-    out_dir = Path(out_dir)
-    bundle = bundle_path if isinstance(bundle_path, Bundle) else load_bundle(bundle_path)
-    engine = Engine(bundle, precision=precision, device=device, mode=mode)
-    files = collect_images(inputs, recursive=recursive)
-    for f in files:  # pass 1: every file readable and usable, before any output exists
-        if open_strips(f) is None:  # (a strip-readable BMP has had its header and size checked)
-            read_image_raw(f)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    overlay_dir = out_dir / "overlays"
-    names = _overlay_names(files) if (overlays or save_maps) else None
-    if overlays:
-        overlay_dir.mkdir(exist_ok=True)
-    maps_dir = out_dir / "maps"
-    if save_maps:
-        maps_dir.mkdir(exist_ok=True)
-    display_range = map_display_range(bundle)
-    predictions: list[Prediction] = []
-
-    def write_overlay(image: np.ndarray, pred: Prediction, k: int) -> None:
-        ov_img = render_overlay(image, pred.anomaly_map, engine.pixel_threshold, display_range)
-        ok, png = cv2.imencode(".png", ov_img)
-        if not ok:
-            raise ImageError(f"{files[k]}: could not encode overlay")
-        atomic_write(overlay_dir / names[k], png.tobytes())
-
-    if engine.tiling is not None:
-        for k, f in enumerate(files):
-            # An uncompressed BMP tiled at its own size is read a band at a time; anything else is decoded whole.
-            strips = open_strips(f) if (engine.tiling.graph == "tile" and engine.tiling.image_size is None and not overlays) else None
-            image = strips if strips is not None else read_image_raw(f)
-            target = maps_dir / f"{Path(names[k]).stem}.npy" if save_maps else None
-            partial = target.with_name(f".{target.name}.partial") if target else None
-            pred = engine.predict_tiled(image, str(f), maps_to=partial)
-            if partial is not None:
-                partial.replace(target)
-            if overlays:
-                write_overlay(image, pred, k)
-            predictions.append(pred)
-            del image
-    else:
-        for start in range(0, len(files), CHUNK):
-            chunk = files[start : start + CHUNK]
-            images = [read_image(f) for f in chunk]
-            preds = engine.predict_images(images, [str(f) for f in chunk])
-            for j, (image, pred) in enumerate(zip(images, preds)):
-                if overlays:
-                    write_overlay(image, pred, start + j)
-                if save_maps:
-                    buf = io.BytesIO()
-                    np.save(buf, pred.anomaly_map.astype(np.float16))
-                    atomic_write(maps_dir / f"{Path(names[start + j]).stem}.npy", buf.getvalue())
-            predictions.extend(preds)
-
-    header = {
-        "bundle": str(bundle.path),
-        "precision": engine.precision,
-        "inference_precision": engine.inference_precision,
-        "device": device,
-        "image_threshold": engine.image_threshold,
-        "pixel_threshold": engine.pixel_threshold,
-        "count": len(predictions),
-        "defective": int(sum(p.decision for p in predictions)),
-    }
-    overlay_paths = [str(Path("overlays") / n) for n in names] if (names and overlays) else None
-    write_results(out_dir, predictions, header, overlay_paths)
-    return predictions
+    """run_predict for a library caller that wants the Predictions (maps included: for small sets; the CLI
+    keeps none). Every readable image is scored and written; then, if any input failed, ImageError says
+    which (one line)."""
+    kept: list[Prediction] = []
+    run = run_predict(bundle_path, inputs, out_dir, precision=precision, overlays=overlays, device=device,
+                      recursive=recursive, mode=mode, save_maps=save_maps, bit_depth=bit_depth,
+                      on_result=lambda _record, pred: kept.append(pred) if pred is not None else None)
+    if run.failures:
+        raise ImageError(run.failure_message(), run.failures[0].kind or "unusable")
+    return kept

@@ -242,6 +242,18 @@ def _band_cutter(source) -> Callable[[tuple[int, int, int, int]], np.ndarray]:
     return cut
 
 
+def _tile_source(image, cfg: TilingConfig) -> tuple[Callable[[tuple[int, int, int, int]], np.ndarray], tuple[int, int]]:
+    """(box -> model input of that tile, the size the image is tiled at): a strip reader (BmpStrips) keeps one band
+    in memory; an array is resized to cfg.image_size first when the tiling has one."""
+    if not isinstance(image, np.ndarray):
+        if cfg.image_size is not None and tuple(image.shape[:2]) != cfg.image_size:
+            raise ValueError(f"{getattr(image, 'path', 'image')}: strip reading needs tiling at the image's own size")
+        return _band_cutter(image), tuple(image.shape[:2])
+    if cfg.image_size is not None and tuple(image.shape[:2]) != cfg.image_size:
+        image = resize_image(to_unit(image), cfg.image_size)
+    return (lambda box: prepare_tile(image, box)), tuple(image.shape[:2])
+
+
 @dataclass
 class TiledResult:
     score: float
@@ -340,15 +352,8 @@ class TiledRunner:
 
         cfg = self.cfg
         original = image.shape[:2]
-        if cut is None and not isinstance(image, np.ndarray):  # a strip reader (BmpStrips): one band in memory
-            if cfg.image_size is not None and tuple(image.shape[:2]) != cfg.image_size:
-                raise ValueError(f"{getattr(image, 'path', 'image')}: strip reading needs tiling at the image's own size")
-            cut = _band_cutter(image)
-        if cut is None:
-            if cfg.image_size is not None and tuple(image.shape[:2]) != cfg.image_size:
-                image = resize_image(to_unit(image), cfg.image_size)
-            cut = lambda box: prepare_tile(image, box)  # noqa: E731
-        grid = cfg.grid(image.shape[:2])
+        cut, size = _tile_source(image, cfg) if cut is None else (cut, image.shape[:2])
+        grid = cfg.grid(size)
         h, w = grid.image_size
         if keep_full is None:
             keep_full = h * w <= FULL_MAP_PIXELS

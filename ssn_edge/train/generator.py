@@ -16,7 +16,7 @@ feature scale only. For the same reason G sees A standardised per channel, which
 proportional to the feature scale (G(k * A) = k * G(A)). tanh of unit noise has an RMS of about 0.63, so
 beta 1.5 starts at about the adaptive noise's sigma 1.0.
 
-The generator is used in training only (ssn_edge.train.loop); it is not part of SuperSimpleNet, so the
+The generator is used in training only (ssn_edge.train.learned); it is not part of SuperSimpleNet, so the
 inference graph and its cost are unchanged. It is trained adversarially: it maximises the heads' SSN loss
 on the features it perturbs, with an L2 magnitude penalty (see `magnitude_penalty`); tanh bounds eps, which
 the spec reports is what keeps this game from diverging.

@@ -15,8 +15,6 @@ log = logging.getLogger("ssn_edge")
 def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progress: bool = True, evaluate: bool = True):
     """Train from a recipe into out_dir; evaluate on the test split at the end unless evaluate is False (a caller
     that exports next gets the same metrics from the bundle, without a second pass over the test images)."""
-    from ssn_edge.train.loop import train
-
     if not recipe.data.path:
         raise ValueError("no data: set data.path in the recipe or pass --data")
     samples = load_dataset(recipe.data.path)
@@ -32,14 +30,26 @@ def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progres
     size = tuple(recipe.data.image_size)
     train_arrays = load_arrays(train_samples, size, progress=progress)
     test_arrays = load_arrays(test_samples, size, progress=progress) if test_samples else None
+    if resume is not None and recipe.model.kind != "knn" and recipe.tiling is None:
+        from ssn_edge.train.loop import resumable
+
+        resumable(Path(resume), recipe.train.epochs)  # refused before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    if recipe.model.kind == "knn":
+        from ssn_edge.train.knn import train_knn
+
+        if resume is not None:
+            raise ValueError(f"{resume}: a knn fit has no epochs to resume; fit again without --resume")
+        return train_knn(recipe, train_arrays, out_dir, test_arrays=test_arrays, progress=progress)
     if recipe.tiling is not None:
         from ssn_edge.train.tiled import train_tiled
 
         if resume is not None:
             log.info("tiled training resumes by itself: finished locations in %s are kept", out_dir)
         return train_tiled(recipe, train_arrays, out_dir, test_arrays=test_arrays, progress=progress)
+    from ssn_edge.train.loop import train  # here: a knn fit never loads SSN's training loop
+
     return train(recipe, train_arrays, out_dir, test_arrays=test_arrays, resume=resume, progress=progress)
 
 

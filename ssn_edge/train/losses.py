@@ -38,15 +38,6 @@ def focal_loss(logits: Tensor, target: Tensor, gamma: float = 4.0, valid: Tensor
     return loss.mean()
 
 
-def top_k_mil_loss(map_logits: Tensor, top: float) -> Tensor:
-    """Multiple-instance loss for defective images whose mask is unknown: the mean of each map's top `top`
-    fraction of logits is pushed towards defect (cross-entropy with target 1). Only the pixels the map already
-    ranks highest are pushed, and no pixel is called normal."""
-    flat = map_logits.float().flatten(1)
-    k = max(1, int(round(top * flat.shape[1])))
-    return F.softplus(-flat.topk(k, dim=1).values.mean(1)).mean()
-
-
 def ssn_loss(
     map_logits: Tensor,
     score_logits: Tensor,
@@ -54,10 +45,8 @@ def ssn_loss(
     label: Tensor,
     pixel_valid: Tensor | None = None,
     cls_gamma: float = 4.0,
-    real: Tensor | None = None,
-    real_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Total = truncated L1(map) + focal(map) + focal(score) [+ real_weight * (truncated L1 + focal) over `real`].
+    """Total = truncated L1(map) + focal(map) + focal(score).
 
     cls_gamma: the score's focal gamma (paper 4). At gamma 4 an image scored 0.2 on the right side has
     0.2^4 = 0.16 % of its cross-entropy gradient: over 300 epochs the head still gets there, over a CPU
@@ -67,14 +56,5 @@ def ssn_loss(
     l1 = truncated_l1(map_logits, mask, pixel_valid)
     seg = focal_loss(map_logits, mask, valid=pixel_valid)
     cls = focal_loss(score_logits, label, gamma=cls_gamma)
-    total = l1 + seg + cls
     parts = {"l1": float(l1.detach()), "seg_focal": float(seg.detach()), "cls_focal": float(cls.detach())}
-    if real is not None and real_weight > 0:
-        # real: (B, 1, h, w) bool, the pixels of real (or pseudo-mask) defects: their own mean, so a small defect
-        # weighs as much as the synthetic anomalies that outnumber its pixels.
-        keep = real.bool() if pixel_valid is None else real.bool() & pixel_valid.bool()
-        if keep.any():
-            extra = truncated_l1(map_logits, mask, keep) + focal_loss(map_logits, mask, valid=keep)
-            total = total + real_weight * extra
-            parts["real_pixels"] = float(extra.detach())
-    return total, parts
+    return l1 + seg + cls, parts

@@ -54,17 +54,6 @@ def sample_noise(features: Tensor, cfg: NoiseConfig) -> Tensor:
     raise ValueError(f"unknown noise kind {cfg.kind!r}")
 
 
-def noise_sigma(cfg: NoiseConfig, epoch: int, epochs: int) -> float:
-    """sigma for a (0-based) epoch: constant, or annealed linearly from sigma to sigma_end.
-
-    Large noise makes the task easy to learn early; smaller noise later puts the heads' decision boundary
-    closer to normal features, where real defects (weaker than a large synthetic anomaly) must land.
-    """
-    if cfg.sigma_end is None or epochs <= 1:
-        return cfg.sigma
-    return cfg.sigma + (cfg.sigma_end - cfg.sigma) * epoch / (epochs - 1)
-
-
 def apply_noise(features: Tensor, eps: Tensor, mask: Tensor) -> Tensor:
     """P = A + eps * M_a, with M_a (B, 1, h, w) broadcast over channels."""
     return features + (eps * mask).to(features.dtype)

@@ -9,7 +9,8 @@ through the backbone alone (the paper's). The two graphs' maps differ within ~10
 (graph-match, bottle 512, image AUROC / AUPRO): 4 tiles learned on lone tiles 91.3 / 53.6 run on lone tiles vs
 82.9 / 53.7 on shared features; 4 tiles learned on shared features 81.0 / 59.7 vs 78.7 / 55.0; 9 tiles learned
 on shared features 98.5 / 67.9 vs 98.1 / 64.2. The result is one tiled
-checkpoint holding every location's adaptor + heads, the recipe and the backbone identity.
+checkpoint holding every location's adaptor + heads, the tiling, the recipe, the backbone identity and the
+supervision summary of the whole images.
 """
 
 from __future__ import annotations
@@ -17,23 +18,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ssn_edge.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ssn_edge.config import Recipe, recipe_from_dict, with_map_gate
+from ssn_edge.config import Recipe
 from ssn_edge.data import ArraySet
 from ssn_edge.evaluation.evaluate import evaluate_tiled
-from ssn_edge.model.backbones import weights_fingerprint
-from ssn_edge.model.load import KIND_TILED, tiled_from_checkpoint
+from ssn_edge.model.checkpoint import (KIND_TILED, CheckpointError, CheckpointRecord, TiledHeads, load_checkpoint,
+                                       save_checkpoint)
+from ssn_edge.model.load import tiled_from_checkpoint
 from ssn_edge.model.tiled import padded_images, runtime_tiling
 from ssn_edge.runtime.atomic import atomic_write
-from ssn_edge.runtime.tiled import merge_outputs
-from ssn_edge.runtime.tiling import TileGrid, TilingConfig, tile
-from ssn_edge.train.loop import SharedFeatures, TrainResult, train
+from ssn_edge.runtime.tiling import TileGrid, tile
+from ssn_edge.train.features import SharedFeatures
+from ssn_edge.train.loop import TrainResult, resolve_supervision, train
 
 log = logging.getLogger("ssn_edge")
 
@@ -65,18 +64,46 @@ def tile_arrays(arrays: ArraySet, grid: TileGrid, locations: list[int]) -> Array
 
 
 def _tile_recipe(recipe: Recipe) -> Recipe:
-    t = recipe.tiling
-    data = dataclasses.replace(recipe.data, image_size=tuple(t.tile))
+    """The recipe each location's model trains with: an ordinary SSN recipe at the tile size."""
+    data = dataclasses.replace(recipe.data, image_size=tuple(recipe.tiling.tile))
     return dataclasses.replace(recipe, data=data, tiling=None)
+
+
+def _claim_folder(out_dir: Path, trained_on: str) -> None:
+    """Mark out_dir as holding locations trained on `trained_on` features; refuse one trained on the others."""
+    marker = out_dir / "trained_on.txt"
+    # Folders from before the marker existed hold locations trained on lone tiles.
+    before = marker.read_text().strip() if marker.is_file() else (
+        "independent_tiles" if any(out_dir.glob("*/checkpoint.pt")) else None)
+    if before is not None and before != trained_on:
+        raise ValueError(f"{out_dir} holds locations trained on {before} features; this recipe "
+                         f"trains on {trained_on}: train into a new folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(marker, trained_on + "\n")
 
 
 def _finished(path: Path, epochs: int) -> bool:
     if not path.is_file():
         return False
     try:
-        return int(load_checkpoint(path).get("epoch", 0)) >= epochs
+        return load_checkpoint(path).epoch >= epochs
     except CheckpointError:
         return False
+
+
+def _train_location(sub: Recipe, train_arrays: ArraySet, grid: TileGrid, locations: list[int], folder: Path,
+                    shared: SharedFeatures | None, progress: bool) -> CheckpointRecord:
+    """The model of these tile locations, trained into folder (kept if finished, resumed if interrupted)."""
+    ckpt = folder / "checkpoint.pt"
+    if _finished(ckpt, sub.train.epochs):
+        log.info("%s: already trained (%s), kept", folder.name, ckpt)
+    else:
+        arrays = tile_arrays(train_arrays, grid, locations)
+        log.info("%s: training on %d tiles (%s)", folder.name, len(arrays),
+                 "all locations" if len(locations) > 1 else f"location {locations[0]}")
+        folder.mkdir(parents=True, exist_ok=True)
+        train(sub, arrays, folder, resume=ckpt if ckpt.is_file() else None, progress=progress, shared=shared)
+    return load_checkpoint(ckpt)
 
 
 def train_tiled(
@@ -91,57 +118,27 @@ def train_tiled(
     grid = cfg.grid(cfg.image_size)
     if tuple(train_arrays.images.shape[-2:]) != cfg.image_size:
         raise ValueError(f"training images are {train_arrays.images.shape[-2:]}, the tiling expects {cfg.image_size}")
+    # What the whole images give, for the record; each location resolves the recipe's setting on its own tiles.
+    resolved, _, supervision = resolve_supervision(recipe, train_arrays)
     sub = _tile_recipe(recipe)
     out_dir = Path(out_dir)
-    groups = [list(range(grid.count))] if cfg.mode == "single" else [[k] for k in range(grid.count)]
-    names = ["single"] if cfg.mode == "single" else [f"loc_{k:02d}" for k in range(grid.count)]
-    heads, histories, times = [], {}, {}
-    backbone = None
     padded = padded_images(train_arrays.images, grid) if cfg.graph == "image" else None
     trained_on = "shared_backbone" if padded is not None else "independent_tiles"
-    marker = out_dir / "trained_on.txt"
-    # Folders from before the marker existed hold locations trained on lone tiles.
-    before = marker.read_text().strip() if marker.is_file() else (
-        "independent_tiles" if any(out_dir.glob("*/checkpoint.pt")) else None)
-    if before is not None and before != trained_on:
-        raise ValueError(f"{out_dir} holds locations trained on {before} features; this recipe "
-                         f"trains on {trained_on}: train into a new folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(marker, trained_on + "\n")
-    for name, locations in zip(names, groups):
-        folder = out_dir / name
-        ckpt = folder / "checkpoint.pt"
-        t0 = time.perf_counter()
-        if _finished(ckpt, sub.train.epochs):
-            log.info("%s: already trained (%s), kept", name, ckpt)
-        else:
-            arrays = tile_arrays(train_arrays, grid, locations)
-            log.info("%s: training on %d tiles (%s)", name, len(arrays), "all locations" if len(locations) > 1 else f"location {locations[0]}")
-            resume = ckpt if ckpt.is_file() else None
-            folder.mkdir(parents=True, exist_ok=True)
-            shared = None if padded is None else SharedFeatures(padded, [grid.boxes[k] for k in locations])
-            train(sub, arrays, folder, resume=resume, progress=progress, shared=shared)
-        state = load_checkpoint(ckpt)
-        heads.append(state["heads"])
-        histories[name] = state.get("history", [])
-        times[name] = time.perf_counter() - t0
-        backbone = state["backbone"]
-    payload = {
-        "kind": KIND_TILED,
-        "recipe": recipe.to_dict(),
-        "tiling": cfg.to_dict(),
-        "trained_on": trained_on,
-        "heads": heads,
-        "backbone": backbone,
-        "epoch": sub.train.epochs,
-        "history": histories,
-    }
-    path = save_checkpoint(out_dir / "checkpoint.pt", payload)
+    _claim_folder(out_dir, trained_on)
+    groups = {"single": list(range(grid.count))} if cfg.mode == "single" else {f"loc_{k:02d}": [k] for k in range(grid.count)}
+    locations: dict[str, CheckpointRecord] = {}
+    for name, group in groups.items():
+        shared = None if padded is None else SharedFeatures(padded, [grid.boxes[k] for k in group])
+        locations[name] = _train_location(sub, train_arrays, grid, group, out_dir / name, shared, progress)
+    first = next(iter(locations.values()))
+    record = CheckpointRecord(
+        kind=KIND_TILED, recipe=resolved.to_dict(), backbone=first.backbone, epoch=sub.train.epochs,
+        supervision=supervision, history={name: r.history for name, r in locations.items()},
+        tiled=TiledHeads([r.heads for r in locations.values()], cfg.to_dict(), trained_on))
+    path = save_checkpoint(out_dir / "checkpoint.pt", record)
     metrics: dict[str, float] = {}
     if test_arrays is not None:
         model, _, _ = tiled_from_checkpoint(path)
         metrics = evaluate_tiled(model, test_arrays)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return TrainResult(path, [r for h in histories.values() for r in h], metrics)
-
-
+    return TrainResult(path, [r for h in record.history.values() for r in h], metrics)

@@ -1,0 +1,318 @@
+"""The nearest-neighbour model family (model.kind knn): its defaults, accuracy, fit time, latency and bank size.
+
+  python benchmarks/knn_bench.py tune --recipe recipes/knn_magnetic_tile.yaml --dataset magnetic_tile
+  python benchmarks/knn_bench.py accuracy --recipe recipes/knn_resnet18.yaml --dataset mvtec_bottle
+  python benchmarks/knn_bench.py accuracy --recipe recipes/knn_magnetic_tile.yaml --dataset magnetic_tile
+  python benchmarks/knn_bench.py bank --recipe recipes/knn_resnet18.yaml --dataset mvtec_bottle --sizes 1000 4000 16000
+  python benchmarks/knn_bench.py table
+
+tune: the knn defaults, chosen on the TRAINING split only: a seeded fifth of its normal images and its defective
+ones (Magnetic tile's training split has them) are kept out of the fit and scored (records with split
+train_heldout). accuracy: `ssn-edge train` (the fit and the test split, PyTorch FP32), then `ssn-edge export`
+(FP32 IR) run by OpenVINO with INFERENCE_PRECISION_HINT f32 on the test split, its largest difference from PyTorch,
+and batch-1 latency of both. bank: accuracy and latency at several bank sizes (knn.coreset counts). table:
+benchmarks/results/knn.md and knn_bank.png from knn.json. Records go to benchmarks/results/knn.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import RESULTS, command_line, peak_rss_mb, record_results  # noqa: E402
+from benchmarks.runs import bench_recipe  # noqa: E402
+from ssn_edge.config import parse_override  # noqa: E402
+
+METRICS = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap")
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+VAL_FRACTION = 0.2  # tune: the share of the training split's normal images scored instead of fitted
+# tune: (variant, knn overrides). The issue's reference first (a random 10 % bank), then the greedy coreset's size,
+# its candidate pool, its projection, the channel reduction, and random at the greedy default's size.
+TUNE_GRID = (
+    ("random_10pct", {"sampler": "random", "coreset": 0.1}),
+    ("greedy_2500", {"coreset": 2500}),
+    ("greedy_5000", {"coreset": 5000}),
+    ("greedy_10000", {"coreset": 10000}),
+    ("greedy_20000", {"coreset": 20000}),
+    ("greedy_10000_pool50k", {"coreset": 10000, "pool": 50_000}),
+    ("greedy_10000_pool100k", {"coreset": 10000, "pool": 100_000}),
+    ("greedy_10000_pool400k", {"coreset": 10000, "pool": 400_000}),
+    ("greedy_10000_pool_all", {"coreset": 10000, "pool": 10_000_000}),
+    ("greedy_10000_proj64", {"coreset": 10000, "projection": 64}),
+    ("greedy_10000_ch192", {"coreset": 10000, "channels": 192}),
+    ("random_10000", {"sampler": "random", "coreset": 10000}),
+)
+
+
+def _recipe(args, extra: dict | None = None):
+    overrides = dict(parse_override(s) for s in args.set)
+    overrides["train.seed"] = args.seed
+    overrides.update(extra or {})
+    return bench_recipe(args.recipe, overrides)
+
+
+def _base(recipe, args, variant: str) -> dict:
+    return {"model": "knn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": "unsupervised",
+            "variant": variant, "seed": recipe.train.seed, "command": command_line()}
+
+
+def _rounded(metrics: dict) -> dict:
+    return {k: round(float(metrics[k]), 3) for k in METRICS if k in metrics}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tune: defaults from the training split
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cached_features(recipe, arrays):
+    import torch
+
+    from ssn_edge.model.knn.features import PatchFeatures
+
+    extractor = PatchFeatures(recipe.model).eval()
+    with torch.no_grad():
+        return torch.cat([extractor(torch.from_numpy(arrays.images[s : s + 16])) for s in range(0, len(arrays), 16)])
+
+
+def _val_metrics(head, feats, arrays, idx) -> dict:
+    """The held-out images' metrics through the shared post-processing, as evaluate_model computes them."""
+    import dataclasses
+
+    import torch
+
+    from ssn_edge.evaluation.evaluate import metrics_from_predictions, outputs_to_predictions
+
+    maps, scores = [], []
+    with torch.no_grad():
+        for s in range(0, len(idx), 16):
+            m, sc = head(feats[torch.from_numpy(idx[s : s + 16])])
+            maps.append(m[:, 0].numpy())
+            scores.append(sc.numpy())
+    sub = dataclasses.replace(arrays, images=arrays.images[:0], masks=arrays.masks[idx], labels=arrays.labels[idx],
+                              mask_valid=arrays.mask_valid[idx], paths=[arrays.paths[i] for i in idx])
+    probs, upsampled = outputs_to_predictions(np.concatenate(maps), np.concatenate(scores), tuple(arrays.images.shape[-2:]))
+    return metrics_from_predictions(sub, probs, upsampled)
+
+
+def tune(args) -> None:
+    import dataclasses
+
+    import torch
+
+    from ssn_edge.evaluation.job import split_arrays
+    from ssn_edge.model.knn.features import channel_pool_matrix
+    from ssn_edge.train.knn import fit_head
+
+    recipe = _recipe(args)
+    arrays = split_arrays(recipe.data.path, "train", tuple(recipe.data.image_size), progress=not args.quiet)
+    normal = np.random.default_rng(1234).permutation(np.flatnonzero(arrays.labels == 0))
+    val_normal = np.sort(normal[: int(round(VAL_FRACTION * len(normal)))])
+    val = np.sort(np.concatenate([val_normal, np.flatnonzero(arrays.labels == 1)]))
+    if not (arrays.labels[val] == 1).any():
+        raise SystemExit(f"{recipe.data.path}: the training split has no defective images to tune on")
+    fit_labels = arrays.labels.copy()
+    fit_labels[val] = 1  # the fit banks normal images only: the scored ones are hidden from it
+    t0 = time.perf_counter()
+    feats = _cached_features(recipe, arrays)
+    print(f"features of {len(arrays)} training images: {time.perf_counter() - t0:.1f} s")
+    grid = [g for g in TUNE_GRID if not args.only or g[0] in args.only]
+    for variant, knn in grid:
+        cfg = dataclasses.replace(recipe.knn, **knn)
+        f = feats
+        if cfg.channels is not None:
+            f = torch.nn.functional.conv2d(feats, channel_pool_matrix(feats.shape[1], cfg.channels)[:, :, None, None])
+        head, fit = fit_head(lambda i, f=f: f[torch.from_numpy(i)], fit_labels, cfg, recipe.train.seed, not args.quiet)
+        t1 = time.perf_counter()
+        metrics = _val_metrics(head, f, arrays, val)
+        rec = {**_base(recipe, args, f"val_{variant}"), "runtime": "torch", "precision": "fp32",
+               "split": "train_heldout", "val_images": int(len(val)), "val_defective": int((arrays.labels[val] == 1).sum()),
+               **_rounded(metrics), "bank": fit.bank, "pool": fit.candidates, "projection": cfg.projection,
+               "channels": cfg.channels or int(feats.shape[1]), "sampler": cfg.sampler,
+               "coreset_s": round(fit.coreset_s, 1), "score_s": round(time.perf_counter() - t1, 1)}
+        record_results("knn", [rec])
+        print({k: rec[k] for k in ("variant", *METRICS, "bank", "pool", "coreset_s", "score_s")})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# accuracy: fit + test (torch), export, OpenVINO FP32, latency
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ov_latency_ms(compiled, x: np.ndarray, warmup: int, runs: int) -> float:
+    request = compiled.create_infer_request()
+    for _ in range(warmup):
+        request.infer({0: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        request.infer({0: x})
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def _ov_outputs(compiled, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    request = compiled.create_infer_request()
+    maps, scores = [], []
+    for s in range(0, len(images), batch):
+        result = request.infer({0: np.ascontiguousarray(images[s : s + batch])})
+        maps.append(np.asarray(result[compiled.outputs[0]], dtype=np.float32)[:, 0])
+        scores.append(np.asarray(result[compiled.outputs[1]], dtype=np.float32).reshape(-1))
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def _export_fp32(checkpoint: Path, out: Path) -> Path:
+    """`ssn-edge export` (FP32 only), as a user runs it; returns the bundle's FP32 IR."""
+    cmd = [sys.executable, str(ROOT / "cli.py"), "export", "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return out / "model_fp32.xml"
+
+
+def measure(recipe, args, variant: str, out: Path) -> list[dict]:
+    """Fit + test (torch) and, unless --no-export, the exported FP32 IR on OpenVINO; both with batch-1 latency."""
+    import openvino as ov
+    import torch
+
+    from ssn_edge.evaluation.evaluate import metrics_from_predictions, outputs_to_predictions, predict_raw, torch_latency_ms
+    from ssn_edge.evaluation.job import split_arrays
+    from ssn_edge.model.load import load_model
+    from ssn_edge.train.job import train_job
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    result = train_job(recipe, out, progress=not args.quiet)
+    job_s = time.perf_counter() - t0
+    fit = result.history[0]
+    size = tuple(recipe.data.image_size)
+    model = load_model(result.checkpoint).model
+    x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
+    base = {**_base(recipe, args, variant), "precision": "fp32", "train_s": round(fit["fit_s"], 1),
+            "fit_and_test_s": round(job_s, 1), "coreset_s": round(fit["coreset_s"], 1), "bank": fit["bank"],
+            "patches": fit["patches"], "pool": fit["candidates"], "sampler": fit["sampler"],
+            "coreset": recipe.knn.coreset, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    records = [{**base, "runtime": "torch", **_rounded(result.metrics),
+                "latency_ms": round(torch_latency_ms(model, torch.from_numpy(x), warmup=5, runs=args.runs), 2)}]
+    print({k: records[0][k] for k in ("variant", *METRICS, "bank", "train_s", "latency_ms")})
+    if args.no_export:
+        return records
+    xml = _export_fp32(result.checkpoint, out / "bundle")
+    compiled = ov.Core().compile_model(str(xml), "CPU", F32)
+    test = split_arrays(recipe.data.path, "test", size, progress=False)
+    ov_maps, ov_scores = _ov_outputs(compiled, test.images)
+    pt_maps, pt_scores = predict_raw(model, test.images)
+    metrics = metrics_from_predictions(test, *outputs_to_predictions(ov_maps, ov_scores, size))
+    records.append({**base, "runtime": "openvino", "inference_precision_hint": "f32", **_rounded(metrics),
+                    "latency_ms": round(_ov_latency_ms(compiled, x, 5, args.runs), 2),
+                    "map_max_abs_diff": float(np.abs(ov_maps - pt_maps).max()),
+                    "score_max_abs_diff": float(np.abs(ov_scores - pt_scores).max()),
+                    "ir_mb": round(xml.with_suffix(".bin").stat().st_size / 1e6, 1)})
+    print({k: records[1][k] for k in ("variant", *METRICS, "latency_ms", "map_max_abs_diff", "score_max_abs_diff")})
+    return records
+
+
+def accuracy(args) -> None:
+    recipe = _recipe(args)
+    out = ROOT / "runs" / "bench" / f"knn_{args.dataset}_{args.variant}_s{args.seed}"
+    record_results("knn", measure(recipe, args, args.variant, out))
+
+
+def bank(args) -> None:
+    for size in args.sizes:
+        recipe = _recipe(args, {"knn.coreset": size})
+        variant = f"bank_{size}"
+        out = ROOT / "runs" / "bench" / f"knn_{args.dataset}_{variant}_s{args.seed}"
+        record_results("knn", measure(recipe, args, variant, out))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# table: knn.md and knn_bank.png
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def table(args) -> None:  # noqa: ARG001
+    from ssn_edge.runtime.atomic import atomic_write
+
+    records = json.loads((RESULTS / "knn.json").read_text())
+    lines = ["# knn (PatchCore-style) reference: measured on this machine", "",
+             "Written by `python benchmarks/knn_bench.py table` from `knn.json` (each record has its command).", ""]
+    lines += ["## Test split, FP32 (PyTorch and OpenVINO f32)", "",
+              "| dataset | variant | runtime | bank | image AUROC | image AP | pixel AUPRO | pixel AP | fit s | latency ms |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    tested = sorted((r for r in records if r.get("split") != "train_heldout"),
+                    key=lambda r: (r["dataset"], r.get("bank", 0), r["variant"], r["runtime"]))
+    for r in tested:
+        lines.append(f"| {r['dataset']} | {r['variant']} | {r['runtime']} | {r.get('bank', '-')} | "
+                     + " | ".join(_fmt(r.get(k)) for k in METRICS) + f" | {_fmt(r.get('train_s'), '.1f')} | "
+                     f"{_fmt(r.get('latency_ms'))} |")
+    lines += ["", "## Defaults: the training split's held-out part (a fifth of its normal images + its defective ones)", "",
+              "| dataset | variant | bank | pool | image AUROC | image AP | pixel AUPRO | pixel AP | coreset s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in (r for r in records if r.get("split") == "train_heldout"):
+        lines.append(f"| {r['dataset']} | {r['variant']} | {r['bank']} | {r['pool']} | "
+                     + " | ".join(_fmt(r.get(k)) for k in METRICS) + f" | {_fmt(r.get('coreset_s'), '.1f')} |")
+    atomic_write(RESULTS / "knn.md", "\n".join(lines) + "\n")
+    _plot([r for r in tested if r["variant"].startswith("bank_")])
+    print(RESULTS / "knn.md")
+
+
+def _plot(records: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for dataset in sorted({r["dataset"] for r in records}):
+        rows = sorted((r for r in records if r["dataset"] == dataset and r["runtime"] == "openvino"), key=lambda r: r["bank"])
+        rows = rows or sorted((r for r in records if r["dataset"] == dataset), key=lambda r: r["bank"])
+        banks = [r["bank"] for r in rows]
+        axes[0].plot(banks, [r["image_auroc"] for r in rows], "o-", label=f"{dataset} image AUROC")
+        axes[0].plot(banks, [r["pixel_aupro"] for r in rows], "s--", label=f"{dataset} pixel AUPRO")
+        axes[1].plot(banks, [r["latency_ms"] for r in rows], "o-", label=f"{dataset} ({rows[0]['runtime']})")
+    for ax, ylabel in zip(axes, ("percent (test split)", "latency ms (batch 1, 256x256)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("bank size (patches, greedy coreset)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("knn (ResNet18): bank size vs accuracy vs latency, FP32")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "knn_bank.png", dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["tune", "accuracy", "bank", "table"])
+    p.add_argument("--recipe")
+    p.add_argument("--dataset", help="name for the records: mvtec_bottle, magnetic_tile")
+    p.add_argument("--variant", default="default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000], help="bank: knn.coreset counts")
+    p.add_argument("--only", nargs="+", help="tune: only these variants of the grid")
+    p.add_argument("--runs", type=int, default=30, help="timed batch-1 runs")
+    p.add_argument("--no-export", action="store_true", help="accuracy/bank: PyTorch only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    if args.what != "table" and not (args.recipe and args.dataset):
+        p.error(f"{args.what} needs --recipe and --dataset")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    {"tune": tune, "accuracy": accuracy, "bank": bank, "table": table}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

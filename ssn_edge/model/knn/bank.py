@@ -1,0 +1,82 @@
+"""The memory bank: a coreset of normal patch features, and each query patch's distance to its nearest member."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Eager queries go through the bank in blocks of rows, so the (rows, bank) distance block stays under this many
+# floats (64 Mi = 256 MB) whatever the batch and bank size; the exported graph is one MatMul (runtime batch 1).
+BLOCK_FLOATS = 1 << 26
+
+
+def nearest_sq_distance(queries: Tensor, bank_t_neg2: Tensor, bank_sq: Tensor) -> Tensor:
+    """min_b |q - b|^2 for each row of queries (..., C) -> (...).
+
+    bank_t_neg2 is -2 * bank.T (C, N) and bank_sq |b|^2 (N,), both precomputed. The nearest row comes from one
+    MatMul, argmin_b (|b|^2 - 2 q.b) (|q|^2 is the same for every row); its distance is then computed directly,
+    |q - b*|^2, from that row gathered back out of the same constant: the expansion loses float32 digits to
+    cancellation, and the square root magnifies the loss near zero, where normal patches lie."""
+    if queries.dim() == 2:  # eager blocks: one fused multiply-add, one (rows, N) buffer
+        nearest = torch.addmm(bank_sq, queries, bank_t_neg2).argmin(dim=-1)
+    else:  # the traced graph: MatMul, Add, ArgMin (TopK)
+        nearest = torch.argmin(torch.matmul(queries, bank_t_neg2) + bank_sq, dim=-1)
+    rows = torch.index_select(bank_t_neg2, 1, nearest.reshape(-1)).T.reshape(queries.shape) * -0.5  # exact: x 2^-1
+    diff = queries - rows
+    return (diff * diff).sum(-1)
+
+
+def nearest_sq_distance_blocked(queries: Tensor, bank_t_neg2: Tensor, bank_sq: Tensor) -> Tensor:
+    """nearest_sq_distance of queries (Q, C), in row blocks (memory bounded by BLOCK_FLOATS)."""
+    rows = max(1, BLOCK_FLOATS // max(1, bank_sq.numel()))
+    return torch.cat([nearest_sq_distance(queries[s : s + rows], bank_t_neg2, bank_sq)
+                      for s in range(0, len(queries), rows)]) if len(queries) else queries.new_zeros(0)
+
+
+def nearest_distance(bank: Tensor, queries: Tensor) -> Tensor:
+    """Euclidean distance from each row of queries (Q, C) to its nearest row of bank (N, C): (Q,). Both are moved
+    by the bank's mean first: the same distances, fewer float32 digits lost to cancellation (KnnHead)."""
+    mean = bank.float().mean(0)
+    bank = bank.float() - mean
+    return nearest_sq_distance_blocked(queries.float() - mean, -2.0 * bank.T, (bank * bank).sum(1)).sqrt()
+
+
+def random_projection(channels: int, dims: int, seed: int) -> Tensor:
+    """(channels, dims) Gaussian matrix scaled by 1/sqrt(dims): distances are kept in expectation
+    (Johnson-Lindenstrauss), which is all the greedy selection needs of them."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(channels, dims, generator=g) / dims**0.5
+
+
+def greedy_coreset(points: Tensor, k: int, seed: int, progress: bool = False) -> Tensor:
+    """Indices of k rows of points (P, d) chosen by greedy k-center selection (PatchCore 3.2, Sener & Savarese):
+    from a random first row, repeatedly take the row farthest from every row taken so far. Each step is one
+    matrix-vector product over the rows: O(P x k x d) time, O(P) memory beyond the points. Deterministic for a seed.
+    """
+    n = len(points)
+    if not 1 <= k <= n:
+        raise ValueError(f"coreset of {k} rows from {n}: needs 1 <= k <= {n}")
+    points_t = points.float().T.contiguous()  # (d, P): the step's product streams contiguous memory (3x faster)
+    sq = (points_t * points_t).sum(0)
+    chosen = torch.empty(k, dtype=torch.long)
+    chosen[0] = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
+    farthest = torch.full((n,), float("inf"))
+    steps = range(1, k)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="greedy coreset", unit="patch", mininterval=1.0)
+    for i in steps:
+        last = chosen[i - 1]
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2 for every row x against the centre taken last
+        d = torch.matmul(points_t[:, last], points_t).mul_(-2.0).add_(sq).add_(sq[last])
+        torch.minimum(farthest, d, out=farthest)
+        chosen[i] = torch.argmax(farthest)
+    return chosen
+
+
+def random_subset(n: int, k: int, seed: int) -> Tensor:
+    """k of n indices, uniformly without replacement (the random-bank baseline)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"bank of {k} rows from {n}: needs 1 <= k <= {n}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]

@@ -1,0 +1,52 @@
+"""The optimisation schedule (spec 2): AdamW over the adaptor and the heads, MultiStep decay, bf16 autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+from ssn_edge.config import TrainConfig
+from ssn_edge.model.ssn import SuperSimpleNet
+
+Optimizer = torch.optim.Optimizer
+Scheduler = torch.optim.lr_scheduler.MultiStepLR
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def build_optimizer(model: SuperSimpleNet, t: TrainConfig) -> tuple[Optimizer, Scheduler]:
+    """AdamW: the adaptor at lr_adaptor, both heads at lr_heads with weight decay; x lr_gamma at each milestone."""
+    heads = model.heads
+    head_params = [p for n, p in heads.named_parameters() if not n.startswith("adaptor.")]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": heads.adaptor.parameters(), "lr": t.lr_adaptor},
+            {"params": head_params, "lr": t.lr_heads, "weight_decay": t.weight_decay},
+        ]
+    )
+    milestones = sorted({max(1, int(round(f * t.epochs))) for f in t.lr_milestones})
+    return optimizer, Scheduler(optimizer, milestones=milestones, gamma=t.lr_gamma)
+
+
+def restart_schedule(optimizer: Optimizer, scheduler: Scheduler, epoch: int) -> None:
+    """Put the schedule of *this* recipe at `epoch`: a resumed run may have been given more epochs, which
+    moves the milestones, so the saved scheduler state is not reused."""
+    passed = sum(count for m, count in scheduler.milestones.items() if m <= epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * scheduler.gamma**passed
+    scheduler.last_epoch = epoch
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def autocast(t: TrainConfig):
+    """The context the heads' forward passes run in: bf16 autocast, or nothing (fp32)."""
+    if t.precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
