@@ -4,13 +4,15 @@
   python benchmarks/knn_bench.py accuracy --recipe recipes/knn_resnet18.yaml --dataset mvtec_bottle
   python benchmarks/knn_bench.py accuracy --recipe recipes/knn_magnetic_tile.yaml --dataset magnetic_tile
   python benchmarks/knn_bench.py bank --recipe recipes/knn_resnet18.yaml --dataset mvtec_bottle --sizes 1000 4000 16000
+  python benchmarks/knn_bench.py latency
   python benchmarks/knn_bench.py table
 
 tune: the knn defaults, chosen on the TRAINING split only: a seeded fifth of its normal images and its defective
 ones (Magnetic tile's training split has them) are kept out of the fit and scored (records with split
 train_heldout). accuracy: `ssn-edge train` (the fit and the test split, PyTorch FP32), then `ssn-edge export`
 (FP32 IR) run by OpenVINO with INFERENCE_PRECISION_HINT f32 on the test split, its largest difference from PyTorch,
-and batch-1 latency of both. bank: accuracy and latency at several bank sizes (knn.coreset counts). table:
+and batch-1 latency of both. bank: accuracy and latency at several bank sizes (knn.coreset counts). latency:
+every finished run's latency again, in one process (after the fits, on a quiet machine). table:
 benchmarks/results/knn.md and knn_bank.png from knn.json. Records go to benchmarks/results/knn.json.
 """
 
@@ -234,6 +236,34 @@ def bank(args) -> None:
         record_results("knn", measure(recipe, args, variant, out))
 
 
+def latency(args) -> None:
+    """Batch-1 latency of every finished knn run again, PyTorch and OpenVINO f32 alternating in one process, so a
+    busy machine during a long fit does not skew one run's number against another's. Updates their records."""
+    import openvino as ov
+    import torch
+
+    from ssn_edge.evaluation.evaluate import torch_latency_ms
+    from ssn_edge.model.load import load_model
+
+    torch.set_num_threads(2)
+    records = [r for r in json.loads((RESULTS / "knn.json").read_text()) if r.get("split") != "train_heldout"]
+    updated = []
+    for r in records:
+        run = ROOT / "runs" / "bench" / f"knn_{r['dataset']}_{r['variant']}_s{r['seed']}"
+        if not (run / "checkpoint.pt").is_file() or (r["runtime"] == "openvino" and not (run / "bundle").is_dir()):
+            print(f"skipped {run.name} {r['runtime']}: no checkpoint or bundle")
+            continue
+        loaded = load_model(run / "checkpoint.pt")
+        x = np.random.default_rng(0).standard_normal((1, 3, *loaded.recipe.data.image_size)).astype(np.float32)
+        if r["runtime"] == "torch":
+            ms = torch_latency_ms(loaded.model, torch.from_numpy(x), warmup=5, runs=args.runs)
+        else:
+            ms = _ov_latency_ms(ov.Core().compile_model(str(run / "bundle" / "model_fp32.xml"), "CPU", F32), x, 5, args.runs)
+        updated.append({**r, "latency_ms": round(ms, 2), "latency_command": command_line()})
+        print(run.name, r["runtime"], updated[-1]["latency_ms"])
+    record_results("knn", updated)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # table: knn.md and knn_bank.png
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,7 +326,7 @@ def _plot(records: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["tune", "accuracy", "bank", "table"])
+    p.add_argument("what", choices=["tune", "accuracy", "bank", "latency", "table"])
     p.add_argument("--recipe")
     p.add_argument("--dataset", help="name for the records: mvtec_bottle, magnetic_tile")
     p.add_argument("--variant", default="default")
@@ -308,10 +338,10 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
-    if args.what != "table" and not (args.recipe and args.dataset):
+    if args.what not in ("latency", "table") and not (args.recipe and args.dataset):
         p.error(f"{args.what} needs --recipe and --dataset")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    {"tune": tune, "accuracy": accuracy, "bank": bank, "table": table}[args.what](args)
+    {"tune": tune, "accuracy": accuracy, "bank": bank, "latency": latency, "table": table}[args.what](args)
 
 
 if __name__ == "__main__":
