@@ -26,7 +26,7 @@ from ssn_edge.data import ArraySet, DatasetError, load_arrays
 from ssn_edge.export.accuracy import ACC_METRICS, accuracy_record, quantize_int8_acc
 from ssn_edge.export.calibration import CALIBRATION_FILE, CalibrationSpec, calibration_record, select_calibration
 from ssn_edge.export.graph import MAP_STRIDE, GraphPlan, convert, plan_graph
-from ssn_edge.export.inference import Predictions, compile_f32, infer, predict_arrays
+from ssn_edge.export.inference import Predictions, predict_arrays
 from ssn_edge.export.quantize import Calibration, QuantizeOptions, prepare_calibration, quantize_int8
 from ssn_edge.export.thresholds import (
     metrics_from_predictions,
@@ -203,7 +203,7 @@ def _int8_acc(stage: Stage, calib: Calibration, entry: dict[str, Any], options: 
     arrays = data.arrays
     log.info("quantizing to INT8 with accuracy control (%s, max drop %.2f points, %d validation images)",
              options.acc_metric, options.max_drop, len(arrays))
-    fp32_raw = infer(compile_f32(stage.xml("fp32")), arrays.images)
+    fp32_raw = stage.predictions["fp32"].raw  # accuracy control is refused for tiled graphs, so a plain one
     agreement = None
     if options.acc_metric == "decision_agreement":
         threshold = thresholds_from_predictions(arrays, stage.predictions["fp32"]).image
@@ -212,8 +212,7 @@ def _int8_acc(stage: Stage, calib: Calibration, entry: dict[str, Any], options: 
                                           options.max_drop, agreement)
     stage.save("int8_acc", quantized, **entry, quantization=_quantization(options.quantize, offset))
     record = accuracy_record(options.acc_metric, options.max_drop, data.split, arrays, fp32_raw,
-                             infer(compile_f32(stage.xml("int8_acc")), arrays.images), stage.xml("int8_acc"),
-                             agreement)
+                             stage.predictions["int8_acc"].raw, stage.xml("int8_acc"), agreement)
     stage.entries["int8_acc"]["accuracy_control"] = record
 
 

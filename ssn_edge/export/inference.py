@@ -19,10 +19,12 @@ F32_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}  # never let the CPU plugin pic
 
 @dataclass
 class Predictions:
-    """Post-processed outputs on a set of images: scores (N,) in [0, 1], maps (N, H, W) at the images' size."""
+    """Post-processed outputs on a set of images: scores (N,) in [0, 1], maps (N, H, W) at the images' size; for a
+    plain graph also its raw outputs (map logits (N, h, w), score logits (N,)), which accuracy control scores."""
 
     scores: np.ndarray
     maps: np.ndarray
+    raw: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def compile_f32(model: Any):
@@ -65,7 +67,7 @@ def predict_arrays(xml: Path, plan: GraphPlan, arrays: ArraySet) -> Predictions:
     compiled = compile_f32(xml)
     if plan.tiling is None:
         raw, logits = infer(compiled, arrays.images)
-        return Predictions(sigmoid(logits), anomaly_map(raw, arrays.images.shape[-2:]))
+        return Predictions(sigmoid(logits), anomaly_map(raw, arrays.images.shape[-2:]), (raw, logits))
     runner = TiledRunner(compiled, plan.tiling, blur_sigma=BLUR_SIGMA, blur_kernel=BLUR_KERNEL)
     results = [runner.run_normalized(x) for x in arrays.images]
     return Predictions(np.asarray([r.score for r in results], dtype=np.float32), np.stack([r.anomaly_map for r in results]))
