@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +29,7 @@ from ssn_edge.model.checkpoint import KIND_KNN, BackboneIdentity, CheckpointReco
 from ssn_edge.model.knn import KnnDetector, KnnHead, Standardizer
 from ssn_edge.model.knn.bank import greedy_coreset, nearest_distance, random_projection, random_subset
 from ssn_edge.model.knn.features import PatchFeatures
+from ssn_edge.train.loop import TrainResult
 
 log = logging.getLogger("ssn_edge")
 
@@ -48,15 +49,6 @@ class KnnFit:
     features_s: float = 0.0
     coreset_s: float = 0.0
     fit_s: float = 0.0
-
-
-@dataclass
-class KnnTrainResult:
-    """As the SSN training loop's result: checkpoint, history (one record: the fit), test metrics."""
-
-    checkpoint: Path
-    history: list[dict[str, float]] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def split_normal(labels: np.ndarray, held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +149,7 @@ def fit_knn(recipe: Recipe, arrays: ArraySet, progress: bool = True) -> tuple[Kn
 
 
 def train_knn(recipe: Recipe, train_arrays: ArraySet, out_dir: Path, test_arrays: ArraySet | None = None,
-              progress: bool = True) -> KnnTrainResult:
+              progress: bool = True) -> TrainResult:
     """Fit, write checkpoint.pt (atomically), history.json and (with test arrays) metrics.json to out_dir."""
     from ssn_edge.evaluation.evaluate import evaluate_model
 
@@ -177,4 +169,4 @@ def train_knn(recipe: Recipe, train_arrays: ArraySet, out_dir: Path, test_arrays
         metrics = evaluate_model(model, test_arrays)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "history.json").write_text(json.dumps(history, indent=2))
-    return KnnTrainResult(ckpt, history, metrics)
+    return TrainResult(ckpt, history, metrics)  # history: one record, the fit
