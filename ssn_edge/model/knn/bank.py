@@ -33,12 +33,20 @@ def nearest_sq_distance_blocked(queries: Tensor, bank_t_neg2: Tensor, bank_sq: T
                       for s in range(0, len(queries), rows)]) if len(queries) else queries.new_zeros(0)
 
 
+def centred_constants(bank: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean (C,), -2 * centred bank.T (C, N), |centred b|^2 (N,)): what nearest_sq_distance takes. Queries and bank
+    are moved by the bank's mean first: the same distances, but |b|^2 - 2 q.b loses float32 digits to cancellation
+    in proportion to the norms, and ReLU features share a large mean."""
+    bank = bank.float()
+    mean = bank.mean(0) if len(bank) else torch.zeros(bank.shape[1])
+    centred = bank - mean
+    return mean, (-2.0 * centred.T).contiguous(), (centred * centred).sum(1)
+
+
 def nearest_distance(bank: Tensor, queries: Tensor) -> Tensor:
-    """Euclidean distance from each row of queries (Q, C) to its nearest row of bank (N, C): (Q,). Both are moved
-    by the bank's mean first: the same distances, fewer float32 digits lost to cancellation (KnnHead)."""
-    mean = bank.float().mean(0)
-    bank = bank.float() - mean
-    return nearest_sq_distance_blocked(queries.float() - mean, -2.0 * bank.T, (bank * bank).sum(1)).sqrt()
+    """Euclidean distance from each row of queries (Q, C) to its nearest row of bank (N, C): (Q,)."""
+    mean, bank_t_neg2, bank_sq = centred_constants(bank)
+    return nearest_sq_distance_blocked(queries.float() - mean, bank_t_neg2, bank_sq).sqrt()
 
 
 def random_projection(channels: int, dims: int, seed: int) -> Tensor:

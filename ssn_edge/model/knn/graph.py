@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ssn_edge.config import KnnConfig, ModelConfig
-from ssn_edge.model.knn.bank import nearest_sq_distance, nearest_sq_distance_blocked
+from ssn_edge.model.knn.bank import centred_constants, nearest_sq_distance, nearest_sq_distance_blocked
 from ssn_edge.model.knn.features import PatchFeatures
 
 
@@ -50,14 +50,11 @@ class KnnHead(nn.Module):
         self.register_buffer("bank", bank)
         self.register_buffer("map_std", torch.tensor([map_std.center, map_std.scale], dtype=torch.float32))
         self.register_buffer("score_std", torch.tensor([score_std.center, score_std.scale], dtype=torch.float32))
-        # Derived, so not saved. -2 * bank.T and |b|^2 find the nearest row with one MatMul plus adds; both sides
-        # are first moved by the bank's mean (distances do not change), since |b|^2 - 2 q.b loses float32 digits to
-        # cancellation in proportion to the norms, and ReLU features share a large mean.
-        mean = bank.mean(0) if len(bank) else torch.zeros(bank.shape[1])
-        centred = bank - mean
+        # Derived, so not saved: -2 * bank.T and |b|^2 find the nearest row with one MatMul plus adds
+        mean, bank_t_neg2, bank_sq = centred_constants(bank)
         self.register_buffer("bank_mean", mean, persistent=False)
-        self.register_buffer("bank_t_neg2", (-2.0 * centred.T).contiguous(), persistent=False)
-        self.register_buffer("bank_sq", (centred * centred).sum(1), persistent=False)
+        self.register_buffer("bank_t_neg2", bank_t_neg2, persistent=False)
+        self.register_buffer("bank_sq", bank_sq, persistent=False)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]) -> KnnHead:
