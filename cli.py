@@ -32,14 +32,30 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return _USER_ERRORS + tuple(extra)
 
 
+def _os_error_line(exc: OSError) -> str:
+    """A full disk, a folder that cannot be written: '<file>: no space left on device' (one line)."""
+    from ssn_edge.runtime.atomic import describe_os_error
+
+    if exc.errno is None:  # raised with a message of our own
+        return str(exc)
+    where = f"{os.fsdecode(exc.filename)}: " if exc.filename is not None else ""
+    return f"{where}{describe_os_error(exc)}"
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
+        from ssn_edge.runtime.atomic import Interrupted
+
         try:
             return super().invoke(ctx)
-        except _user_errors() as exc:
+        except Interrupted as exc:  # SIGTERM/SIGINT during work that cleans up after itself (export)
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(128 + exc.signum)
+        except (OSError, *_user_errors()) as exc:
             if os.environ.get("SSN_EDGE_DEBUG"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            line = _os_error_line(exc) if isinstance(exc, OSError) else str(exc)
+            click.echo("error: " + " ".join(part.strip() for part in line.splitlines() if part.strip()), err=True)
             sys.exit(2)
 
 
@@ -165,6 +181,30 @@ def predict(bundle, images, precision, out_dir, overlays, save_maps, device, rec
         sys.exit(3)
 
 
+def _bench_frames(bundle, frames, precisions, runs, throughput_seconds, device, json_file) -> None:
+    """`bench --frame`: a tiled bundle's frame latency and MP/s beside its tile model's images/s."""
+    from ssn_edge.runtime.bench import bench_frames, parse_frame_size
+
+    sizes = [parse_frame_size(f) for f in frames]
+    runs = 3 if click.get_current_context().get_parameter_source("runs").name == "DEFAULT" else runs
+    records = bench_frames(bundle, sizes, list(precisions) or None, runs, throughput_seconds, device)
+    click.echo(f"{'precision':<9} {'frame':>11} {'tiles':>6} {'frame ms':>10} {'MP/s':>7} {'model img/s':>11} {'ratio':>6}")
+    for r in records:
+        ips = f"{r['model_throughput_ips']:11.1f}" if r["model_throughput_ips"] else f"{'-':>11}"
+        ratio = f"{r['ratio']:6.2f}" if r["ratio"] is not None else f"{'-':>6}"
+        frame = f"{r['frame'][0]}x{r['frame'][1]}"
+        click.echo(f"{r['precision']:<9} {frame:>11} {r['tiles']:6d} {r['latency_ms']:10.1f} {r['megapixels_per_s']:7.3f} {ips} {ratio}")
+    click.echo("ratio: tiled MP/s / (model img/s x tile pixels / frame pixels covered, overlap counted); 1.0 = no overhead")
+    if json_file:
+        from ssn_edge.runtime.atomic import atomic_write
+
+        out = Path(json_file)
+        try:
+            atomic_write(out, json.dumps({"results": records}, indent=2) + "\n")
+        except OSError as exc:
+            raise ValueError(f"{out}: cannot write the results: {exc.strerror or exc}") from None
+        click.echo(f"results: {out}")
+
 def _window_seconds(_ctx, _param, value: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise click.BadParameter(f"{value} is not a time window: give seconds >= 0 (0 skips the throughput run)")
@@ -181,7 +221,10 @@ def _window_seconds(_ctx, _param, value: float) -> float:
 @click.option("--peak/--no-peak", default=False, show_default=True, help="Also measure this CPU's 3x3-conv peak (f32, int8) and the achieved/peak ratio.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write all records to this file.")
 @click.option("--device", default="CPU", show_default=True)
-def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file, device) -> None:
+@click.option("--frame", "frames", multiple=True, metavar="WxH",
+              help="Tiled bundles: time whole frames of this size (repeatable; 5472x3648 or 2048) beside the tile "
+                   "model's own images/s; --runs frames each (default 3 here).")
+def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file, device, frames) -> None:
     """Latency (batch 1), throughput, MACs and GOPS of a bundle per precision on this machine."""
     from ssn_edge.runtime.bench import bench_bundle, conv_peak_sweep, peak_ratio
 
@@ -189,6 +232,9 @@ def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file,
         first = next((p for p in Path(json_file).resolve().parents if p.exists()), None)
         if first is not None and not first.is_dir():
             raise ValueError(f"{json_file}: cannot write the results: {first} is a file, not a folder")
+    if frames:
+        _bench_frames(bundle, frames, precisions, runs, throughput_seconds, device, json_file)
+        return
     records = bench_bundle(bundle, list(precisions) or None, warmup, runs, throughput_seconds, device)
     peaks: dict = {}
     if peak:
@@ -241,6 +287,16 @@ def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file,
 @click.option("--data", "data_path", type=click.Path(), help="Threshold/validation data (val split, else test); default: the recipe's data.path.")
 @click.option("--weights", help="Backbone weights file, if not where training found it.")
 @click.option("--map-gate", type=click.Choice(MAP_GATES), default=None, help=MAP_GATE_HELP)
+@click.option("--threshold-from", default="normal", show_default=True, type=click.Choice(["normal", "f1", "test-f1"]),
+              help="normal: a target false-alarm rate on normal images training never saw (held out: data.val_fraction); "
+                   "f1: F1-max on the 'val' split (needs defects); test-f1: F1-max on the 'test' split (optimistic; the bundle says so).")
+@click.option("--max-false-alarm", default=0.01, show_default=True, type=float,
+              help="--threshold-from normal: largest fraction of held-out normal images at or above the image threshold.")
+@click.option("--max-false-alarm-pixel", default=0.001, show_default=True, type=float,
+              help="--threshold-from normal: largest fraction of held-out normal pixels at or above the pixel threshold.")
+@click.option("--review-false-alarm", type=float, default=None,
+              help="Also a review threshold at this (higher) false-alarm rate: results ok | review | defect.")
+@click.option("--dynamic-batch", is_flag=True, help="Plain graphs with a dynamic batch (default: batch 1, fully static shapes).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 def export(**opts) -> None:
     """Export a checkpoint to an OpenVINO bundle: FP32 always, FP16/INT8/accuracy-controlled INT8 on request."""
@@ -255,7 +311,9 @@ def export(**opts) -> None:
         size = (bundle.model_path(precision).stat().st_size + bundle.weights_path(precision).stat().st_size) / 1e6
         click.echo(f"  {precision:<10} {bundle.metadata.models[precision].weights_precision:<8} {size:>9.2f}")
     th = bundle.metadata.thresholds
-    click.echo(f"thresholds ({th.source} split): image {th.image:.4f}, pixel {th.pixel:.4f}")
+    rate = f", false alarms on {th.held_out} held-out normal images {100 * th.false_alarm:.2f} %" if th.held_out else ""
+    review = f", review {th.review:.4f}" if th.review is not None else ""
+    click.echo(f"thresholds ({th.method} on {th.source}): image {th.image:.4f}{review}, pixel {th.pixel:.4f}{rate}")
 
 
 def _calibration_spec(opts: dict):
@@ -291,13 +349,21 @@ def _calibration_spec(opts: dict):
 def _export_options(opts: dict):
     from ssn_edge.export.exporter import ExportOptions
     from ssn_edge.export.quantize import QuantizeOptions
+    from ssn_edge.export.thresholds import ThresholdChoice
 
     return ExportOptions(
         fp16=opts["fp16"], int8=opts["int8"], int8_acc=opts["int8_acc"], calibration=_calibration_spec(opts),
         quantize=QuantizeOptions(activation_range=opts["act_range"], score_offset=opts["score_offset"]),
         max_drop=opts["max_drop"], acc_metric=opts["acc_metric"], threshold_data=opts["data_path"],
         weights=opts["weights"], map_gate=opts["map_gate"], overwrite=opts["overwrite"],
+        thresholds=ThresholdChoice(opts["threshold_from"], opts["max_false_alarm"], opts["max_false_alarm_pixel"],
+                                   opts["review_false_alarm"]),
+        dynamic_batch=opts["dynamic_batch"],
     )
+
+
+def _num(record: dict, key: str, fmt: str) -> str:
+    return format(record[key], fmt) if record.get(key) is not None else "-"
 
 
 @main.command("report")
@@ -308,20 +374,26 @@ def _export_options(opts: dict):
 @click.option("--weights", help="Backbone weights file for --checkpoint, if not where training found it.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Report folder (default: <bundle>_report beside the bundle).")
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1), help="Timed batch-1 runs per variant.")
-@click.option("--seconds", "throughput_seconds", default=2.0, show_default=True, type=float, help="Throughput window per variant (0: skip).")
-def report(bundle, data_path, split, checkpoint, weights, out_dir, runs, throughput_seconds) -> None:
+@click.option("--seconds", "throughput_seconds", default=2.0, show_default=True, type=float, callback=_window_seconds,
+              help="Throughput window per variant (0: skip).")
+@click.option("--reference", "reference_model", default="none", show_default=True, type=click.Choice(["none", "knn"]),
+              help="knn: also fit the memory-bank baseline on the bundle's training images (about a minute per "
+                   "200 images; needs PyTorch) and add its row.")
+def report(bundle, data_path, split, checkpoint, weights, out_dir, runs, throughput_seconds, reference_model) -> None:
     """Accuracy/speed report of every precision of a bundle vs FP32: report.json + a self-contained report.html."""
     from ssn_edge.report.build import build_report
 
     result = build_report(bundle, data_path, split, checkpoint, out_dir, runs=runs, weights=weights,
-                          throughput_seconds=throughput_seconds)
+                          throughput_seconds=throughput_seconds, reference_model=reference_model)
     click.echo(f"{'runtime':<8} {'precision':<9} {'img AUROC':>9} {'px AUPRO':>9} {'max dscore':>10} {'flips':>5} {'ms':>8}")
     for r in result.records:
-        def num(key: str, fmt: str) -> str:
-            return format(r[key], fmt) if r.get(key) is not None else "-"
-
-        click.echo(f"{r['runtime']:<8} {r['precision']:<9} {num('image_auroc', '.2f'):>9} {num('pixel_aupro', '.2f'):>9} "
-                   f"{num('score_max_abs_diff', '.2e'):>10} {r['flips']:>5} {num('latency_ms', '.2f'):>8}")
+        click.echo(f"{r['runtime']:<8} {r['precision']:<9} {_num(r, 'image_auroc', '.2f'):>9} "
+                   f"{_num(r, 'pixel_aupro', '.2f'):>9} {_num(r, 'score_max_abs_diff', '.2e'):>10} {r['flips']:>5} "
+                   f"{_num(r, 'latency_ms', '.2f'):>8}")
+    if result.baseline is not None:
+        b = result.baseline
+        click.echo(f"knn baseline (openvino fp32, fitted in {b['fit_s']:.0f} s): image AUROC {_num(b, 'image_auroc', '.2f')}, "
+                   f"pixel AUPRO {_num(b, 'pixel_aupro', '.2f')}, {_num(b, 'latency_ms', '.2f')} ms")
     for w in result.warnings:
         click.echo(w)
     click.echo(f"reference: {result.reference}")
@@ -337,6 +409,85 @@ def demo(out_dir, weights, epochs) -> None:
     from ssn_edge.demo.run import DEMO_EPOCHS, run_demo
 
     run_demo(out_dir, epochs or DEMO_EPOCHS, weights, echo=click.echo)
+
+
+@main.command("serve")
+@click.argument("bundles", nargs=-1, type=str)
+@click.option("--repo", "repo_dir", type=click.Path(file_okay=False), help="Serve every version of every model in this model repository.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (keep 127.0.0.1 unless the line's network needs another).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--precision", default=None, help="For BUNDLE folders: fp32 | bf16 | fp16 | int8 | int8_acc (default: int8 if present, else fp32).")
+@click.option("--queue", "queue_size", default=8, show_default=True, type=click.IntRange(min=0), help="Requests waiting per model beyond those running; more get 503.")
+@click.option("--timeout", "timeout_s", default=30.0, show_default=True, type=float, help="Seconds a request may take before a 504.")
+@click.option("--max-body-mb", default=64.0, show_default=True, type=float, help="Largest request body; larger gets 413.")
+@click.option("--device", default="CPU", show_default=True)
+def serve(bundles, repo_dir, host, port, precision, queue_size, timeout_s, max_body_mb, device) -> None:
+    """KServe v2 (Open Inference Protocol) REST server for BUNDLE folders ([NAME=]PATH) and/or --repo DIR.
+
+    POST /v2/models/NAME/infer with the IR's input (FP32 [N, 3, H, W]) or encoded images (image_bytes, BYTES);
+    outputs score, decision, map_max and, on request, map. /metrics: Prometheus. Needs the extra .[serve]."""
+    try:
+        from ssn_edge.serve.registry import ServeOptions, build_registry
+        from ssn_edge.serve.server import serve as run_server
+    except ImportError as exc:
+        raise ValueError(f"serve needs the serving extra: pip install 'ssn-edge[serve]' ({exc})") from None
+
+    options = ServeOptions(precision=precision, queue_size=queue_size, timeout_s=timeout_s, max_body_mb=max_body_mb, device=device)
+    registry = build_registry(list(bundles), repo_dir, options)
+    for name, versions in registry.models.items():
+        for v, entry in sorted(versions.items()):
+            click.echo(f"model {name} version {v}: {entry.bundle.path} ({entry.precision}, runs {entry.engine.inference_precision})")
+    click.echo(f"listening on http://{host}:{port} (KServe v2 REST; Ctrl-C stops)")
+    run_server(registry, options, host, port)
+
+
+@main.group("repo")
+def repo() -> None:
+    """Model repository in OpenVINO Model Server's layout (NAME/VERSION/model.xml + config.json)."""
+
+
+@repo.command("add")
+@click.argument("repo_dir", type=click.Path(file_okay=False))
+@click.argument("bundle", type=click.Path())
+@click.option("--name", required=True, help="The model's name in the repository (and in KServe URLs).")
+@click.option("--precision", default=None, type=click.Choice(["fp32", "fp16", "int8", "int8_acc"]),
+              help="The bundle precision the version holds (default: int8 if present, else fp32).")
+def repo_add(repo_dir, bundle, name, precision) -> None:
+    """Add BUNDLE to REPO_DIR as a new version of model NAME; rewrites REPO_DIR/config.json for OVMS."""
+    from ssn_edge.serve.repository import CONFIG, add_bundle
+
+    added = add_bundle(Path(repo_dir), Path(bundle), name, precision)
+    click.echo(f"{added.name} version {added.version}: {added.path}")
+    click.echo(f"OVMS config: {Path(repo_dir) / CONFIG}")
+
+
+@main.command("train-many")
+@click.argument("plan_file", type=click.Path(dir_okay=False))
+@click.option("--address", default=None, help="Join this Ray cluster (e.g. ray://head:10001 or auto); default: a local Ray for this run.")
+@click.option("--num-cpus", default=None, type=click.IntRange(min=1), help="CPUs of the local Ray (default: all).")
+@click.option("--repo", "repo_dir", default=None, type=click.Path(file_okay=False), help="Model repository (default: the plan's repo).")
+@click.option("--force", multiple=True, metavar="NAME", help="Train this job again even if finished (repeatable).")
+def train_many(plan_file, address, num_cpus, repo_dir, force) -> None:
+    """Train and export every job of PLAN_FILE as Ray tasks; bundles go to the model repository. Jobs finished
+    by an earlier run with the same plan entry are kept. Exit status 3 when a job failed. Needs .[fleet]."""
+    from ssn_edge.fleet.plan import load_plan
+
+    import importlib.util
+
+    plan = load_plan(plan_file, repo_dir)
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError("train-many needs Ray: pip install 'ssn-edge[fleet]'")
+    from ssn_edge.fleet.run import summary_table, train_many as run_plan
+
+    def show(outcome) -> None:
+        where = f"version {outcome.version}" if outcome.version is not None else outcome.error
+        click.echo(f"{outcome.name}: {outcome.status} ({where})")
+
+    outcomes = run_plan(plan, address=address, num_cpus=num_cpus, force=force, on_outcome=show)
+    click.echo(summary_table(outcomes))
+    click.echo(f"repository: {plan.repo}")
+    if any(o.status == "failed" for o in outcomes):
+        sys.exit(3)
 
 
 if __name__ == "__main__":

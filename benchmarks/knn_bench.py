@@ -5,6 +5,9 @@
   python benchmarks/knn_bench.py accuracy --recipe recipes/knn_magnetic_tile.yaml --dataset magnetic_tile
   python benchmarks/knn_bench.py bank --recipe recipes/knn_resnet18.yaml --dataset mvtec_bottle --sizes 1000 4000 16000
   python benchmarks/knn_bench.py latency
+  python benchmarks/knn_bench.py int8 --dataset mvtec_bottle
+  python benchmarks/knn_bench.py int8 --dataset magnetic_tile
+  python benchmarks/knn_bench.py vs_ssn --ssn-full BUNDLE --ssn-light BUNDLE
   python benchmarks/knn_bench.py table
 
 tune: the knn defaults, chosen on the TRAINING split only: a seeded fifth of its normal images and its defective
@@ -12,7 +15,11 @@ ones (Magnetic tile's training split has them) are kept out of the fit and score
 train_heldout). accuracy: `ssn-edge train` (the fit and the test split, PyTorch FP32), then `ssn-edge export`
 (FP32 IR) run by OpenVINO with INFERENCE_PRECISION_HINT f32 on the test split, its largest difference from PyTorch,
 and batch-1 latency of both. bank: accuracy and latency at several bank sizes (knn.coreset counts). latency:
-every finished run's latency again, in one process (after the fits, on a quiet machine). table:
+every finished run's latency again, in one process (after the fits, on a quiet machine). int8: the default run's
+checkpoint exported with `--int8` (the distances kept float, ssn_edge/export/quantize.py) and, for the record,
+with everything quantized; FP32 and INT8 of each on the test split through the runtime (f32 hint), decision flips
+at the bundle's image threshold. vs_ssn: batch-1 latency at 256x256 of the knn INT8 bundle beside SSN bundles'
+INT8 (full and light head), rounds alternating in one process, and ratio records. table:
 benchmarks/results/knn.md and knn_bank.png from knn.json. Records go to benchmarks/results/knn.json.
 """
 
@@ -265,6 +272,88 @@ def latency(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# int8: accuracy of the INT8 bundle; vs_ssn: its latency beside SSN's
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _bundle_rows(bundle_path: Path, arrays) -> dict[str, dict]:
+    """FP32 (f32 hint) and INT8 of a bundle on the arrays through the runtime: metrics, scores, latency."""
+    from ssn_edge.report.build import compare_scores, variant_metrics
+    from ssn_edge.report.variants import openvino_variant
+    from ssn_edge.runtime.bench import bench_bundle
+    from ssn_edge.runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    rows = {p: openvino_variant(bundle, p, arrays) for p in ("fp32", "int8")}
+    timing = {r["precision"]: r for r in bench_bundle(bundle, precisions=["fp32", "int8"], warmup=5, runs=30,
+                                                       throughput_seconds=0)}
+    out = {}
+    for p, v in rows.items():
+        cmp = compare_scores(v.scores, rows["fp32"].scores, bundle.image_threshold)
+        out[p] = {"precision": p, "runtime": "openvino", "inference_precision_hint": v.hint,
+                  **_rounded({k: x for k, x in variant_metrics(arrays, v.scores, v.maps).items() if x is not None}),
+                  "flips": cmp["flips"], "score_max_abs_diff": round(cmp["score_max_abs_diff"], 5),
+                  "latency_ms": round(timing[p]["latency_ms"], 2), "file_mb": timing[p].get("file_mb")}
+    return out
+
+
+def int8(args) -> None:
+    from ssn_edge.evaluation.job import split_arrays
+    from ssn_edge.export import quantize
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
+    from ssn_edge.export.thresholds import ThresholdChoice
+    from ssn_edge.model.load import load_model
+
+    run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_default_s{args.seed}"
+    recipe = load_model(run / "checkpoint.pt").recipe
+    test = split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False)
+    base = {"model": "knn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": "unsupervised",
+            "seed": args.seed, "command": command_line()}
+    records = []
+    for variant, scopes in (("default", quantize.FLOAT_SCOPES), ("int8_all_quantized", {})):
+        saved, quantize.FLOAT_SCOPES = quantize.FLOAT_SCOPES, scopes
+        try:
+            out = run / f"bundle_{variant}_int8"
+            # these fits predate the held-out split: thresholds (only the flips count uses them) from test F1
+            export_bundle(run / "checkpoint.pt", out, ExportOptions(int8=True, overwrite=True,
+                                                                    thresholds=ThresholdChoice(source="test-f1")))
+        finally:
+            quantize.FLOAT_SCOPES = saved
+        rows = _bundle_rows(out, test)
+        fp32 = {f"fp32_{k}": rows["fp32"][k] for k in METRICS if k in rows["fp32"]}
+        drops = {f"drop_{k}": round(rows["fp32"][k] - rows["int8"][k], 3) for k in METRICS if k in rows["int8"]}
+        records.append({**base, "variant": variant, **rows["int8"], **fp32, **drops,
+                        "fp32_latency_ms": rows["fp32"]["latency_ms"]})
+        print({k: records[-1].get(k) for k in ("variant", *METRICS, *drops, "flips", "latency_ms", "fp32_latency_ms")})
+    record_results("knn", records)
+
+
+def vs_ssn(args) -> None:
+    """Batch-1 latency at 256x256 of INT8 bundles, rounds alternating so machine noise falls on all alike."""
+    from ssn_edge.runtime.bench import bench_bundle
+    from ssn_edge.runtime.bundle import load_bundle
+
+    bundles = {"knn": ROOT / "runs" / "bench" / f"knn_{args.dataset}_default_s{args.seed}" / "bundle_default_int8",
+               "ssn_full": Path(args.ssn_full), "ssn_light": Path(args.ssn_light)}
+    loaded = {k: load_bundle(p) for k, p in bundles.items()}
+    times: dict[str, list[float]] = {k: [] for k in bundles}
+    for _ in range(args.rounds):
+        for k, b in loaded.items():
+            times[k].append(bench_bundle(b, precisions=["int8"], warmup=3, runs=args.runs, throughput_seconds=0)[0]["latency_ms"])
+    ms = {k: float(np.median(v)) for k, v in times.items()}
+    base = {"dataset": args.dataset, "backbone": "resnet18", "setting": "unsupervised", "runtime": "openvino",
+            "precision": "int8", "seed": args.seed, "command": command_line()}
+    records = [{**base, "model": "knn" if k == "knn" else "ssn", "variant": f"latency_{k}", "latency_ms": round(v, 2),
+                "bundle": str(bundles[k])} for k, v in ms.items()]
+    for k in ("ssn_full", "ssn_light"):
+        records.append({**base, "model": "knn", "variant": f"knn_vs_{k}", "ratio": round(ms["knn"] / ms[k], 3),
+                        "ratio_of": f"knn_vs_ssn_int8_latency_{k.split('_')[1]}_head"})
+    for r in records:
+        print({k: r.get(k) for k in ("variant", "latency_ms", "ratio", "ratio_of")})
+    record_results("knn", records)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # table: knn.md and knn_bank.png
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -282,7 +371,8 @@ def table(args) -> None:  # noqa: ARG001
     lines += ["## Test split, FP32 (PyTorch and OpenVINO f32)", "",
               "| dataset | variant | runtime | bank | image AUROC | image AP | pixel AUPRO | pixel AP | fit s | latency ms |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    tested = sorted((r for r in records if r.get("split") != "train_heldout"),
+    tested = sorted((r for r in records if r.get("split") != "train_heldout" and r.get("precision", "fp32") == "fp32"
+                     and "ratio" not in r and not r["variant"].startswith("latency_")),
                     key=lambda r: (r["dataset"], r.get("bank", 0), r["variant"], r["runtime"]))
     for r in tested:
         lines.append(f"| {r['dataset']} | {r['variant']} | {r['runtime']} | {r.get('bank', '-')} | "
@@ -294,6 +384,20 @@ def table(args) -> None:  # noqa: ARG001
     for r in (r for r in records if r.get("split") == "train_heldout"):
         lines.append(f"| {r['dataset']} | {r['variant']} | {r['bank']} | {r['pool']} | "
                      + " | ".join(_fmt(r.get(k)) for k in METRICS) + f" | {_fmt(r.get('coreset_s'), '.1f')} |")
+    lines += ["", "## INT8 (OpenVINO, f32 hint for both; drop = FP32 - INT8, same run)", "",
+              "| dataset | variant | image AUROC | pixel AUPRO | drop image AUROC | drop pixel AUPRO | flips | latency ms | FP32 ms |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in (r for r in records if r.get("precision") == "int8" and "drop_image_auroc" in r):
+        lines.append(f"| {r['dataset']} | {r['variant']} | {_fmt(r.get('image_auroc'))} | {_fmt(r.get('pixel_aupro'))} | "
+                     f"{_fmt(r.get('drop_image_auroc'))} | {_fmt(r.get('drop_pixel_aupro'))} | {r.get('flips')} | "
+                     f"{_fmt(r.get('latency_ms'))} | {_fmt(r.get('fp32_latency_ms'))} |")
+    lines += ["", "## INT8 batch-1 latency at 256x256 beside SSN (one run, rounds alternating)", "",
+              "| bundle | latency ms | | ratio | of |", "| --- | --- | --- | --- | --- |"]
+    for r in records:
+        if r["variant"].startswith("latency_"):
+            lines.append(f"| {r['variant'][8:]} | {_fmt(r.get('latency_ms'))} | | | |")
+        elif r.get("ratio_of", "").startswith("knn_vs_ssn"):
+            lines.append(f"| | | | {_fmt(r.get('ratio'), '.3f')} | {r['ratio_of']} |")
     atomic_write(RESULTS / "knn.md", "\n".join(lines) + "\n")
     _plot([r for r in tested if r["variant"].startswith("bank_")])
     print(RESULTS / "knn.md")
@@ -326,7 +430,7 @@ def _plot(records: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["tune", "accuracy", "bank", "latency", "table"])
+    p.add_argument("what", choices=["tune", "accuracy", "bank", "latency", "int8", "vs_ssn", "table"])
     p.add_argument("--recipe")
     p.add_argument("--dataset", help="name for the records: mvtec_bottle, magnetic_tile")
     p.add_argument("--variant", default="default")
@@ -337,11 +441,17 @@ def main() -> None:
     p.add_argument("--no-export", action="store_true", help="accuracy/bank: PyTorch only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--ssn-full", help="vs_ssn: an SSN bundle (full classification head) with an INT8 model")
+    p.add_argument("--ssn-light", help="vs_ssn: an SSN bundle (light classification head) with an INT8 model")
+    p.add_argument("--rounds", type=int, default=5, help="vs_ssn: alternating rounds")
     args = p.parse_args()
-    if args.what not in ("latency", "table") and not (args.recipe and args.dataset):
+    if args.what in ("int8", "vs_ssn") and not args.dataset:
+        p.error(f"{args.what} needs --dataset")
+    if args.what not in ("latency", "table", "int8", "vs_ssn") and not (args.recipe and args.dataset):
         p.error(f"{args.what} needs --recipe and --dataset")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    {"tune": tune, "accuracy": accuracy, "bank": bank, "latency": latency, "table": table}[args.what](args)
+    {"tune": tune, "accuracy": accuracy, "bank": bank, "latency": latency, "int8": int8, "vs_ssn": vs_ssn,
+     "table": table}[args.what](args)
 
 
 if __name__ == "__main__":

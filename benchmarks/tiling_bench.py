@@ -7,6 +7,15 @@ independent tiles, and peak memory of `ssn-edge predict` on an 8192x8192 vs a 20
   python benchmarks/tiling_bench.py edge-profile                         # where the two graphs' maps differ
   python benchmarks/tiling_bench.py graph-match --variant tiled_ens4     # accuracy run in either graph (PyTorch)
   python benchmarks/tiling_bench.py rss                                  # 8192 vs 2048 through ssn-edge predict
+  python benchmarks/tiling_bench.py profile --before REF                 # issue 32: where a frame's time goes
+  python benchmarks/tiling_bench.py overhead --before REF                # issue 32: the runner's own ms per tile
+  python benchmarks/tiling_bench.py shared-vs-independent --speed-bundles --precision int8 --images 20
+
+profile / overhead / --speed-bundles use the speed bundles (runs/bench/tiling/speed, made by `speed-bundles`
+on first use): the production graph (ResNet18 ImageNet layers, 256 tiles every 128 px; 9-location ensemble at
+512) with heads trained one epoch on synthetic images, since speed does not depend on what the heads learned.
+--before REF runs the same measurement on ssn_edge as of git commit REF (unpacked with git archive) in fresh
+processes, interleaved with this code's.
 
 Checkpoints and bundles go to runs/bench/tiling/<variant>/; records to benchmarks/results/tiling.json.
 single_256 is the issue-2 model (runs/bench/mvtec_bottle_unsupervised_cpu_schedule_s0), run on 512 images
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -29,6 +39,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if os.environ.get("SSN_EDGE_CODE"):  # a child measuring an earlier commit's ssn_edge (profile --before): it comes first
+    sys.path.insert(0, os.environ["SSN_EDGE_CODE"])
 
 from benchmarks.results import command_line, record_results  # noqa: E402
 
@@ -164,11 +176,16 @@ def shared_vs_independent(args) -> None:
 
     _require_data()
     variant = "tiled_ens9"
-    if not checkpoint_of(variant).is_file():
+    if args.speed_bundles:  # the speed bundles (same graphs, heads trained on synthetic data): no bottle run needed
+        bundles = speed_bundles()
+        paths, base = {g: bundles[f"ens9_{g}"] for g in ("image", "tiles")}, {**SPEED_BASE, "code": "after"}
+    elif not checkpoint_of(variant).is_file():
         print(f"skipped: {checkpoint_of(variant)} not trained")
         return
-    images = [read_image(s.image) for s in select(load_dataset(DATA), "test")]
-    engines = {g: Engine(bundle_of(variant, g), precision=args.precision, mode="latency") for g in ("image", "tiles")}
+    else:
+        paths, base = {g: bundle_of(variant, g) for g in ("image", "tiles")}, BASE
+    images = [read_image(s.image) for s in select(load_dataset(DATA), "test")][: args.images]
+    engines = {g: Engine(paths[g], precision=args.precision, mode="latency") for g in ("image", "tiles")}
     runners = {g: e.runner() for g, e in engines.items()}
     for r in runners.values():  # warm-up
         r.run(images[0])
@@ -186,7 +203,7 @@ def shared_vs_independent(args) -> None:
                 score_diffs.append(abs(out["image"].score - out["tiles"].score))
                 ranges.append(float(np.ptp(out["tiles"].anomaly_map)))
     shared_ms, indep_ms = float(np.median(times["image"])), float(np.median(times["tiles"]))
-    rec = {**BASE, "variant": variant, "runtime": "openvino", "precision": args.precision,
+    rec = {**base, "variant": variant, "runtime": "openvino", "precision": args.precision,
            "ratio": round(indep_ms / shared_ms, 3), "ratio_of": "shared_backbone_vs_independent_tiles",
            "latency_shared_ms": round(shared_ms, 2), "latency_independent_ms": round(indep_ms, 2),
            "map_max_abs_diff": round(max(diffs), 4), "map_mean_of_max_abs_diff": round(float(np.mean(diffs)), 4),
@@ -306,6 +323,279 @@ def rss(args) -> None:
     record_results("tiling", records)
 
 
+# -- speed of the tiled runtime (issue 32) ---------------------------------------------------------------
+# Speed depends on the graph, not on what its heads learned: the speed bundles are the production architecture
+# (ResNet18 with the ImageNet weights, 256 tiles every 128 px) with heads trained one epoch on a small synthetic
+# set, so they are made in a minute and measure what a trained bottle bundle would.
+SPEED = RUNS / "speed"
+SPEED_TILING = {
+    "single": {"tile": [256, 256], "stride": [128, 128], "mode": "single", "shared_backbone": False, "resize": False},
+    "ens9": {"tile": [256, 256], "stride": [128, 128], "mode": "ensemble", "shared_backbone": True},
+}
+SPEED_BASE = {"dataset": "synthetic_512", "backbone": "resnet18", "setting": "unsupervised"}
+# Where the runner's main thread spends its time, by the functions that do each stage (old and new names: the
+# profile runs on the code of any commit). Nested stages are made exclusive by subtracting the inner ones.
+STAGES = {
+    "decode": ["rows", "load_image", "read_image_raw"],
+    "cut": ["batch", "stack"],
+    "preprocess": ["prepare_tile", "normalize_rows", "graph_input"],
+    "inference_wait": ["get_idle_request_id", "wait_all", "start_async", "infer"],
+    "postprocess": ["anomaly_map"],
+    "merge": ["add_row", "untile"],
+    "seams": ["_emit", "smooth_seams"],
+    "write": ["__call__", "save"],
+}
+# BandMerger.add_row calls _emit (the seam blur), which hands rows to the sink (MapSink.__call__, writing)
+NESTED = {"merge": ("_emit", ["add_row"]), "seams": ("__call__", ["_emit"])}
+
+
+def speed_bundles(_args=None) -> dict[str, Path]:
+    """The speed bundles (INT8 + FP32): the single-model tile graph, and the 9-location ensemble exported with
+    the shared-backbone ("image") and the independent-tiles ("tiles") graph."""
+    from ssn_edge.config import recipe_from_dict
+    from ssn_edge.data.synthetic import SyntheticSpec, make_dataset
+    from ssn_edge.export.calibration import CalibrationSpec
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
+    from ssn_edge.train.job import train_job
+
+    weights = ROOT / ".." / "shared" / "weights" / "resnet18-imagenet1k-v1-to-layer3.pth"
+    if not weights.exists():
+        print(f"skipped: {weights} is absent")
+        sys.exit(0)
+    data = SPEED / "data512"
+    if not data.exists():
+        make_dataset(data, SyntheticSpec(size=512, n_train=6, n_test_good=3, n_test_defect_per_type=1))
+    out = {}
+    for name, tiling in SPEED_TILING.items():
+        run = SPEED / f"run_{name}"
+        if not (run / "checkpoint.pt").exists():
+            train_job(recipe_from_dict({
+                "name": f"speed_{name}", "data": {"path": str(data), "image_size": [512, 512]},
+                "model": {"backbone": "resnet18", "weights": str(weights.resolve())},
+                "train": {"epochs": 1, "batch_size": 8, "seed": 0, "crop_epochs": 1}, "tiling": tiling}), run, progress=False)
+        for graph in ([None] if name == "single" else ["image", "tiles"]):
+            bundle = SPEED / (f"bundle_{name}" + (f"_{graph}" if graph else ""))
+            if not (bundle / "metadata.json").exists():
+                export_bundle(run / "checkpoint.pt", bundle, ExportOptions(
+                    int8=True, calibration=CalibrationSpec(source="recipe", size=6, defects=0.0),
+                    threshold_data=str(data), overwrite=True, graph=graph))
+            out[f"{name}_{graph}" if graph else name] = bundle
+    return out
+
+
+def parse_frame(text: str) -> tuple[int, int]:
+    """'2048' -> (2048, 2048); '5472x3648' -> (3648, 5472): (H, W) from side or WxH."""
+    w, _, h = text.lower().partition("x")
+    return (int(h or w), int(w))
+
+
+def speed_frame(size: tuple[int, int]) -> Path:
+    """A BMP frame of (H, W) (line cameras write uncompressed BMP; read a band at a time): a real bottle
+    texture repeated, so the maps are those of a real part, not of noise."""
+    import cv2
+
+    h, w = size
+    path = SPEED / "frames" / f"bottle_{w}x{h}.bmp"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        src = cv2.imread(str(sorted((DATA / "test" / "broken_large").glob("*.png"))[0]))
+        reps = (-(-h // src.shape[0]), -(-w // src.shape[1]), 1)
+        cv2.imwrite(str(path), np.tile(src, reps)[:h, :w])
+    return path
+
+
+def stage_times(stats) -> dict[str, float]:
+    """ms per stage from a cProfile run's pstats (cumulative time of each stage's functions, made exclusive)."""
+    by_name: dict[str, float] = {}
+    for (filename, _line, func), (_cc, _nc, tt, ct, _callers) in stats.stats.items():
+        builtin = filename == "~"
+        name = func.split(" of ")[0].split("method ")[-1].split(".")[-1].strip("<>'}{") if builtin else func
+        ours = builtin or "ssn_edge" in filename or "numpy" in filename
+        if ours:
+            by_name[name] = by_name.get(name, 0.0) + (tt if builtin else ct)
+    out = {stage: 1e3 * sum(by_name.get(f, 0.0) for f in funcs) for stage, funcs in STAGES.items()}
+    for stage, (inner, outer) in NESTED.items():
+        if any(f in by_name for f in outer):
+            out[stage] -= 1e3 * by_name.get(inner, 0.0)
+    return out
+
+
+def vm_hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def profile_one(args) -> None:
+    """One frame through one bundle on the code on sys.path (a child process of `profile`): prints a JSON line."""
+    import cProfile
+    import pstats
+    import tempfile
+
+    from ssn_edge.runtime.bench import time_throughput
+    from ssn_edge.runtime.engine import Engine
+    from ssn_edge.runtime.preprocess import BmpStrips, read_image_raw
+
+    engine = Engine(args.bundle, precision=args.precision, mode="throughput")
+    streamed = engine.tiling.graph == "tile"
+    open_frame = (lambda: BmpStrips(args.frame)) if streamed else (lambda: read_image_raw(args.frame))
+    runner = engine.runner()
+    # warm-up: one row of tiles of the frame's width (the same batch shape, compiled before timing), read as a
+    # strip so the warm-up adds nothing to the peak RSS the frame itself needs
+    runner.run(BmpStrips(args.frame).rows(0, engine.tiling.tile[0]) if streamed else open_frame())
+    x = np.random.default_rng(0).standard_normal((1, 3, *engine.tiling.tile)).astype(np.float32)
+    # the tile model's own images/s just before and just after the frame (the load on a shared machine drifts)
+    ips = [time_throughput(engine.compiled, x, seconds=args.throughput_seconds)["throughput_ips"]] if streamed else []
+    profiler = cProfile.Profile()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        profiler.enable()
+        result = runner.run(open_frame(), stream_to=Path(tmp) / "map.npy")
+        profiler.disable()
+        latency = time.perf_counter() - t0
+    rss = vm_hwm_mb()
+    if streamed:
+        ips.append(time_throughput(engine.compiled, x, seconds=args.throughput_seconds)["throughput_ips"])
+    getattr(runner, "close", lambda: None)()  # (earlier commits' runners have no close)
+    import ssn_edge
+
+    print("PROFILE " + json.dumps({"ssn_edge": str(Path(ssn_edge.__file__).parent), "latency_ms": latency * 1e3,
+                                   "tiles": result.tiles, "score": result.score,
+                                   "peak_rss_mb": rss, "model_ips": float(np.mean(ips)) if ips else None,
+                                   "model_ips_each": ips, "stages": stage_times(pstats.Stats(profiler))}))
+
+
+def _child(code: Path | None, *argv: str) -> dict:
+    """Run a child subcommand (profile-one, overhead-one) in a fresh process (its own peak RSS), on `code`'s
+    ssn_edge when given; its last 'PROFILE {json}' line."""
+    env = {k: v for k, v in os.environ.items() if k != "SSN_EDGE_CODE"}
+    if code is not None:
+        env["SSN_EDGE_CODE"] = str(code)
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROFILE ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    out = json.loads(lines[-1][len("PROFILE "):])
+    expected = str((code or ROOT) / "ssn_edge")
+    if not out.get("ssn_edge", expected).startswith(expected):
+        raise RuntimeError(f"{' '.join(cmd)} ran {out['ssn_edge']}, not {expected}")
+    return out
+
+
+def code_tree(ref: str) -> Path:
+    """ssn_edge as it was at git commit `ref`, unpacked read-only from the repository (git archive)."""
+    out = SPEED / "code" / ref
+    if not (out / "ssn_edge").is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "ssn_edge"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out
+
+
+def profile(args) -> None:
+    """Where a frame's time goes (main thread, by stage) and its latency, MP/s and peak RSS, for the single-model
+    tiles and the shared-backbone ensemble, on this code and (--before REF) on an earlier commit's, frame by frame
+    interleaved so load drifts hit both alike. Each run is a fresh process."""
+    _require_data()
+    bundles = speed_bundles()
+    codes = [("after", None)] + ([(f"before_{args.before}", code_tree(args.before))] if args.before else [])
+    print(f"{'frame':>10} {'model':<7} {'code':<16} {'ms':>9} {'MP/s':>6} {'ratio':>5} {'RSS MB':>6}  stages (ms, main thread)")
+    for text in args.frames:
+        size = parse_frame(text)
+        frame = speed_frame(size)
+        side = f"{size[1]}" if size[0] == size[1] else f"{size[1]}x{size[0]}"
+        for model in args.models:
+            bundle = bundles["single" if model == "single" else "ens9_image"]
+            for code, tree in codes:
+                r = _child(tree, "profile-one", "--bundle", str(bundle), "--frame", str(frame), "--precision", args.precision,
+                           "--throughput-seconds", str(args.throughput_seconds))
+                record_results("tiling", _profile_records(r, model, side, size, code, args))
+
+
+def _profile_records(r: dict, model: str, side: str, size: tuple[int, int], code: str, args) -> list[dict]:
+    mp_s = size[0] * size[1] / 1e6 / (r["latency_ms"] / 1e3)
+    variant = f"tiled_{side}" if model == "single" else f"tiled_ens9_{side}"
+    base = {**SPEED_BASE, "variant": variant, "runtime": "openvino", "precision": args.precision, "code": code,
+            "tiling_graph": "tile" if model == "single" else "image", "image_width": size[1], "image_height": size[0],
+            "image_format": "bmp", "tiles": r["tiles"], "command": command_line()}
+    rec = {**base, "latency_ms": round(r["latency_ms"], 1), "megapixels_per_s": round(mp_s, 3),
+           "peak_rss_mb": round(r["peak_rss_mb"], 1), "score": round(r["score"], 6),
+           **{f"{k}_ms": round(v, 1) for k, v in r["stages"].items()}}
+    out = [rec]
+    ratio = ""
+    if r["model_ips"]:
+        # tiled MP/s / (model images/s x tile pixels / covered pixels) = (tiles / model images/s) / latency
+        value = r["tiles"] / r["model_ips"] / (r["latency_ms"] / 1e3)
+        out.append({**base, "ratio": round(value, 3), "ratio_of": "tiled_vs_model_throughput",
+                    "model_throughput_ips": round(r["model_ips"], 2), "latency_ms": rec["latency_ms"],
+                    "model_throughput_ips_before_after": [round(v, 2) for v in r.get("model_ips_each") or []]})
+        ratio = f"{value:.2f}"
+    stages = " ".join(f"{k} {v:.0f}" for k, v in r["stages"].items())
+    print(f"{side:>10} {model:<7} {code:<16} {r['latency_ms']:9.0f} {mp_s:6.3f} {ratio:>5} {r['peak_rss_mb']:6.0f}  {stages}", flush=True)
+    return out
+
+
+def null_tile_model(th: int, tw: int, map_stride: int = 4):
+    """A tile graph that costs almost nothing (the map a strided average of the input): what the runner spends
+    around inference (cutting, normalising, post-processing, merging, seams) is then nearly all there is."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([-1, 3, th, tw], np.float32, name="image")
+    mean = ops.reduce_mean(x, ops.constant(np.array([1], np.int64)), True)
+    m = ops.avg_pool(mean, [map_stride] * 2, [0, 0], [0, 0], [map_stride] * 2, True)
+    m.output(0).get_tensor().set_names({"map"})
+    s = ops.reduce_max(m, ops.constant(np.array([1, 2, 3], np.int64)), False)
+    s.output(0).get_tensor().set_names({"score"})
+    return ov.Model([m, s], [x], "null_tile")
+
+
+def overhead_one(args) -> None:
+    """Child of `overhead`: the runner on a BMP frame with the null tile model; prints a JSON line."""
+    import openvino as ov
+
+    from ssn_edge.runtime.preprocess import BmpStrips
+    from ssn_edge.runtime.tiled import TiledRunner
+    from ssn_edge.runtime.tiling import TilingConfig
+
+    compiled = ov.Core().compile_model(null_tile_model(256, 256), "CPU",
+                                       {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"})
+    runner = TiledRunner(compiled, TilingConfig((256, 256), (128, 128)), requests=2)
+    runner.run(BmpStrips(args.frame))
+    times = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        result = runner.run(BmpStrips(args.frame))
+        times.append(time.perf_counter() - t0)
+    import ssn_edge
+
+    print("PROFILE " + json.dumps({"ssn_edge": str(Path(ssn_edge.__file__).parent), "tiles": result.tiles,
+                                   "latency_ms": float(np.median(times)) * 1e3, "peak_rss_mb": vm_hwm_mb()}))
+
+
+def overhead(args) -> None:
+    """The runner's own cost per tile (null model, so inference is nearly free), this code and --before REF's,
+    interleaved run by run; fresh processes."""
+    _require_data()
+    codes = [("after", None)] + ([(f"before_{args.before}", code_tree(args.before))] if args.before else [])
+    records = []
+    for text in args.frames:
+        size = parse_frame(text)
+        frame = speed_frame(size)
+        side = f"{size[1]}" if size[0] == size[1] else f"{size[1]}x{size[0]}"
+        for code, tree in codes:
+            r = _child(tree, "overhead-one", "--frame", str(frame), "--runs", str(args.runs))
+            per_tile = r["latency_ms"] / r["tiles"]
+            records.append({**SPEED_BASE, "variant": f"tiled_{side}_null_model", "runtime": "openvino", "precision": "fp32",
+                            "code": code, "measure": "runner_ms_per_tile", "value": round(per_tile, 3),
+                            "latency_ms": round(r["latency_ms"], 1), "tiles": r["tiles"],
+                            "peak_rss_mb": round(r["peak_rss_mb"], 1), "command": command_line()})
+            print(f"{side:>10} {code:<16} {r['latency_ms']:8.0f} ms  {per_tile:.2f} ms/tile  {r['peak_rss_mb']:.0f} MB", flush=True)
+    record_results("tiling", records)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -319,6 +609,8 @@ def main() -> None:
     s = sub.add_parser("shared-vs-independent")
     s.add_argument("--precision", default="fp32")
     s.add_argument("--rounds", type=int, default=2)
+    s.add_argument("--images", type=int, default=None, help="the first N test images (default: all)")
+    s.add_argument("--speed-bundles", action="store_true", help="the issue-32 speed bundles instead of tiled_ens9")
     e = sub.add_parser("edge-profile")
     e.add_argument("--every", type=int, default=4, help="every k-th test image (default 4)")
     e.add_argument("--step", type=int, default=2, help="band step in map pixels")
@@ -328,10 +620,31 @@ def main() -> None:
     g.add_argument("--checkpoint", help="default: the variant's run folder")
     r = sub.add_parser("rss")
     r.add_argument("--precision", default="int8")
+    pr = sub.add_parser("profile", help="where a frame's time goes, before (--before REF) and after (issue 32)")
+    pr.add_argument("--frames", nargs="+", default=["2048", "5472x3648", "8192"], help="side or WxH")
+    pr.add_argument("--models", nargs="+", default=["single", "ens9"], choices=["single", "ens9"])
+    pr.add_argument("--before", metavar="REF", help="also profile ssn_edge as of this git commit")
+    pr.add_argument("--precision", default="int8")
+    pr.add_argument("--throughput-seconds", type=float, default=5.0, help="the tile model's own images/s, per run")
+    one = sub.add_parser("profile-one")  # the child process of profile
+    one.add_argument("--bundle", required=True)
+    one.add_argument("--frame", required=True)
+    one.add_argument("--precision", default="int8")
+    one.add_argument("--throughput-seconds", type=float, default=5.0)
+    sb = sub.add_parser("speed-bundles", help="make the speed bundles (issue 32) under runs/bench/tiling/speed")
+    ov_ = sub.add_parser("overhead", help="the runner's own ms per tile with a near-free model, before and after")
+    ov_.add_argument("--frames", nargs="+", default=["2048", "8192"], help="side or WxH")
+    ov_.add_argument("--before", metavar="REF", help="also measure ssn_edge as of this git commit")
+    ov_.add_argument("--runs", type=int, default=2)
+    ovo = sub.add_parser("overhead-one")  # the child process of overhead
+    ovo.add_argument("--frame", required=True)
+    ovo.add_argument("--runs", type=int, default=2)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     {"train": train, "table": table, "shared-vs-independent": shared_vs_independent,
-     "edge-profile": edge_profile, "graph-match": graph_match, "rss": rss}[args.what](args)
+     "edge-profile": edge_profile, "graph-match": graph_match, "rss": rss, "profile": profile,
+     "profile-one": profile_one, "speed-bundles": speed_bundles, "overhead": overhead,
+     "overhead-one": overhead_one}[args.what](args)
 
 
 if __name__ == "__main__":

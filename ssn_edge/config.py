@@ -22,6 +22,11 @@ class DataConfig:
     # mask_seed); the others train with their image label only. 1.0: every mask the data has.
     mask_fraction: float = 1.0
     mask_seed: int = 0
+    # Normal training images held out of training, to set the decision thresholds on (ssn_edge.data.samples.
+    # split_validation): this fraction of them, at least val_min, at most half, chosen with val_seed; 0: none.
+    val_fraction: float = 0.1
+    val_min: int = 10
+    val_seed: int = 0
 
 
 @dataclass
@@ -246,10 +251,20 @@ _EARLIER_DEFAULTS = {
 }
 
 
+def recorded_val_split(values: dict[str, Any]) -> dict[str, Any]:
+    """A recorded recipe silent on data.val_fraction was trained before the held-out split existed: on every
+    normal training image, so none is held out (not the default's tenth, which it did train on)."""
+    data = values.get("data")
+    if not isinstance(data, dict) or "val_fraction" in data:
+        return values
+    return {**values, "data": {**data, "val_fraction": 0.0}}
+
+
 def upgrade_recipe_dict(values: dict[str, Any]) -> dict[str, Any]:
     """A recorded recipe (checkpoint, recipe.json) in the current layout. One of the earlier layout (no 'weak'
     section) gets its moved keys moved, its removed ones dropped and that layout's defaults where it is silent;
     one in the current layout is returned as it is."""
+    values = recorded_val_split(values)
     if "weak" in values:
         return values
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
@@ -348,9 +363,67 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     if recipe.model.score_anchor != "none" and recipe.model.cls_head == "cam":
         raise RecipeError("model.score_anchor: the CAM head has no segmentation map to anchor its score to; use none")
     _check_train(recipe.train)
+    _check_data(recipe.data)
+    _check_ranges(recipe)
     _check_weak(recipe.weak)
     _check_knn(recipe)
+    _check_tiling(recipe)
     return recipe
+
+
+def _refuse(key: str, value: Any, ok: bool, want: str) -> None:
+    if not ok:
+        raise RecipeError(f"{key} must be {want}, got {value}")
+
+
+def _check_ranges(r: Recipe) -> None:
+    """The numbers a recipe holds, each in the range it means (NaN is in none): refused here, by key, not later
+    as a crash deep in training ('float division by zero', a negative tensor dimension)."""
+    d, m, n, t = r.data, r.model, r.noise, r.train
+    _refuse("data.image_size", list(d.image_size), all(v >= 32 for v in d.image_size), "two sizes >= 32 (pixels)")
+    _refuse("data.mask_fraction", d.mask_fraction, 0.0 <= d.mask_fraction <= 1.0, "between 0 and 1")
+    _refuse("data.mask_seed", d.mask_seed, d.mask_seed >= 0, ">= 0")
+    for key in ("seg_hidden", "cls_hidden", "cls_kernel"):
+        _refuse(f"model.{key}", getattr(m, key), getattr(m, key) >= 1, ">= 1")
+    _refuse("model.adaptor_channels", m.adaptor_channels, m.adaptor_channels is None or m.adaptor_channels >= 1,
+            ">= 1 (or null: the backbone's channels)")
+    _refuse("noise.sigma", n.sigma, n.sigma >= 0.0, ">= 0")
+    _refuse("noise.smooth", n.smooth, n.smooth is None or n.smooth > 0.0, "> 0 (or null: i.i.d. noise)")
+    _refuse("noise.perlin_threshold", n.perlin_threshold, 0.0 <= n.perlin_threshold < 1.0, "in [0, 1)")
+    _refuse("noise.gen_lr", n.gen_lr, n.gen_lr > 0.0, "> 0")
+    _refuse("noise.mag_weight", n.mag_weight, n.mag_weight >= 0.0, ">= 0")
+    for key in ("lr_adaptor", "lr_heads"):
+        _refuse(f"train.{key}", getattr(t, key), getattr(t, key) > 0.0, "> 0")
+    _refuse("train.weight_decay", t.weight_decay, t.weight_decay >= 0.0, ">= 0")
+    _refuse("train.lr_gamma", t.lr_gamma, 0.0 < t.lr_gamma <= 1.0, "in (0, 1]")
+    _refuse("train.lr_milestones", list(t.lr_milestones), all(0.0 <= v <= 1.0 for v in t.lr_milestones),
+            "fractions of the epochs, each in [0, 1]")
+    _refuse("train.seed", t.seed, t.seed >= 0, ">= 0")
+    _refuse("train.crop_epochs", t.crop_epochs, t.crop_epochs is None or t.crop_epochs >= 0, ">= 0 (or null)")
+    _refuse("train.cls_focal_gamma", t.cls_focal_gamma, t.cls_focal_gamma >= 0.0, ">= 0")
+
+
+def _check_tiling(r: Recipe) -> None:
+    """The tiling section as the runtime will read it (tile, stride, seams), checked against data.image_size."""
+    if r.tiling is None:
+        return
+    from ssn_edge.runtime.tiling import TileGrid, TilingConfig
+
+    t = r.tiling
+    try:
+        locations = TileGrid(tuple(r.data.image_size), t.tile, t.stride).count if t.mode == "ensemble" else 1
+        TilingConfig(tile=t.tile, stride=t.stride, score=t.score, seam_halfwidth=t.seam_halfwidth,
+                     seam_sigma=t.seam_sigma, mode=t.mode, image_size=tuple(r.data.image_size), locations=locations,
+                     graph="image" if t.shared_backbone else ("tiles" if t.mode == "ensemble" else "tile"))
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"recipe section 'tiling': {exc}") from None
+
+
+def _check_data(d: DataConfig) -> None:
+    if not 0.0 <= d.val_fraction <= 0.5:
+        raise RecipeError(f"data.val_fraction must be between 0 and 0.5 (at most half the normal images), got {d.val_fraction}")
+    if d.val_min < 0:
+        raise RecipeError(f"data.val_min must be >= 0, got {d.val_min}")
 
 
 def _check_train(t: TrainConfig) -> None:
@@ -412,7 +485,9 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
     try:
         recipe = recipe_from_dict(values)
         return apply_overrides(recipe, overrides or {})

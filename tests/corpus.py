@@ -946,3 +946,448 @@ def _bench_bundle_broken(folder: Path, fixtures: Fixtures) -> list[str]:
     shutil.copytree(fixtures.bundle, copy)
     (copy / "model_fp32.bin").unlink()
     return [str(copy), *BENCH_FAST]
+
+
+# =========================================================================================================
+# train: bad recipes, options and data (each refused in validation, before any training: nothing written)
+# =========================================================================================================
+# Fixtures.more: "recipe" (the tiny recipe YAML), "dataset" (the tiny MVTec-layout set), "checkpoint" (a tiny
+# trained checkpoint), "exported" (a bundle exported from it).
+
+
+def _recipe_copy(folder: Path, fixtures: Fixtures, edit: Callable[[dict], None] | None = None, text: str | bytes | None = None) -> Path:
+    import yaml
+
+    path = folder / "recipe.yaml"
+    if text is not None:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return path
+    values = yaml.safe_load(fixtures.more["recipe"].read_text())
+    if edit is not None:
+        edit(values)
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _nothing_trained(o: Outcome) -> None:
+    assert not (o.out / "checkpoint.pt").exists() and not (o.out / "metrics.json").exists(), list(o.out.glob("*")) if o.out.exists() else []
+
+
+def train_refused(name: str, argv_tail: tuple[str, ...], error: str, exit_code: int = 2,
+                  edit: Callable[[dict], None] | None = None, text: str | bytes | None = None,
+                  names: tuple[str, ...] = ()) -> None:
+    @case("train", name, exit_code=exit_code, error=error, names=names, check=_nothing_trained)
+    def build(folder: Path, fixtures: Fixtures) -> list[str]:
+        recipe = _recipe_copy(folder, fixtures, edit, text)
+        return ["--recipe", str(recipe), "--out", str(folder / "out"), *argv_tail]
+
+
+train_refused("epochs_zero", ("--epochs", "0"), r"recipe\.yaml: train\.epochs must be >= 1, got 0")
+train_refused("epochs_negative", ("--epochs", "-1"), r"train\.epochs must be >= 1, got -1")
+train_refused("epochs_word", ("--epochs", "many"), r"Invalid value for '--epochs': 'many' is not a valid integer")
+train_refused("epochs_fraction_set", ("--set", "train.epochs=1.5"), r"recipe key 'train\.epochs': expected an integer, got 1\.5")
+train_refused("seed_negative", ("--seed", "-1"), r"recipe\.yaml: train\.seed must be >= 0, got -1")
+train_refused("batch_size_zero", ("--set", "train.batch_size=0"), r"train\.batch_size must be >= 1, got 0")
+train_refused("lr_word", ("--set", "train.lr_heads=high"), r"recipe key 'train\.lr_heads': expected a number, got 'high'")
+train_refused("lr_negative", ("--set", "train.lr_adaptor=-1"), r"train\.lr_adaptor must be > 0, got -1")
+train_refused("lr_gamma_zero", ("--set", "train.lr_gamma=0"), r"train\.lr_gamma must be in \(0, 1\], got 0")
+train_refused("milestone_word", ("--set", "train.lr_milestones=[high]"), r"recipe key 'train\.lr_milestones\[0\]': expected a number")
+train_refused("milestone_above_one", ("--set", "train.lr_milestones=[2]"), r"train\.lr_milestones must be fractions of the epochs")
+train_refused("crop_epochs_negative", ("--set", "train.crop_epochs=-1"), r"train\.crop_epochs must be >= 0")
+train_refused("feature_crop_zero", ("--set", "train.feature_crop=0"), r"train\.feature_crop must be >= 1")
+train_refused("focal_gamma_negative", ("--set", "train.cls_focal_gamma=-1"), r"train\.cls_focal_gamma must be >= 0")
+train_refused("precision_unknown", ("--set", "train.precision=fp8"), r"recipe key 'train\.precision': 'fp8' is not one of fp32, bf16")
+train_refused("image_size_zero", ("--set", "data.image_size=[0,0]"), r"data\.image_size must be two sizes >= 32")
+train_refused("image_size_one_value", ("--set", "data.image_size=[64]"), r"recipe key 'data\.image_size': expected 2 values, got 1")
+train_refused("image_size_word", ("--set", "data.image_size=big"), r"recipe key 'data\.image_size': expected a list")
+train_refused("seg_hidden_zero", ("--set", "model.seg_hidden=0"), r"model\.seg_hidden must be >= 1, got 0")
+train_refused("cls_kernel_zero", ("--set", "model.cls_kernel=0"), r"model\.cls_kernel must be >= 1, got 0")
+train_refused("cls_hidden_negative", ("--set", "model.cls_hidden=-3"), r"model\.cls_hidden must be >= 1, got -3")
+train_refused("adaptor_channels_zero", ("--set", "model.adaptor_channels=0"), r"model\.adaptor_channels must be >= 1")
+train_refused("cls_head_unknown", ("--set", "model.cls_head=huge"), r"recipe key 'model\.cls_head': 'huge' is not one of")
+train_refused("map_gate_unknown", ("--set", "model.map_gate=maybe"), r"recipe key 'model\.map_gate': 'maybe' is not one of")
+train_refused("pretrained_word", ("--set", "model.pretrained=perhaps"), r"recipe key 'model\.pretrained': expected true/false")
+train_refused("noise_sigma_negative", ("--set", "noise.sigma=-1"), r"noise\.sigma must be >= 0, got -1")
+train_refused("noise_smooth_zero", ("--set", "noise.smooth=0"), r"noise\.smooth must be > 0")
+train_refused("perlin_threshold_two", ("--set", "noise.perlin_threshold=2"), r"noise\.perlin_threshold must be in \[0, 1\)")
+train_refused("noise_kind_unknown", ("--set", "noise.kind=pink"), r"recipe key 'noise\.kind': 'pink' is not one of")
+train_refused("mask_fraction_two", ("--mask-fraction", "2"), r"data\.mask_fraction must be between 0 and 1, got 2")
+train_refused("mask_fraction_nan", ("--mask-fraction", "nan"), r"data\.mask_fraction must be between 0 and 1, got nan")
+train_refused("mask_fraction_word", ("--set", "data.mask_fraction=high"), r"recipe key 'data\.mask_fraction': expected a number, got 'high'")
+train_refused("setting_unknown", ("--setting", "semi"), r"Invalid value for '--setting'")
+train_refused("tiling_stride_zero", ("--set", "tiling={tile: [32, 32], stride: [0, 0]}"), r"recipe section 'tiling': stride must be a pair of positive")
+train_refused("tiling_not_multiple_of_16", ("--set", "tiling={tile: [40, 40], stride: [40, 40]}"), r"recipe section 'tiling': .*multiples of 16")
+train_refused("tiling_stride_above_tile", ("--set", "tiling={tile: [32, 32], stride: [64, 64]}"), r"recipe section 'tiling': stride .* must be <= tile")
+train_refused("tiling_unknown_key", ("--set", "tiling={tile: [32, 32], stride: [32, 32], overlap: 2}"), r"unknown recipe key 'tiling\.overlap'")
+train_refused("knn_section_on_ssn", ("--set", "knn.pool=10"), r"recipe section 'knn' applies to model\.kind knn only")
+train_refused("override_without_value", ("--set", "train.epochs"), r"override 'train\.epochs': expected KEY=VALUE")
+train_refused("override_unknown_key", ("--set", "train.speed=2"), r"unknown recipe key 'train\.speed'")
+train_refused("override_unknown_section", ("--set", "optimizer.lr=2"), r"unknown recipe key 'optimizer\.lr'")
+train_refused("recipe_key_moved", (), r"recipe key 'train\.masked_share' is now 'weak\.masked_share'",
+              edit=lambda r: r["train"].__setitem__("masked_share", 0.5))
+train_refused("recipe_key_removed", (), r"recipe key 'train\.mil_top' was removed",
+              edit=lambda r: r["train"].__setitem__("mil_top", 3))
+train_refused("recipe_unknown_top_key", (), r"unknown recipe key 'optimiser'", edit=lambda r: r.__setitem__("optimiser", {}))
+train_refused("recipe_section_not_mapping", (), r"recipe key 'train': expected a mapping", edit=lambda r: r.__setitem__("train", 5))
+train_refused("recipe_invalid_yaml", (), r"recipe\.yaml: not valid YAML", text="data: {path: [unclosed\n")
+train_refused("recipe_top_level_list", (), r"a recipe must be a YAML mapping", text="- 1\n- 2\n")
+train_refused("recipe_not_utf8", (), r"recipe\.yaml: ", text=b"name: \xff\xfe\x00bad\n")
+train_refused("backbone_unknown", ("--set", "model.backbone=vgg11"), r"unknown backbone 'vgg11'")
+train_refused("resume_missing", ("--resume", "nowhere.pt"), r"nowhere\.pt: checkpoint not found")
+train_refused("weights_missing", ("--weights", "nowhere.pth", "--set", "model.pretrained=true"), r"nowhere\.pth")
+train_refused("data_missing", ("--data", "no_such_data"), r"no_such_data: dataset not found")
+
+
+@case("train", "recipe_missing", exit_code=2, error=r"nothere\.yaml: recipe file not found", check=_nothing_trained)
+def _train_no_recipe(folder: Path, fixtures: Fixtures) -> list[str]:
+    return ["--recipe", str(folder / "nothere.yaml"), "--out", str(folder / "out")]
+
+
+@case("train", "recipe_is_a_folder", exit_code=2, error=r"Invalid value for '--recipe'.*is a directory", check=_nothing_trained)
+def _train_recipe_dir(folder: Path, fixtures: Fixtures) -> list[str]:
+    (folder / "r").mkdir()
+    return ["--recipe", str(folder / "r"), "--out", str(folder / "out")]
+
+
+@case("train", "out_is_a_file", exit_code=2, error=r"Invalid value for '--out'.*is a file")
+def _train_out_file(folder: Path, fixtures: Fixtures) -> list[str]:
+    (folder / "out").write_text("x")
+    return ["--recipe", str(_recipe_copy(folder, fixtures)), "--out", str(folder / "out")]
+
+
+def _train_with_data(name: str, make: Callable[[Path, Fixtures], Path], error: str) -> None:
+    @case("train", name, exit_code=2, error=error, check=_nothing_trained)
+    def build(folder: Path, fixtures: Fixtures) -> list[str]:
+        return ["--recipe", str(_recipe_copy(folder, fixtures)), "--data", str(make(folder, fixtures)), "--out", str(folder / "out")]
+
+
+def _manifest(folder: Path, text: str) -> Path:
+    (folder / "a.png").write_bytes(PNG)
+    (folder / "m.csv").write_text(text)
+    return folder / "m.csv"
+
+
+_train_with_data("data_is_a_text_file", lambda f, _x: (f / "notes.txt", (f / "notes.txt").write_text("x"))[0],
+                 r"notes\.txt: unrecognised dataset layout")
+_train_with_data("data_empty_folder", lambda f, _x: (f / "empty", (f / "empty").mkdir())[0], r"empty: unrecognised dataset layout")
+_train_with_data("manifest_label_word", lambda f, _x: _manifest(f, "image,label,split\na.png,high,train\n"), r"m\.csv.*label")
+_train_with_data("manifest_missing_column", lambda f, _x: _manifest(f, "image,label\na.png,0\n"), r"m\.csv.*split")
+_train_with_data("manifest_image_missing", lambda f, _x: _manifest(f, "image,label,split\ngone.png,0,train\n"), r"gone\.png")
+_train_with_data("manifest_empty", lambda f, _x: _manifest(f, ""), r"m\.csv: manifest is empty")
+_train_with_data("manifest_header_only", lambda f, _x: _manifest(f, "image,label,split\n"), r"m\.csv: manifest has a header but no rows")
+_train_with_data("manifest_no_train_rows", lambda f, _x: _manifest(f, "image,label,split\na.png,0,test\n"), r"split 'train' is empty in .*m\.csv")
+
+
+# =========================================================================================================
+# eval: bad checkpoints (unreadable, or heads that do not fit the recipe), bad data and options
+# =========================================================================================================
+
+
+def _bad_checkpoint(folder: Path, fixtures: Fixtures, kind: str) -> Path:
+    """A checkpoint that is not one: empty, text, cut in half, or whose weights do not fit its recipe."""
+    path = folder / "checkpoint.pt"
+    good = fixtures.more["checkpoint"].read_bytes()
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("this is not a checkpoint\n")
+    elif kind == "half":
+        path.write_bytes(good[: len(good) // 2])
+    elif kind == "zip_bit_flip":
+        path.write_bytes(good[:-100] + bytes([good[-100] ^ 0xFF]) + good[-99:])
+    else:
+        import dataclasses
+
+        from ssn_edge.model.checkpoint import load_checkpoint, save_checkpoint
+
+        record = load_checkpoint(fixtures.more["checkpoint"])
+        recipe = json.loads(json.dumps(record.recipe))
+        if kind == "heads_wider":  # seg_hidden 32 trained; the recipe now says 64
+            recipe["model"]["seg_hidden"] = 64
+        elif kind == "heads_other_kind":
+            recipe["model"]["cls_head"] = "light"
+        elif kind == "backbone_other":
+            recipe["model"]["backbone"] = "wide_resnet50_2"
+        save_checkpoint(path, dataclasses.replace(record, recipe=recipe))
+    return path
+
+
+BAD_CHECKPOINTS = {
+    "empty": r"checkpoint\.pt: (not a readable checkpoint|checkpoint is empty)",
+    "text": r"checkpoint\.pt: not a readable checkpoint",
+    "half": r"checkpoint\.pt: not a readable checkpoint",
+    "zip_bit_flip": r"checkpoint\.pt: ",
+    "heads_wider": r"checkpoint\.pt: .*(seg_hidden|do not fit|does not fit|shape)",
+    "heads_other_kind": r"checkpoint\.pt: .*(cls_head|do not fit|does not fit|missing|unexpected)",
+    "backbone_other": r"checkpoint\.pt: .*(backbone|do not fit|does not fit|shape|missing)",
+}
+
+for _kind, _error in BAD_CHECKPOINTS.items():
+    @case("eval", f"checkpoint_{_kind}", exit_code=2, error=_error,
+          check=lambda o: _assert(not (o.folder / "metrics.json").exists(), "metrics.json written"))
+    def _eval_bad_ckpt(folder: Path, fixtures: Fixtures, kind: str = _kind) -> list[str]:
+        return ["--checkpoint", str(_bad_checkpoint(folder, fixtures, kind)), "--data", str(fixtures.more["dataset"])]
+
+    @case("export", f"checkpoint_{_kind}", exit_code=2, error=_error,
+          check=lambda o: _assert(not (o.folder / "bundle").exists() and not list(o.folder.glob(".bundle.*")), "bundle written"))
+    def _export_bad_ckpt(folder: Path, fixtures: Fixtures, kind: str = _kind) -> list[str]:
+        return ["--checkpoint", str(_bad_checkpoint(folder, fixtures, kind)), "--out", str(folder / "bundle"),
+                "--data", str(fixtures.more["dataset"])]
+
+
+def eval_refused(name: str, argv_tail: tuple[str, ...], error: str, exit_code: int = 2,
+                 data: bool = True) -> None:
+    @case("eval", name, exit_code=exit_code, error=error)
+    def build(folder: Path, fixtures: Fixtures) -> list[str]:
+        tail = [a.replace("{folder}", str(folder)) for a in argv_tail]
+        return ["--checkpoint", str(fixtures.more["checkpoint"]), *(["--data", str(fixtures.more["dataset"])] if data else []), *tail]
+
+
+eval_refused("split_unknown", ("--split", "nope"), r"unknown split 'nope'; expected one of train, val, test")
+eval_refused("split_one_class", ("--split", "train"), r"only one class")
+eval_refused("data_missing", ("--data", "{folder}/nothing"), r"nothing: dataset not found", data=False)
+eval_refused("map_gate_unknown", ("--map-gate", "half"), r"Invalid value for '--map-gate'")
+eval_refused("out_is_a_folder", ("--out", "{folder}"), r"Invalid value for '--out'.*is a directory")
+
+
+@case("eval", "checkpoint_missing", exit_code=2, error=r"gone\.pt: checkpoint not found")
+def _eval_missing(folder: Path, fixtures: Fixtures) -> list[str]:
+    return ["--checkpoint", str(folder / "gone.pt")]
+
+
+@case("eval", "data_is_a_text_file", exit_code=2, error=r"notes\.txt: unrecognised dataset layout")
+def _eval_text_data(folder: Path, fixtures: Fixtures) -> list[str]:
+    (folder / "notes.txt").write_text("x")
+    return ["--checkpoint", str(fixtures.more["checkpoint"]), "--data", str(folder / "notes.txt")]
+
+
+@case("eval", "data_with_a_corrupt_image", exit_code=2, error=r"good_0\.png|000\.png|\.png: ")
+def _eval_corrupt_image(folder: Path, fixtures: Fixtures) -> list[str]:
+    import shutil
+
+    data = folder / "data"
+    shutil.copytree(fixtures.more["dataset"], data)
+    victim = sorted((data / "test" / "good").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:60])
+    return ["--checkpoint", str(fixtures.more["checkpoint"]), "--data", str(data)]
+
+
+def _eval_metrics(o: Outcome) -> None:
+    metrics = json.loads((o.folder / "m.json").read_text())
+    for key in ("image_auroc", "pixel_aupro"):
+        assert 0.0 <= metrics[key] <= 100.0, metrics
+    assert "image_auroc" in o.stdout
+
+
+@case("eval", "checkpoint_evaluated", check=_eval_metrics)
+def _eval_ok(folder: Path, fixtures: Fixtures) -> list[str]:
+    return ["--checkpoint", str(fixtures.more["checkpoint"]), "--data", str(fixtures.more["dataset"]), "--out", str(folder / "m.json")]
+
+
+# =========================================================================================================
+# export: bad options (refused before any work: no bundle, no staging folder), and one that works
+# =========================================================================================================
+
+
+def _no_bundle(o: Outcome) -> None:
+    assert not (o.folder / "bundle").exists() or (o.folder / "bundle" / "keep.txt").exists(), "bundle written"
+    assert not list(o.folder.glob(".bundle.*")), "staging folder left"
+
+
+def export_refused(name: str, argv_tail: tuple[str, ...], error: str, exit_code: int = 2,
+                   prepare: Callable[[Path], None] | None = None) -> None:
+    @case("export", name, exit_code=exit_code, error=error, check=_no_bundle)
+    def build(folder: Path, fixtures: Fixtures) -> list[str]:
+        if prepare is not None:
+            prepare(folder)
+        tail = [a.replace("{folder}", str(folder)) for a in argv_tail]
+        return ["--checkpoint", str(fixtures.more["checkpoint"]), "--out", str(folder / "bundle"),
+                "--data", str(fixtures.more["dataset"]), *tail]
+
+
+def _existing_bundle(folder: Path) -> None:
+    (folder / "bundle").mkdir()
+    (folder / "bundle" / "keep.txt").write_text("x")
+
+
+export_refused("out_exists", (), r"bundle: already exists .*--overwrite", prepare=_existing_bundle)
+export_refused("max_drop_negative", ("--int8-acc", "--max-drop", "-1"), r"max_drop is an absolute drop in percentage points")
+export_refused("max_drop_nan", ("--int8-acc", "--max-drop", "nan"), r"max_drop is an absolute drop .*nan")
+export_refused("max_drop_word", ("--max-drop", "high"), r"Invalid value for '--max-drop': 'high' is not a valid float")
+export_refused("acc_metric_unknown", ("--int8-acc", "--acc-metric", "f1"), r"Invalid value for '--acc-metric'")
+export_refused("calibration_size_zero", ("--int8", "--calibration-size", "0"), r"calibration size must be an integer in 1\.\.1000, got 0")
+export_refused("calibration_size_huge", ("--int8", "--calibration-size", "5000"), r"calibration size must be an integer in 1\.\.1000")
+export_refused("calibration_size_word", ("--int8", "--calibration-size", "lots"), r"Invalid value for '--calibration-size'")
+export_refused("calibration_defects_two", ("--int8", "--calibration-defects", "2"), r"calibration defects must be a fraction in \[0, 1\]")
+export_refused("calibration_without_int8", ("--calibration-size", "8"), r"calibration options only apply with --int8")
+export_refused("two_calibration_sources", ("--int8", "--calibration-folder", "{folder}", "--calibration-manifest", "{folder}/m.csv"),
+               r"--calibration-folder and --calibration-manifest: give one calibration source")
+export_refused("calibration_yaml_missing", ("--int8", "--calibration", "{folder}/cal.yaml"), r"cal\.yaml: calibration definition not found")
+export_refused("calibration_yaml_unknown_key", ("--int8", "--calibration", "{folder}/cal.yaml"), r"cal\.yaml: unknown calibration key 'count'",
+               prepare=lambda f: (f / "cal.yaml").write_text("count: 3\n"))
+export_refused("calibration_yaml_source_unknown", ("--int8", "--calibration", "{folder}/cal.yaml"), r"cal\.yaml: calibration source 'camera'",
+               prepare=lambda f: (f / "cal.yaml").write_text("source: camera\n"))
+export_refused("calibration_folder_missing", ("--int8", "--calibration-folder", "{folder}/nocal"), r"nocal: calibration folder not found")
+export_refused("calibration_folder_empty", ("--int8", "--calibration-folder", "{folder}/cal"), r"cal: calibration folder has no readable image",
+               prepare=lambda f: (f / "cal").mkdir())
+export_refused("data_missing", ("--data", "{folder}/nodata"), r"nodata: dataset not found")
+export_refused("map_gate_unknown", ("--map-gate", "half"), r"Invalid value for '--map-gate'")
+
+
+@case("export", "checkpoint_missing", exit_code=2, error=r"gone\.pt: checkpoint not found", check=_no_bundle)
+def _export_missing(folder: Path, fixtures: Fixtures) -> list[str]:
+    return ["--checkpoint", str(folder / "gone.pt"), "--out", str(folder / "bundle")]
+
+
+@case("export", "out_is_a_file", exit_code=2, error=r"Invalid value for '--out'.*is a file")
+def _export_out_file(folder: Path, fixtures: Fixtures) -> list[str]:
+    (folder / "bundle").write_text("x")
+    return ["--checkpoint", str(fixtures.more["checkpoint"]), "--out", str(folder / "bundle")]
+
+
+def _exported(o: Outcome) -> None:
+    import stat
+
+    from ssn_edge.runtime.bundle import load_bundle
+
+    bundle = load_bundle(o.folder / "bundle")
+    assert bundle.sealed and bundle.precisions == ["fp32"], bundle.precisions
+    for p in [bundle.path, *bundle.path.iterdir()]:
+        assert stat.S_IMODE(p.stat().st_mode) in (0o755, 0o644), (p, oct(p.stat().st_mode))
+    assert not list(o.folder.glob(".bundle.*")) and f"bundle: {o.folder / 'bundle'}" in o.stdout
+
+
+@case("export", "fp32_export_sealed_and_readable", check=_exported)
+def _export_ok(folder: Path, fixtures: Fixtures) -> list[str]:
+    return ["--checkpoint", str(fixtures.more["checkpoint"]), "--out", str(folder / "bundle"), "--data", str(fixtures.more["dataset"])]
+
+
+# =========================================================================================================
+# report: bad bundles (hand-edited, truncated, not bundles), bad data and options
+# =========================================================================================================
+
+
+def _edited_bundle(folder: Path, fixtures: Fixtures, edit: Callable[[dict], None] | None, reseal: bool = True) -> Path:
+    import shutil
+
+    from ssn_edge.runtime.bundle import METADATA_DIGEST, metadata_digest
+
+    copy = folder / "bundle"
+    shutil.copytree(fixtures.more["exported"], copy)
+    if edit is not None:
+        meta = json.loads((copy / "metadata.json").read_text())
+        edit(meta)
+        if reseal and isinstance(meta, dict):
+            meta[METADATA_DIGEST] = metadata_digest(meta)
+        (copy / "metadata.json").write_text(json.dumps(meta))
+    return copy
+
+
+def _set(path: str, value: Any) -> Callable[[dict], None]:
+    def edit(meta: dict) -> None:
+        *parents, last = path.split(".")
+        node = meta
+        for p in parents:
+            node = node[p]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return edit
+
+
+_DELETE = object()
+
+
+def report_refused(name: str, edit: Callable[[dict], None] | None, error: str, reseal: bool = True,
+                   argv_tail: tuple[str, ...] = (), exit_code: int = 2) -> None:
+    def check(o: Outcome) -> None:
+        assert not (o.folder / "report" / "report.html").exists(), "report written"
+
+    @case("report", name, exit_code=exit_code, error=error, check=check)
+    def build(folder: Path, fixtures: Fixtures) -> list[str]:
+        bundle = _edited_bundle(folder, fixtures, edit, reseal)
+        tail = [a.replace("{folder}", str(folder)) for a in argv_tail]
+        return [str(bundle), "--out", str(folder / "report"), "--runs", "1", "--seconds", "0",
+                "--data", str(fixtures.more["dataset"]), *tail]
+
+
+def _one_digit(meta: dict) -> None:
+    meta["thresholds"]["image"] = round(meta["thresholds"]["image"] + 0.4, 6) if meta["thresholds"]["image"] < 0.6 else round(meta["thresholds"]["image"] - 0.4, 6)
+
+
+report_refused("threshold_one_digit_edit", _one_digit, r"metadata\.json: the metadata was edited after export", reseal=False)
+report_refused("threshold_null", _set("thresholds.image", None), r"field 'thresholds\.image' is null, expected a number")
+report_refused("threshold_string", _set("thresholds.pixel", "high"), r"field 'thresholds\.pixel' is 'high' \(a str\)")
+report_refused("threshold_nan", _set("thresholds.image", float("nan")), r"field 'thresholds\.image' is nan, expected a finite number")
+report_refused("input_size_missing", _set("input.height", _DELETE), r"field 'input\.height' is missing")
+report_refused("input_size_zero", _set("input.width", 0), r"field 'input\.width' is 0, expected at least 1")
+report_refused("model_file_unlisted", _set("models.fp32.bin", "other.bin"), r"names 'other\.bin', which has no checksum")
+report_refused("unknown_precision", lambda m: m["models"].__setitem__("int4", m["models"]["fp32"]), r"models\.int4.*not a precision")
+report_refused("unknown_field", _set("camera", 3), r"field 'camera' is not a field of this schema version")
+report_refused("schema_other", _set("schema", "other"), r"not an ssn-edge bundle")
+report_refused("schema_newer", _set("schema_version", 99), r"schema version 99 was written by a newer ssn-edge")
+report_refused("seconds_negative", None, r"Invalid value for '--seconds': -1\.0 is not a time window", argv_tail=("--seconds", "-1"))
+report_refused("seconds_nan", None, r"Invalid value for '--seconds': nan is not a time window", argv_tail=("--seconds", "nan"))
+report_refused("checkpoint_missing", None, r"gone\.pt: checkpoint not found", argv_tail=("--checkpoint", "{folder}/gone.pt"))
+report_refused("runs_zero", None, r"Invalid value for '--runs': 0 is not in the range", argv_tail=("--runs", "0"))
+report_refused("split_unknown", None, r"split 'nope'", argv_tail=("--split", "nope"))
+report_refused("data_missing", None, r"nodata: dataset not found", argv_tail=("--data", "{folder}/nodata"))
+
+
+def _report_file_broken(name: str, damage: Callable[[Path], None], error: str) -> None:
+    @case("report", name, exit_code=2, error=error)
+    def build(folder: Path, fixtures: Fixtures) -> list[str]:
+        bundle = _edited_bundle(folder, fixtures, None)
+        damage(bundle)
+        return [str(bundle), "--out", str(folder / "report"), "--runs", "1", "--seconds", "0", "--data", str(fixtures.more["dataset"])]
+
+
+_report_file_broken("model_bin_truncated", lambda b: (b / "model_fp32.bin").write_bytes((b / "model_fp32.bin").read_bytes()[:1000]),
+                    r"model_fp32\.bin: checksum mismatch")
+_report_file_broken("model_xml_missing", lambda b: (b / "model_fp32.xml").unlink(), r"model_fp32\.xml: listed in the bundle but missing")
+_report_file_broken("metadata_not_json", lambda b: (b / "metadata.json").write_text("{not json"), r"metadata\.json: unreadable metadata")
+_report_file_broken("metadata_a_list", lambda b: (b / "metadata.json").write_text("[1, 2]"), r"metadata\.json: not an ssn-edge bundle")
+_report_file_broken("metadata_missing", lambda b: (b / "metadata.json").unlink(), r"bundle: no metadata\.json")
+_report_file_broken("metadata_empty", lambda b: (b / "metadata.json").write_text(""), r"metadata\.json: unreadable metadata")
+_report_file_broken("metadata_not_utf8", lambda b: (b / "metadata.json").write_bytes(b"\xff\xfe{}"), r"metadata\.json: unreadable metadata")
+
+
+@case("report", "bundle_missing", exit_code=2, error=r"nobundle: bundle directory not found")
+def _report_missing(folder: Path, fixtures: Fixtures) -> list[str]:
+    return [str(folder / "nobundle"), "--runs", "1", "--seconds", "0"]
+
+
+@case("report", "bundle_is_a_file", exit_code=2, error=r"afile: bundle directory not found")
+def _report_file(folder: Path, fixtures: Fixtures) -> list[str]:
+    (folder / "afile").write_text("x")
+    return [str(folder / "afile"), "--runs", "1", "--seconds", "0"]
+
+
+def _reported(o: Outcome) -> None:
+    rows = json.loads((o.folder / "report" / "report.json").read_text())
+    assert (o.folder / "report" / "report.html").stat().st_size > 1000
+    fp32 = [r for r in rows if r.get("precision") == "fp32" and r.get("runtime") == "openvino"]
+    assert fp32 and 0.0 <= fp32[0]["image_auroc"] <= 100.0, rows
+
+
+@case("report", "exported_bundle_reported", check=_reported)
+def _report_ok(folder: Path, fixtures: Fixtures) -> list[str]:
+    return [str(fixtures.more["exported"]), "--out", str(folder / "report"), "--runs", "1", "--seconds", "0",
+            "--data", str(fixtures.more["dataset"])]
+
+
+def _trained(o: Outcome) -> None:
+    assert (o.out / "checkpoint.pt").is_file() and f"checkpoint: {o.out / 'checkpoint.pt'}" in o.stdout, o.stdout[-500:]
+    from ssn_edge.model.checkpoint import load_checkpoint
+
+    record = load_checkpoint(o.out / "checkpoint.pt")
+    assert record.recipe["train"]["epochs"] == 1 and record.recipe["name"] == "tiny", record.recipe
+
+
+@case("train", "windows_recipe_with_bom_and_crlf_trains", check=_trained)
+def _train_windows_recipe(folder: Path, fixtures: Fixtures) -> list[str]:
+    """A recipe saved by Notepad (UTF-8 BOM, CRLF line ends) is the recipe it says; one epoch on the tiny set."""
+    text = fixtures.more["recipe"].read_text().replace("\n", "\r\n")
+    recipe = _recipe_copy(folder, fixtures, text=b"\xef\xbb\xbf" + text.encode())
+    return ["--recipe", str(recipe), "--out", str(folder / "out"), "--epochs", "1"]

@@ -70,18 +70,21 @@ def test_fp32_matches_pytorch(bundle, tiny_checkpoint, test_arrays):
     from ssn_edge.evaluation.evaluate import predict_raw
     from ssn_edge.model.load import model_from_checkpoint
 
+    from ssn_edge.runtime.postprocess import anomaly_map, sigmoid
+
     model, _, _ = model_from_checkpoint(tiny_checkpoint)
-    ref_maps, ref_scores = predict_raw(model, test_arrays.images)
+    ref_maps, ref_scores = predict_raw(model, test_arrays.images[:3])
+    ref_maps, ref_scores = anomaly_map(ref_maps, (64, 64)), sigmoid(ref_scores)  # the graph post-processes itself
     compiled = ov.Core().compile_model(bundle.model_path("fp32"), "CPU", F32)
-    assert {n for o in compiled.outputs for n in o.get_names()} >= {"map", "score"}
-    assert compiled.input(0).get_partial_shape().to_string() == "[?,3,64,64]"
-    for batch in (1, 3):  # dynamic batch
-        x = test_arrays.images[:batch]
-        out = compiled(x)
-        m, s = out[compiled.output("map")], out[compiled.output("score")]
-        assert m.shape == (batch, 1, 16, 16) and s.shape == (batch,)
-        assert np.abs(m[:, 0] - ref_maps[:batch]).max() < 1e-3
-        assert np.abs(s - ref_scores[:batch]).max() < 1e-3
+    names = [o.get_any_name() for o in compiled.outputs]
+    assert names == ["anomaly_map", "pred_score", "pred_label", "pred_mask"]  # anomalib's, which model_api reads
+    assert compiled.input(0).get_partial_shape().to_string() == "[1,3,64,64]"  # static by default
+    for i in range(3):
+        out = compiled(test_arrays.images[i : i + 1])
+        m, s = out[compiled.output("anomaly_map")], out[compiled.output("pred_score")]
+        assert m.shape == (1, 1, 64, 64) and s.shape == (1,)
+        assert np.abs(m[0, 0] - ref_maps[i]).max() < 1e-3
+        assert np.abs(s[0] - ref_scores[i]) < 1e-3
 
 
 @pytest.mark.slow
@@ -104,8 +107,11 @@ def test_anchored_light_head_exports_its_score(tiny_dataset, tmp_path):
     x = split_arrays(tiny_dataset, "test", (64, 64), progress=False).images[:4]
     ref_maps, ref_scores = predict_raw(model, x)
     assert not np.allclose(ref_scores, ref_maps.reshape(len(x), -1).max(1), atol=1e-4)  # trained: fc is not zero
-    out = ov.Core().compile_model(b.model_path("fp32"), "CPU", F32)(x)
-    assert np.abs(out["score"] - ref_scores).max() < 1e-3
+    from ssn_edge.runtime.postprocess import sigmoid
+
+    compiled = ov.Core().compile_model(b.model_path("fp32"), "CPU", F32)
+    scores = np.array([compiled(x[i : i + 1])["pred_score"][0] for i in range(len(x))])
+    assert np.abs(scores - sigmoid(ref_scores)).max() < 1e-3
     assert b.metadata.provenance.recipe["model"]["score_anchor"] == "map_max"
 
 
@@ -132,7 +138,7 @@ def test_int8_is_quantized(bundle, test_arrays):
     assert entry.calibration == ModelCalibration(CALIBRATION_FILE, CALIB_SIZE)
     assert bundle.weights_path("int8").stat().st_size < 0.4 * bundle.weights_path("fp32").stat().st_size
     maps, scores = infer(ov.Core().compile_model(bundle.model_path("int8"), "CPU"), test_arrays.images)
-    assert maps.shape == (len(test_arrays), 16, 16) and np.isfinite(maps).all() and np.isfinite(scores).all()
+    assert maps.shape == (len(test_arrays), 64, 64) and np.isfinite(maps).all() and np.isfinite(scores).all()
 
 
 def _bias_bug_model():
@@ -198,9 +204,6 @@ def test_openvino_bias_free_conv_issue_still_present(monkeypatch):
 
 @pytest.mark.slow
 def test_metadata_schema(bundle, tiny_checkpoint, test_arrays):
-    from ssn_edge.evaluation.metrics import f1_max, gap_threshold
-    from ssn_edge.runtime.postprocess import sigmoid
-
     meta = json.loads((bundle.path / "metadata.json").read_text())
     assert meta["schema"] == "ssn-edge-bundle" and meta["schema_version"] == 2
     assert meta["input"] == {
@@ -217,23 +220,21 @@ def test_metadata_schema(bundle, tiny_checkpoint, test_arrays):
         "scale": "uint8/255, uint16/65535",
         "resize": "area when shrinking, bilinear when enlarging",
     }
-    assert meta["outputs"] == {
-        "map": {"name": "map", "stride": 4, "kind": "logits", "gate": "none", "per": None},
-        "score": {"name": "score", "kind": "logit", "per": None},
+    assert meta["outputs"] == {  # the graph ends in the final map (input size) and score
+        "map": {"name": "anomaly_map", "stride": 1, "kind": "logits", "gate": "none", "per": None},
+        "score": {"name": "pred_score", "kind": "probability", "per": None},
     }
     assert meta["postprocess"] == {"map_upsample": "bilinear", "blur_sigma": 4.0, "blur_kernel": 25, "score": "sigmoid",
-                                   "per": None}
+                                   "per": None, "in_graph": True}
     th = meta["thresholds"]
-    assert th["source"] == "test" and th["method"] == "f1_max" and th["count"] == len(test_arrays)
-    # The image threshold is the F1-max threshold of the FP32 model's sigmoid scores on that split.
+    # Default: a 1 % false-alarm rate on the normal training images training held out (4 of the 8 tiny ones:
+    # at most half), with 4 x 1 % < 1 alarm allowed: just above the highest held-out score.
+    assert th["source"] == "held_out_normal" and th["method"] == "false_alarm" and th["count"] == 4
+    assert th["held_out"] == 4 and th["false_alarm"] == 0.0 and th["max_false_alarm"] == 0.01
     import openvino as ov
 
-    _, logits = infer(ov.Core().compile_model(bundle.model_path("fp32"), "CPU", F32), test_arrays.images)
-    scores = sigmoid(logits)
-    f1_threshold = f1_max(test_arrays.labels, scores)[1]
-    assert th["image"] == pytest.approx(gap_threshold(scores, f1_threshold), abs=1e-6)  # off the data point
-    assert np.array_equal(scores >= th["image"], scores >= f1_threshold)  # with the F1-max decisions
-    assert isinstance(th["pixel"], float) and th["pixel_method"] == "f1_max"
+    _, scores = infer(ov.Core().compile_model(bundle.model_path("fp32"), "CPU", F32), test_arrays.images)
+    assert isinstance(th["pixel"], float) and th["pixel_method"] == "false_alarm"
     assert meta["score_range"] == {"min": pytest.approx(float(scores.min())), "max": pytest.approx(float(scores.max()))}
     assert th["image"] <= meta["score_range"]["max"]
     assert meta["map_range"]["min"] < meta["map_range"]["max"]
@@ -252,7 +253,7 @@ def test_metadata_schema(bundle, tiny_checkpoint, test_arrays):
         "sha256": sha256_file(tiny_checkpoint),
         "epoch": 1,
     }
-    assert meta["supervision"]["setting"] == "unsupervised" and meta["supervision"]["normal"] == 8
+    assert meta["supervision"]["setting"] == "unsupervised" and meta["supervision"]["normal"] == 4  # 4 held out
     assert meta["calibration"]["count"] == CALIB_SIZE
     # every file is checksummed, and the checksums are right
     listed = set(meta["files"])
@@ -483,26 +484,25 @@ def test_cli_calibration_options_need_int8(tiny_checkpoint, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_threshold_split_prefers_val(tiny_dataset, tmp_path, caplog):
+def test_evaluation_split_prefers_val(tiny_dataset, tmp_path, caplog):
     from ssn_edge.data import DatasetError
-    from ssn_edge.export.thresholds import threshold_split
+    from ssn_edge.export.thresholds import evaluation_split, labelled_split
 
     good = sorted((tiny_dataset / "test" / "good").glob("*.png"))
     bad = sorted((tiny_dataset / "test").glob("[!g]*/*.png"))
     manifest = tmp_path / "m.csv"
     rows = ["image,label,split", f"{good[0]},0,val", f"{bad[0]},1,val", f"{good[1]},0,test", f"{bad[1]},1,test"]
     manifest.write_text("\n".join(rows) + "\n")
-    with caplog.at_level(logging.WARNING, logger="ssn_edge"):
-        split, samples = threshold_split(manifest)
+    split, samples = evaluation_split(manifest)
     assert split == "val" and [s.image for s in samples] == [good[0], bad[0]]
-    assert "optimistic" not in caplog.text
-    manifest.write_text("\n".join(rows[:1] + rows[3:]) + "\n")
+    manifest.write_text("\n".join(rows[:2] + rows[3:]) + "\n")  # val: one normal image only
+    assert evaluation_split(manifest)[0] == "test"
+    with pytest.raises(DatasetError, match="'val' split has no defective images"):
+        labelled_split(manifest, "val")  # what --threshold-from f1 needs
+    manifest.write_text("\n".join([rows[0], rows[1], rows[3]]) + "\n")  # no split with both labels
     with caplog.at_level(logging.WARNING, logger="ssn_edge"):
-        assert threshold_split(manifest)[0] == "test"
-    assert "optimistic" in caplog.text
-    manifest.write_text("\n".join([rows[0], rows[1], rows[3]]) + "\n")
-    with pytest.raises(DatasetError, match="no defective images"):
-        threshold_split(manifest)
+        assert evaluation_split(manifest) is None
+    assert "no accuracy metrics" in caplog.text
 
 
 def _toy_arrays(with_masks: bool):

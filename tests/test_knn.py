@@ -178,7 +178,8 @@ def test_checkpoint_round_trip(knn_run, test_arrays):
 
     loaded = load_model(knn_run.checkpoint)
     assert (loaded.kind, loaded.tiled, loaded.trained_on, loaded.epoch) == ("knn", False, None, 0)
-    assert loaded.supervision["setting"] == "unsupervised" and loaded.supervision["normal"] == 8
+    # 4 of the 8 normal training images are held out for thresholds (data.val_fraction; at most half)
+    assert loaded.supervision["setting"] == "unsupervised" and loaded.supervision["normal"] == 4
     assert loaded.recipe.model.kind == "knn" and loaded.backbone["name"] == "resnet18"
     maps, scores = predict_raw(loaded.model, test_arrays.images)
     assert maps.shape == (len(test_arrays), 8, 8) and scores.shape == (len(test_arrays),)
@@ -213,10 +214,32 @@ def test_fp32_export_equals_torch(knn_run, test_arrays, tmp_path):
     compiled = ov.Core().compile_model(str(tmp_path / "b" / "model_fp32.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     ops = {op.get_type_name() for op in ov.Core().read_model(tmp_path / "b" / "model_fp32.xml").get_ops()}
     assert {"MatMul", "TopK", "Gather"} <= ops  # the nearest-neighbour search is in the graph
-    out = compiled(test_arrays.images)
+    from ssn_edge.runtime.postprocess import anomaly_map, sigmoid
+
     maps, scores = predict_raw(load_model(knn_run.checkpoint).model, test_arrays.images)
-    np.testing.assert_allclose(out[compiled.outputs[0]][:, 0], maps, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(out[compiled.outputs[1]], scores, atol=1e-4, rtol=0)
+    maps, scores = anomaly_map(maps, (64, 64)), sigmoid(scores)  # the graph post-processes itself (batch 1)
+    for i, x in enumerate(test_arrays.images):
+        out = compiled(x[None])
+        np.testing.assert_allclose(out["anomaly_map"][0, 0], maps[i], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(out["pred_score"], scores[i : i + 1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_int8_export_keeps_the_distances_float(knn_run, tmp_path):
+    """The backbone is quantized, the nearest-neighbour head (MatMul against the bank and the sums after it) is
+    not: no FakeQuantize feeds a node of the head, and the bank stays a float constant (export/quantize.py)."""
+    import openvino as ov
+    from ssn_edge.export.calibration import CalibrationSpec
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
+
+    bundle = export_bundle(knn_run.checkpoint, tmp_path / "b", ExportOptions(int8=True, calibration=CalibrationSpec(size=4)))
+    model = ov.Core().read_model(bundle.path / "model_int8.xml")
+    fed = [t.get_node() for op in model.get_ops() if op.get_type_name() == "FakeQuantize"
+           for t in op.output(0).get_target_inputs()]
+    assert any(n.get_type_name() == "Convolution" for n in fed)  # the backbone is INT8
+    assert not [n.get_friendly_name() for n in fed if ".head/" in n.get_friendly_name()]
+    matmul = next(op for op in model.get_ops() if op.get_type_name() == "MatMul")
+    assert all(i.get_element_type() == ov.Type.f32 for i in matmul.inputs())
 
 
 @pytest.mark.slow

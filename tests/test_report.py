@@ -103,6 +103,34 @@ def test_report_html_is_one_self_contained_page(tiny_report):
     assert "8 images" in text  # calibration set size
 
 
+def test_reference_knn_adds_the_baseline_row(tiny_bundle, tmp_path):
+    """--reference knn: the memory-bank model fitted on the bundle's training images, exported and scored like
+    the bundle's OpenVINO FP32 row, in report.json (after the variants) and in the page; its bundle kept."""
+    from ssn_edge.report.build import build_report
+    from ssn_edge.runtime.bundle import load_bundle
+
+    report = build_report(tiny_bundle.path, out_dir=tmp_path / "r", runs=2, throughput_seconds=0, examples=0,
+                          reference_model="knn")
+    records = json.loads(Path(report.report_json).read_text())
+    assert [r.get("is_baseline", False) for r in records] == [False] * (len(records) - 1) + [True]
+    base = records[-1]
+    assert base["model"] == "knn" and base["precision"] == "fp32" and base["images"] == records[0]["images"]
+    assert base["bank"] >= 1 and base["fit_s"] >= 0 and base["latency_ms"] > 0
+    assert 0 <= base["image_auroc"] <= 100
+    assert load_bundle(base["bundle"]).metadata.provenance.model_kind == "knn"
+    page = Path(report.report_html).read_text()
+    assert "Memory-bank baseline" in page and "knn baseline (OpenVINO fp32)" in page
+
+
+def test_below_reference_names_the_metrics_more_than_half_a_point_below():
+    from ssn_edge.report.reference import below_reference
+
+    records = [{"runtime": "torch", "precision": "fp32", "image_auroc": 99.0, "pixel_aupro": 99.0},
+               {"runtime": "openvino", "precision": "fp32", "image_auroc": 90.0, "pixel_aupro": 80.2}]
+    assert below_reference(records, {"image_auroc": 96.0, "pixel_aupro": 80.6}) == ["image auroc 90.00 vs 96.00"]
+    assert below_reference(records, {"image_auroc": 90.4, "pixel_aupro": None}) == []
+
+
 def test_compare_scores_counts_decision_flips_at_the_threshold():
     ref = np.array([0.1, 0.5, 0.7, 0.49, 0.5], dtype=np.float32)
     other = np.array([0.1, 0.49, 0.7, 0.5, 0.6], dtype=np.float32)
@@ -213,7 +241,8 @@ def test_demo_falls_back_to_a_random_backbone_and_says_so(monkeypatch, tmp_path)
     assert recipe["model"]["pretrained"] is False and recipe["model"]["weights"] is None
     bundle_meta = json.loads((Path(result["bundle"]) / "metadata.json").read_text())
     assert bundle_meta["provenance"]["backbone"]["weights_source"].startswith("random")
-    assert bundle_meta["thresholds"]["source"] == "val"  # the demo data has a validation split
+    # thresholds from normal images training never saw: its held-out ones and the validation split's
+    assert bundle_meta["thresholds"]["source"] == "held_out_normal" and "'val' images" in bundle_meta["thresholds"]["data"]
     assert sorted(bundle_meta["models"]) == ["fp32", "int8"]
     assert RANDOM_BACKBONE_WARNING in Path(result["report_html"]).read_text()
     assert any(line.startswith("report:") and line.endswith("report.html") for line in lines)

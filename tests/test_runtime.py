@@ -258,12 +258,13 @@ def test_predict_folder_writes_json_csv(tiny_bundle, image_dir, tmp_path):
         assert rec["latency_ms"] > 0
     with open(out / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["path", "score", "decision", "latency_ms", "map_max", "status", "error"]
+    assert list(rows[0]) == ["path", "score", "decision", "result", "latency_ms", "map_max", "status", "error"]
     assert all(r["status"] == "ok" and r["error"] == "" for r in rows)
     assert [r["path"] for r in rows] == [p.path for p in preds]
     for r, p in zip(rows, preds):
         assert float(r["score"]) == pytest.approx(p.score, abs=1e-6)
         assert int(r["decision"]) == int(p.decision)
+        assert r["result"] == ("defect" if p.decision else "ok")  # no review band in this bundle
         assert float(r["map_max"]) == pytest.approx(p.map_max, abs=1e-5)
     assert not list(out.glob(".*tmp"))  # temporaries renamed away
 

@@ -180,7 +180,8 @@ def test_mixed_training_run_records_its_supervision_through_to_the_bundle_and_re
     record = load_checkpoint(result.checkpoint)
     assert record.recipe["train"]["setting"] == "mixed"
     sup = record.supervision
-    assert (sup.normal, sup.with_mask, sup.label_only, sup.source) == (8, 3, 6, "data")
+    # 4 of the 8 normal training images held out for thresholds (data.val_fraction; at most half)
+    assert (sup.normal, sup.with_mask, sup.label_only, sup.source) == (4, 3, 6, "data")
     bundle = export_bundle(result.checkpoint, tmp_path / "bundle")
     meta = json.loads((tmp_path / "bundle" / "metadata.json").read_text())
     assert meta["provenance"]["setting"] == "mixed" and meta["supervision"]["label_only"] == 6

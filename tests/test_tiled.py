@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import cv2
 import numpy as np
@@ -246,10 +247,37 @@ def test_a_tiled_checkpoint_records_its_supervision_as_a_plain_one_does(ensemble
 
     _, result = ensemble_run
     sup = load_model(result.checkpoint).supervision
-    assert sup is not None and (sup["setting"], sup["normal"], sup["source"]) == ("unsupervised", 8, "recipe")
+    assert sup is not None and (sup["setting"], sup["normal"], sup["source"]) == ("unsupervised", 4, "recipe")  # 4 held out
     d = tiny_recipe_dict(tiny_dataset)
     d["train"]["setting"] = "auto"
     d["tiling"] = {"tile": [32, 32], "stride": [32, 32], "shared_backbone": False}
     auto = load_model(train_job(recipe_from_dict(d), tmp_path / "auto", progress=False, evaluate=False).checkpoint)
     assert auto.tiled and auto.recipe.train.setting == "unsupervised"
     assert auto.supervision["setting"] == "unsupervised" and auto.supervision["source"] == "data"
+
+
+def test_bench_frame_times_a_tiled_bundle_beside_its_tile_model(single_run, tmp_path):
+    """`ssn-edge bench BUNDLE --frame WxH`: frame latency, MP/s, the tile model's images/s and the overhead
+    ratio (tiles / images/s / latency) in one run; refused for a plain bundle or a malformed size."""
+    from click.testing import CliRunner
+
+    import cli
+    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.runtime.bench import bench_frames, parse_frame_size
+
+    assert parse_frame_size("5472x3648") == (3648, 5472) and parse_frame_size("2048") == (2048, 2048)
+    for bad in ("12xa", "0x5", ""):
+        with pytest.raises(ValueError, match="frame"):
+            parse_frame_size(bad)
+    _, result = single_run
+    bundle = export_bundle(result.checkpoint, tmp_path / "bundle")
+    (rec,) = bench_frames(bundle.path, [(70, 100)], ["fp32"], runs=2, throughput_seconds=0.3)
+    assert rec["tiles"] == bundle.tiling.grid((70, 100)).count and rec["frame"] == [100, 70]
+    assert rec["megapixels_per_s"] == pytest.approx(70 * 100 / 1e6 / (rec["latency_ms"] / 1e3))
+    assert rec["ratio"] == pytest.approx(rec["tiles"] / rec["model_throughput_ips"] / (rec["latency_ms"] / 1e3))
+    assert rec["ratio_of"] == "tiled_vs_model_throughput"
+    out = CliRunner().invoke(cli.main, ["bench", str(bundle.path), "--frame", "100x70", "--precision", "fp32",
+                                        "--seconds", "0.2", "--json", str(tmp_path / "b.json")])
+    assert out.exit_code == 0, out.output
+    assert "100x70" in out.output and "ratio" in out.output
+    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["tiles"] == rec["tiles"]

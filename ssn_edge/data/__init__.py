@@ -5,11 +5,13 @@ from .samples import (
     SPLITS,
     DatasetError,
     Sample,
+    ValidationSplit,
     load_dataset,
     load_manifest,
     load_mvtec,
     require_nonempty,
     select,
+    split_validation,
     summary,
 )
 
@@ -25,5 +27,7 @@ __all__ = [
     "load_mvtec",
     "require_nonempty",
     "select",
+    "split_validation",
     "summary",
+    "ValidationSplit",
 ]

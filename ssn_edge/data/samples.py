@@ -7,13 +7,15 @@ come with corrupt files) happens in `ssn_edge.data.arrays`. Torch-free on purpos
 from __future__ import annotations
 
 import csv
+import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ssn_edge.runtime.inputs import IMAGE_EXTENSIONS  # one list of image names, the runtime's (decoded by content)
+
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("image", "label", "split")
 OPTIONAL_COLUMNS = ("mask", "defect")
@@ -49,7 +51,7 @@ class Sample:
 
 def _image_files(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
     )
 
 
@@ -216,6 +218,35 @@ def require_nonempty(samples: Iterable[Sample], split: str, source: str | Path) 
     if not chosen:
         raise DatasetError(f"split '{split}' is empty in {source}")
     return chosen
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """The training split with some normal images held out: ``train`` is what training uses, ``held_out`` the
+    normal training images it never sees (thresholds are set on them: `ssn-edge export`)."""
+
+    train: list[Sample]
+    held_out: list[Sample]
+
+
+def held_out_count(normal: int, fraction: float, minimum: int) -> int:
+    """How many of ``normal`` images are held out: fraction of them, at least ``minimum``, at most half (training
+    keeps the larger part); 0 when fraction is 0."""
+    if fraction <= 0 or normal < 2:
+        return 0
+    return min(max(minimum, int(round(fraction * normal))), normal // 2)
+
+
+def split_validation(samples: Iterable[Sample], fraction: float, minimum: int, seed: int) -> ValidationSplit:
+    """The one split of the normal training images into trained-on and held out, used by `train` (which leaves
+    ``held_out`` out) and `export` (which sets thresholds on it): a seeded random choice over the normal training
+    samples in dataset order, so the same data and (fraction, minimum, seed) always give the same images."""
+    train = select(samples, "train")
+    normal = [i for i, s in enumerate(train) if s.label == 0]
+    count = held_out_count(len(normal), fraction, minimum)
+    chosen = set(random.Random(seed).sample(normal, count)) if count else set()
+    return ValidationSplit([s for i, s in enumerate(train) if i not in chosen],
+                           [s for i, s in enumerate(train) if i in chosen])
 
 
 def summary(samples: Iterable[Sample]) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 from ssn_edge.data import ArraySet
 from ssn_edge.evaluation.metrics import evaluate_all, pixel_metrics
 from ssn_edge.export.inference import count_quantized_ops, output
-from ssn_edge.export.quantize import Calibration, QuantizeOptions, advanced_parameters, correct_score_offset
+from ssn_edge.export.quantize import Calibration, QuantizeOptions, advanced_parameters, correct_score_offset, float_scope
 from ssn_edge.runtime.postprocess import anomaly_map, sigmoid
 from ssn_edge.runtime.schema import AccuracyControl
 
@@ -72,7 +72,7 @@ def make_validation_fn(
 
 def quantize_int8_acc(
     ov_model, calib: Calibration, options: QuantizeOptions, arrays: ArraySet, metric: str, max_drop: float,
-    agreement: Agreement | None = None,
+    agreement: Agreement | None = None, model_kind: str = "ssn",
 ):
     """(model, score offset or None) by NNCF accuracy control on ``arrays``, score offset corrected."""
     import nncf
@@ -88,6 +88,7 @@ def quantize_int8_acc(
         drop_type=nncf.DropType.ABSOLUTE,
         subset_size=len(calib.inputs),
         **({"advanced_quantization_parameters": params} if params is not None else {}),
+        **({"ignored_scope": scope} if (scope := float_scope(model_kind)) is not None else {}),
     )
     return correct_score_offset(quantized, calib)
 

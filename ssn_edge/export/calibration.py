@@ -32,8 +32,8 @@ import numpy as np
 import yaml
 
 from ssn_edge.data import load_dataset, load_manifest, select
-from ssn_edge.data.samples import IMAGE_SUFFIXES
 from ssn_edge.runtime.bundle import sha256_file
+from ssn_edge.runtime.inputs import IMAGE_EXTENSIONS
 from ssn_edge.runtime.preprocess import ImageError, read_image
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -134,7 +134,7 @@ def _candidates(spec: CalibrationSpec, recipe: Recipe | None) -> tuple[list[Path
             p
             for p in folder.rglob("*")
             if p.is_file()
-            and p.suffix.lower() in IMAGE_SUFFIXES
+            and p.suffix.lower() in IMAGE_EXTENSIONS
             and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         ]
         return sorted(files), f"calibration folder {folder}"
@@ -153,7 +153,7 @@ def select_calibration(spec: CalibrationSpec, recipe: Recipe | None = None) -> l
     candidates, where = _candidates(spec, recipe)
     if not candidates:
         if spec.source == "folder":
-            raise CalibrationError(f"{spec.path}: calibration folder has no readable image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise CalibrationError(f"{spec.path}: calibration folder has no readable image ({', '.join(IMAGE_EXTENSIONS)})")
         raise CalibrationError(f"{where}: no normal (label 0) training images to calibrate with")
     order = np.random.default_rng(spec.seed).permutation(len(candidates))
     chosen: list[Path] = []

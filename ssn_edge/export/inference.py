@@ -42,8 +42,12 @@ def output(compiled, index: int):
 
 
 def infer(compiled, images: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Raw map logits (N, h, w) and score logits (N,) of a plain graph."""
+    """A plain graph's two outputs: maps (N, h, w) and scores (N,): raw (logits at stride) or, for a
+    post-processed graph, final (map at input size, score in [0, 1]). A static-batch graph runs its own batch."""
     out_map, out_score = output(compiled, 0), output(compiled, 1)
+    batch = compiled.inputs[0].get_partial_shape()[0]
+    if batch.is_static:
+        batch_size = batch.get_length()
     request = compiled.create_infer_request()
     maps, scores = [], []
     for start in range(0, len(images), batch_size):
@@ -65,7 +69,10 @@ def score_logits(compiled, inputs: Sequence[np.ndarray]) -> np.ndarray:
 def predict_arrays(xml: Path, plan: GraphPlan, arrays: ArraySet) -> Predictions:
     """Scores and maps of evaluation arrays (normalised, at the recipe's size) through the runtime's path."""
     compiled = compile_f32(xml)
-    if plan.tiling is None:
+    if plan.postprocess_in_graph:
+        maps, scores = infer(compiled, arrays.images)
+        return Predictions(scores, maps)
+    if plan.tiling is None:  # a raw plain graph
         raw, logits = infer(compiled, arrays.images)
         return Predictions(sigmoid(logits), anomaly_map(raw, arrays.images.shape[-2:]), (raw, logits))
     runner = TiledRunner(compiled, plan.tiling, blur_sigma=BLUR_SIGMA, blur_kernel=BLUR_KERNEL)

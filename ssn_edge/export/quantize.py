@@ -38,6 +38,21 @@ log = logging.getLogger("ssn_edge")
 
 ACTIVATION_RANGES = ("minmax", "nncf_default")
 
+# What stays float in each model family's INT8 graph (NNCF ignored scope, as node-name patterns), and why.
+# knn: the nearest-neighbour distances (model/knn/graph.py KnnHead): |q|^2 - 2 q.b + |b|^2 is a small difference
+# of large, nearly equal terms, and the nearest distance is small next to the feature norms, so int8 steps on the
+# MatMul's inputs and on the sums after it are as large as the distances themselves. The backbone and the local
+# averaging before it are INT8 like SSN's; the head is a tiny share of the time (one MatMul against the bank).
+FLOAT_SCOPES: dict[str, tuple[str, ...]] = {"knn": (r".*\.head/.*",)}
+
+
+def float_scope(model_kind: str):
+    """The nncf.IgnoredScope keeping the family's FLOAT_SCOPES in float, or None."""
+    import nncf
+
+    patterns = FLOAT_SCOPES.get(model_kind)
+    return nncf.IgnoredScope(patterns=list(patterns), validate=False) if patterns else None
+
 
 @dataclass(frozen=True)
 class QuantizeOptions:
@@ -114,9 +129,9 @@ def correct_score_offset(quantized, calib: Calibration):
     return subtract_from_score(quantized, shift), shift
 
 
-def quantize_int8(ov_model, calib: Calibration, options: QuantizeOptions):
+def quantize_int8(ov_model, calib: Calibration, options: QuantizeOptions, model_kind: str = "ssn"):
     """INT8 by NNCF post-training quantization, score offset corrected; (model, score offset or None)."""
-    return correct_score_offset(quantize(ov_model.clone(), calib.inputs, options), calib)
+    return correct_score_offset(quantize(ov_model.clone(), calib.inputs, options, model_kind), calib)
 
 
 def advanced_parameters(options: QuantizeOptions):
@@ -128,14 +143,17 @@ def advanced_parameters(options: QuantizeOptions):
     return None
 
 
-def quantize(ov_model, inputs: list[np.ndarray], options: QuantizeOptions):
-    """nncf.quantize on the calibration inputs with the options' range estimator."""
+def quantize(ov_model, inputs: list[np.ndarray], options: QuantizeOptions, model_kind: str = "ssn"):
+    """nncf.quantize on the calibration inputs with the options' range estimator, the family's float scope kept."""
     import nncf
 
     kwargs = {}
     params = advanced_parameters(options)
     if params is not None:
         kwargs["advanced_parameters"] = params
+    scope = float_scope(model_kind)
+    if scope is not None:
+        kwargs["ignored_scope"] = scope
     return nncf.quantize(ov_model, nncf.Dataset(inputs), subset_size=len(inputs), **kwargs)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssn_edge.config import recipe_from_dict, upgrade_recipe_dict
+from ssn_edge.config import recipe_from_dict, recorded_val_split, upgrade_recipe_dict
 from ssn_edge.data.supervision import Supervision
 from ssn_edge.model.backbones import weights_fingerprint
 
@@ -142,7 +142,9 @@ def load_checkpoint(path: str | Path) -> CheckpointRecord:
         if key not in data:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}' (truncated or written by another tool)")
     try:
-        return CheckpointRecord.from_payload(_from_version_1(data) if version == 1 else data)
+        # a recipe recorded before data.val_fraction existed held no normal image out (config.recorded_val_split)
+        return CheckpointRecord.from_payload(_from_version_1(data) if version == 1
+                                             else {**data, "recipe": recorded_val_split(data["recipe"])})
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: checkpoint record is malformed ({type(exc).__name__}: {exc})") from None
 

@@ -119,6 +119,18 @@ def _check_backbone(path: Path, trunk: nn.Module, identity: BackboneIdentity, tr
         )
 
 
+def _load_heads(path: Path, heads: nn.Module, state: dict) -> None:
+    """The trained heads' weights into heads built from the recorded recipe: a mismatch (a recipe edited after
+    training, another model's weights) is one line naming the first parameter that does not fit."""
+    try:
+        heads.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).strip())
+        detail = detail if len(detail) <= 240 else detail[:237] + "..."
+        raise CheckpointError(f"{path}: the heads' weights do not fit the recipe it records ({detail}); the "
+                              "checkpoint was edited or mixes two models") from None
+
+
 def _plain(path: Path, record: CheckpointRecord, weights: str | None, map_gate: str | None
            ) -> tuple[SuperSimpleNet | KnnDetector, Recipe, CheckpointRecord]:
     if record.kind == KIND_KNN:
@@ -127,7 +139,7 @@ def _plain(path: Path, record: CheckpointRecord, weights: str | None, map_gate: 
         raise CheckpointError(f"{path}: a {record.kind} checkpoint, not a plain SSN one")
     recipe = _recipe(path, record, weights, map_gate)
     model = SuperSimpleNet(recipe.model)
-    model.heads.load_state_dict(record.heads)
+    _load_heads(path, model.heads, record.heads)
     _check_backbone(path, model.features.trunk, record.backbone)
     return model.eval(), recipe, record
 
@@ -154,8 +166,11 @@ def _tiled(path: Path, record: CheckpointRecord, weights: str | None, graph: str
     if graph is not None:
         cfg = dataclasses.replace(cfg, graph=graph)
     model = TiledSSN(recipe.model, cfg if cfg.graph != "tile" else dataclasses.replace(cfg, graph="tiles"))
-    for heads, state in zip(model.heads, record.tiled.heads, strict=True):
-        heads.load_state_dict(state)
+    if len(model.heads) != len(record.tiled.heads):
+        raise CheckpointError(f"{path}: holds {len(record.tiled.heads)} tile locations' heads, its tiling has "
+                              f"{len(model.heads)}; the checkpoint was edited or is damaged")
+    for heads, state in zip(model.heads, record.tiled.heads):
+        _load_heads(path, heads, state)
     _check_backbone(path, model.features.trunk, record.backbone)
     model.tiling = cfg
     return model.eval(), recipe, record

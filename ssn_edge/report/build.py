@@ -83,6 +83,7 @@ class Report:
     reference: str
     warnings: list[str]
     out_dir: Path
+    baseline: dict[str, Any] | None = None  # the knn reference's record (--reference knn)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -281,6 +282,25 @@ def _figures(bundle: Bundle, arrays: ArraySet, variants: Sequence[Variant], flip
     return figures
 
 
+def _baseline(bundle: Bundle, data_path: str, arrays: ArraySet, out_dir: Path, weights: str | None, device: str,
+              runs: int, throughput_seconds: float, records: list[dict[str, Any]], warnings: list[str]) -> dict[str, Any]:
+    """The knn reference's record (fitted and exported under out_dir); a warning when the bundle is below it."""
+    from ssn_edge.report.reference import below_reference, fit_reference, reference_record
+
+    if not torch_available():
+        raise ValueError("--reference knn fits the memory-bank model with PyTorch, which is not installed here "
+                         "(pip install 'ssn-edge[train]')")
+    record = _clean({"dataset": _dataset_name(data_path), "backbone": bundle.metadata.provenance.backbone.name,
+                     "setting": "unsupervised",
+                     **reference_record(fit_reference(bundle, data_path, out_dir, weights), arrays, device, runs,
+                                        throughput_seconds)})
+    below = below_reference(records, record)
+    if below:
+        warnings.append("This model is below the memory-bank baseline fitted on the same training images: "
+                        + "; ".join(below) + ".")
+    return record
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------------------------------
@@ -297,6 +317,7 @@ def build_report(
     throughput_seconds: float = 2.0,
     device: str = "CPU",
     examples: int = 4,
+    reference_model: str = "none",
 ) -> Report:
     """Evaluate every variant of a bundle on ``split`` of ``data_path`` and write report.json + report.html.
 
@@ -304,12 +325,15 @@ def build_report(
     was exported from (checked by sha256): adds a PyTorch FP32 row, which then is the reference; without it (or
     without torch) OpenVINO FP32 is the reference. weights: backbone weights file for rebuilding the PyTorch
     model. out_dir: default ``<bundle>_report`` beside the bundle. runs: timed batch-1 runs per variant.
-    throughput_seconds: per variant (0 skips throughput). examples: heatmap rows.
+    throughput_seconds: per variant (0 skips throughput). examples: heatmap rows. reference_model: "knn" fits
+    the memory-bank baseline on the bundle's training images and adds its row (ssn_edge/report/reference.py).
     """
     bundle = load_bundle(bundle_path)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(bundle.path)
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
+    if reference_model not in ("none", "knn"):
+        raise ValueError(f"reference model {reference_model!r} is not one of none, knn")
     data_path, arrays = _report_arrays(bundle, data_path, split)
     warnings = _warnings(bundle, data_path, split)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -317,6 +341,8 @@ def build_report(
     names = [v.precision for v in variants if v.runtime == "openvino"]
     ov_timings, cpu = _bench(bundle, names, runs, throughput_seconds, device)
     records, flips = _records(bundle, arrays, data_path, variants, {**timings, **ov_timings})
+    baseline = _baseline(bundle, data_path, arrays, out_dir, weights, device, runs, throughput_seconds,
+                         records, warnings) if reference_model == "knn" else None
     reference = f"PyTorch FP32 ({checkpoint.name})" if variants[0].runtime == "torch" else "OpenVINO FP32 (f32 hint)"
     info = ReportInfo(
         dataset=_dataset_name(data_path), data_path=data_path, split=split, n_images=len(arrays),
@@ -325,8 +351,9 @@ def build_report(
                          if throughput_seconds > 0 else "not measured"),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"), device=f"{device}: {cpu}", warnings=warnings,
     )
-    html = render_html(bundle, records, _figures(bundle, arrays, variants, flips, examples), info)
+    html = render_html(bundle, records, _figures(bundle, arrays, variants, flips, examples), info, baseline)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = atomic_write(out_dir / REPORT_JSON, json.dumps(records, indent=2) + "\n")
+    rows = records + ([baseline] if baseline is not None else [])
+    json_path = atomic_write(out_dir / REPORT_JSON, json.dumps(rows, indent=2) + "\n")
     html_path = atomic_write(out_dir / REPORT_HTML, html)
-    return Report(records, json_path, html_path, reference, warnings, out_dir)
+    return Report(records, json_path, html_path, reference, warnings, out_dir, baseline)

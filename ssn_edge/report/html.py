@@ -195,8 +195,21 @@ def tiling_text(tiling: Tiling | None) -> str:
 def thresholds_text(thr: Thresholds) -> tuple[str, str]:
     """(the thresholds, where they came from)."""
     values = f"image {thr.image:.6g} (sigmoid score), pixel {thr.pixel:.6g} (map value)"
-    source = (f"{thr.method} (pixel: {thr.pixel_method}) on the '{thr.source or '?'}' split of {thr.data or '?'} "
-              f"({thr.count if thr.count is not None else '?'} images), FP32 outputs")
+    if thr.review is not None:
+        values += f", review {thr.review:.6g} (score in [review, image): review)"
+    if thr.source == "held_out_normal":
+        source = (f"{thr.max_false_alarm:g} target false-alarm rate (pixels: {thr.max_false_alarm_pixel:g}) on "
+                  f"{thr.data or '?'}, never trained on, FP32 outputs")
+    else:
+        source = (f"{thr.method} (pixel: {thr.pixel_method}) on the '{thr.source or '?'}' split of {thr.data or '?'} "
+                  f"({thr.count if thr.count is not None else '?'} images), FP32 outputs")
+        if thr.source == "test":
+            source += ": chosen explicitly (--threshold-from test-f1); test numbers are optimistic"
+    if thr.held_out:
+        source += (f"; false alarms on the {thr.held_out} held-out normal images: {100 * thr.false_alarm:.1f} % "
+                   f"of images, {100 * thr.pixel_false_alarm:.3f} % of pixels")
+    elif thr.source != "held_out_normal":
+        source += "; no held-out normal images (trained on all of them): false-alarm rate unknown"
     return values, source
 
 
@@ -264,7 +277,41 @@ def _figure_sections(figures: Figures) -> list[str]:
     return parts
 
 
-def render_html(bundle: Bundle, records: Sequence[dict[str, Any]], figures: Figures, info: ReportInfo) -> str:
+_BASELINE_COLUMNS = (
+    ("image_auroc", "image AUROC", "{:.2f}"),
+    ("image_ap", "image AP", "{:.2f}"),
+    ("pixel_aupro", "pixel AUPRO", "{:.2f}"),
+    ("pixel_ap", "pixel AP", "{:.2f}"),
+    ("latency_ms", "latency ms (batch 1, median)", "{:.2f}"),
+    ("file_mb", "size MB", "{:.2f}"),
+)
+
+
+def baseline_section(records: Sequence[dict[str, Any]], baseline: dict[str, Any]) -> list[str]:
+    """This bundle's OpenVINO FP32 row beside the memory-bank baseline fitted on the same training images."""
+    own = next((r for r in records if (r.get("runtime"), r.get("precision")) == ("openvino", "fp32")), records[0])
+    head = "<th>model</th>" + "".join(f"<th>{html.escape(t)}</th>" for _, t, _ in _BASELINE_COLUMNS)
+
+    def row(name: str, rec: dict[str, Any]) -> str:
+        cells = "".join(f"<td>{_cell(rec.get(k), f)}</td>" for k, _, f in _BASELINE_COLUMNS)
+        return f'<tr><td class="txt">{html.escape(name)}</td>{cells}</tr>'
+
+    fit = f"{baseline['fit_s']:.0f} s" if baseline.get("fit_s") is not None else "?"
+    own_name = f"this bundle ({own.get('runtime')} {own.get('precision')})"
+    return [
+        "<h2>Memory-bank baseline</h2>",
+        f'<div class="tablewrap"><table><tr>{head}</tr>'
+        f'{row(own_name, own)}'
+        f'{row("knn baseline (OpenVINO fp32)", baseline)}</table></div>',
+        f'<p class="note">The nearest-neighbour model (PatchCore-style, default settings, bank of '
+        f'{baseline.get("bank", "?")} patches) fitted in {fit} on the normal images of this bundle\'s training split '
+        "at its input size and scored on the same images as above. A model below it has not learned what a "
+        "one-minute baseline finds on this data.</p>",
+    ]
+
+
+def render_html(bundle: Bundle, records: Sequence[dict[str, Any]], figures: Figures, info: ReportInfo,
+                baseline: dict[str, Any] | None = None) -> str:
     prov = bundle.metadata.provenance
     title = f"ssn-edge report: {info.dataset} ({prov.backbone.name}, {prov.setting or '?'})"
     parts = [
@@ -286,6 +333,8 @@ def render_html(bundle: Bundle, records: Sequence[dict[str, Any]], figures: Figu
         f"throughput: {html.escape(info.throughput_note)}. Metrics in percent. "
         "bf16 is the FP32 IR executed with a bf16 inference-precision hint.</p>",
     ]
+    if baseline is not None:
+        parts += baseline_section(records, baseline)
     parts += _figure_sections(figures)
     parts += ["<h2>Metadata</h2>", _meta_list(metadata_items(bundle, info)), "</body></html>"]
     return "\n".join(parts) + "\n"

@@ -172,6 +172,9 @@ def openvino_variant(bundle: Bundle, precision: str, arrays: ArraySet, device: s
         scores = np.array([r.score for r in results], dtype=np.float32)
         return Variant("openvino", precision, engine.precision_hint, scores, np.stack([r.anomaly_map for r in results]),
                        engine.inference_precision)
+    if engine.postprocess_in_graph:  # the graph's own final map and score
+        maps, scores = _raw_outputs(engine, arrays.images)
+        return Variant("openvino", precision, engine.precision_hint, scores, maps, engine.inference_precision)
     raw_maps, logits = _raw_outputs(engine, arrays.images)
     maps = anomaly_map(raw_maps, arrays.images.shape[-2:], engine.blur_sigma, engine.blur_kernel)
     return Variant("openvino", precision, engine.precision_hint, sigmoid(logits), maps, engine.inference_precision,

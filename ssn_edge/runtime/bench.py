@@ -190,6 +190,90 @@ def time_tiled_image(engine: Engine, size: tuple[int, int] | None = None, warmup
     }
 
 
+def parse_frame_size(text: str) -> tuple[int, int]:
+    """'5472x3648' (width x height) or '2048' (a square side) -> (H, W); a one-line ValueError otherwise."""
+    w, sep, h = text.strip().lower().partition("x")
+    try:
+        size = (int(h if sep else w), int(w))
+    except ValueError:
+        raise ValueError(f"frame {text!r}: give WIDTHxHEIGHT (5472x3648) or one side (2048)") from None
+    if min(size) < 1:
+        raise ValueError(f"frame {text!r}: width and height must be >= 1")
+    return size
+
+
+def frame_image(size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """An (H, W, 3) uint8 frame with structure at several scales (speed does not depend on content; a constant
+    frame could flatter a data-dependent kernel, so not that)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    coarse = cv2.resize(rng.integers(0, 256, (max(1, h // 64), max(1, w // 64), 3), dtype=np.uint8), (w, h),
+                        interpolation=cv2.INTER_LINEAR)
+    return cv2.add(coarse // 2, rng.integers(0, 128, (h, w, 3), dtype=np.uint8))
+
+
+def bench_frame(engine: Engine, size: tuple[int, int], runs: int = 3, throughput_seconds: float = 5.0) -> dict[str, Any]:
+    """A tiled bundle on one frame of `size`, beside the tile model's own throughput, in one run.
+
+    Frame latency: tiling, every tile's inference, merging and seam smoothing of an in-memory uint8 frame (one
+    warm-up run discarded, median of `runs`). Model throughput: the compiled graph alone at its input size
+    (batch 1, the optimal number of requests in flight), measured right after. For a tile graph the overhead
+    ratio is tiled MP/s over (model images/s x tile pixels / pixels covered counting overlap), which is
+    (tiles / model images/s) / frame latency: 1.0 when the frame costs exactly its tiles' inference."""
+    cfg = engine.tiling
+    if cfg is None:
+        raise ValueError(f"{engine.bundle.path}: --frame needs a tiled bundle")
+    image = frame_image(size)
+    runner = engine.runner()
+    runner.run(image)
+    times = []
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        result = runner.run(image)
+        times.append(time.perf_counter() - t0)
+    latency = float(np.median(times))
+    runner.close()
+    record: dict[str, Any] = {
+        "precision": engine.precision, "frame": [size[1], size[0]], "tiles": result.tiles, "tiling_graph": cfg.graph,
+        "latency_ms": latency * 1e3, "latency_p90_ms": float(np.percentile(times, 90)) * 1e3,
+        "megapixels_per_s": size[0] * size[1] / 1e6 / latency, "runs": max(1, runs), "mode": engine.mode,
+        "model_throughput_ips": None, "ratio": None, "ratio_of": None,
+    }
+    if throughput_seconds > 0:
+        ips = time_throughput(engine.compiled, _random_input(engine.compiled), throughput_seconds)["throughput_ips"]
+        record["model_throughput_ips"] = ips
+        if cfg.graph == "tile":
+            record.update(ratio=result.tiles / ips / latency, ratio_of="tiled_vs_model_throughput")
+    return record
+
+
+def bench_frames(
+    bundle_path: str | Path | Bundle,
+    sizes: Sequence[tuple[int, int]],
+    precisions: Sequence[str] | None = None,
+    runs: int = 3,
+    throughput_seconds: float = 5.0,
+    device: str = "CPU",
+) -> list[dict[str, Any]]:
+    """bench_frame for every precision (default: int8 where the bundle has it, else fp32) and frame size, with
+    the THROUGHPUT hint `ssn-edge predict` runs tiled bundles with."""
+    bundle = bundle_path if isinstance(bundle_path, Bundle) else load_bundle(bundle_path)
+    if bundle.tiling is None:
+        raise ValueError(f"{bundle.path}: --frame needs a tiled bundle (this one runs whole images)")
+    names = list(dict.fromkeys(precisions)) if precisions else (["int8"] if "int8" in bundle.precisions else ["fp32"])
+    for name in names:
+        check_precision(bundle, name)
+    records = []
+    for name in names:
+        engine = Engine(bundle, precision=name, device=device, mode="throughput")
+        for size in sizes:
+            records.append({**bench_frame(engine, size, runs, throughput_seconds), "bundle": str(bundle.path)})
+        del engine
+    return records
+
+
 def _file_mb(*files: Path) -> float:
     return sum(f.stat().st_size for f in files) / 1e6
 

@@ -133,6 +133,7 @@ class Prediction:
     latency_ms: float  # preprocess + inference + postprocess for this image
     map_scale: int = 1  # 1: anomaly_map is at the image's size; f: a preview, each value the mean of f x f pixels
     max_value: float | None = None  # the full-resolution map's max when anomaly_map is a preview
+    result: str = ""  # "ok" | "review" | "defect" (review: score in the bundle's review band, if it has one)
 
     @property
     def map_max(self) -> float:
@@ -146,6 +147,7 @@ class Prediction:
             "path": self.path,
             "score": float(self.score),
             "decision": bool(self.decision),
+            "result": self.result,
             "latency_ms": float(self.latency_ms),
             "map_max": self.map_max,
         }
@@ -187,6 +189,9 @@ class Engine:
         meta = self.bundle.metadata
         self.map_name, self.score_name = meta.outputs.map.name, meta.outputs.score.name
         self.blur_sigma, self.blur_kernel = meta.postprocess.blur_sigma, meta.postprocess.blur_kernel
+        # The graph ends in the final map (input size) and score (in [0, 1]): post-processing is not done here
+        self.postprocess_in_graph = meta.postprocess.in_graph
+        self.thresholds = meta.thresholds
         self.image_threshold = self.bundle.image_threshold
         self.pixel_threshold = self.bundle.pixel_threshold
 
@@ -207,6 +212,8 @@ class Engine:
             if name not in names:
                 raise BundleError(f"{self.model_path}: model has no output named {name!r} (has: {', '.join(sorted(names))})")
         self.inference_precision = type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        first = self.compiled.inputs[0].get_partial_shape()[0]
+        self.batch_size = first.get_length() if first.is_static else None  # None: dynamic batch
         self._runners: dict[int, TiledRunner] = {}
         self.optimal_requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._request = self.compiled.create_infer_request()
@@ -235,11 +242,36 @@ class Engine:
         return raw, score.reshape(raw.shape[0])
 
     def infer_raw(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Prepared (N, 3, H, W) float32 -> (raw maps (N, h, w) logits, score logits (N,)). Synchronous."""
+        """Prepared (N, 3, H, W) float32 -> the graph's (maps (N, h, w), scores (N,)), synchronously: raw logits,
+        or for a bundle with post-processing in its graph the final map (input size) and score (see
+        infer_final). A static-batch graph (batch 1, the default export) runs the N inputs one batch at a time."""
         batch = self._check_batch(batch)
+        step = self.batch_size or len(batch)
+        maps, scores = [], []
         with self._lock:
-            self._request.infer({0: batch})
-            return self._outputs(self._request)
+            for start in range(0, len(batch), max(step, 1)):
+                self._request.infer({0: batch[start : start + step]})
+                m, s = self._outputs(self._request)
+                maps.append(m)
+                scores.append(s)
+        if not maps:
+            return np.zeros((0, 0, 0), np.float32), np.zeros(0, np.float32)
+        return np.concatenate(maps), np.concatenate(scores)
+
+    def infer_final(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Prepared (N, 3, H, W) float32 -> (maps (N, H, W) at the input size, scores (N,) in [0, 1]): the graph's
+        own for a post-processed bundle, else runtime.postprocess applied to the raw outputs. Plain bundles."""
+        maps, scores = self.infer_raw(batch)
+        if self.postprocess_in_graph:
+            return maps, scores
+        return anomaly_map(maps, self.input_size, self.blur_sigma, self.blur_kernel), sigmoid(scores)
+
+    def result(self, score: float) -> str:
+        """'defect' (score >= the image threshold), 'review' (in the bundle's review band) or 'ok'."""
+        if score >= self.image_threshold:
+            return "defect"
+        review = self.thresholds.review
+        return "review" if review is not None and score >= review else "ok"
 
     # -- images -> predictions -----------------------------------------------------------------------
 
@@ -273,6 +305,7 @@ class Engine:
             latency_ms=(time.perf_counter() - t0) * 1e3,
             map_scale=r.map_scale,
             max_value=r.map_max,
+            result=self.result(r.score),
         )
 
     def _check_image(self, image: np.ndarray, name: str, any_dtype: bool = False) -> np.ndarray:
@@ -288,12 +321,14 @@ class Engine:
         return image
 
     def postprocess(self, raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """Raw map logits (h, w) -> smoothed map at size=(H, W).
+        """The graph's map (h, w) -> smoothed map at size=(H, W).
 
         Blurred at the model input size exactly as in training-time evaluation (so the bundle's pixel
-        threshold, calibrated there, means the same thing), then resized to the image's own size.
+        threshold, calibrated there, means the same thing): by the graph itself when the bundle says
+        postprocess.in_graph, else here (runtime.postprocess: tiled and older bundles); then resized to the
+        image's own size.
         """
-        m = anomaly_map(raw, self.input_size, self.blur_sigma, self.blur_kernel)
+        m = raw if self.postprocess_in_graph else anomaly_map(raw, self.input_size, self.blur_sigma, self.blur_kernel)
         h, w = size
         if m.shape != (h, w):
             m = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
@@ -340,22 +375,47 @@ class Engine:
             if errors:
                 raise errors[0]
 
-        out: list[Prediction] = []
-        for i, image in enumerate(checked):
-            t0 = time.perf_counter()
-            m = self.postprocess(raws[i], image.shape[:2])
-            score = float(sigmoid(scores[i]))
-            post_ms = (time.perf_counter() - t0) * 1e3
-            out.append(
-                Prediction(
-                    path=names[i],
-                    score=score,
-                    decision=bool(score >= self.image_threshold),
-                    anomaly_map=m,
-                    latency_ms=float(prep_ms[i] + infer_ms[i] + post_ms),
-                )
-            )
-        return out
+        return [self.prediction(raws[i], scores[i], image.shape[:2], names[i], float(prep_ms[i] + infer_ms[i]))
+                for i, image in enumerate(checked)]
+
+    def prediction(self, raw: np.ndarray, score_logit: float, size: tuple[int, int], path: str | None = None,
+                   elapsed_ms: float = 0.0) -> Prediction:
+        """The model's outputs for one image (its map output (h, w) and score output: raw logits, or the final map
+        and score of a post-processed graph) -> its Prediction, the map at size=(H, W).
+        elapsed_ms: time already spent on the image (preprocess + inference); postprocessing is added to it."""
+        t0 = time.perf_counter()
+        m = self.postprocess(raw, size)
+        score = float(score_logit) if self.postprocess_in_graph else float(sigmoid(score_logit))
+        return Prediction(path=path, score=score, decision=bool(score >= self.image_threshold), anomaly_map=m,
+                          latency_ms=float(elapsed_ms + (time.perf_counter() - t0) * 1e3),
+                          result=self.result(score))
+
+    def predict_tensor(self, x: np.ndarray, request: ov.InferRequest | None = None, size: tuple[int, int] | None = None,
+                       path: str | None = None, elapsed_ms: float = 0.0) -> Prediction:
+        """One prepared input (1, 3, H, W) float32, as `preprocess.prepare` makes it -> its Prediction, the map at
+        size (default: the model's input size). request: an infer request of self.compiled that only this caller
+        uses, so callers in several threads run at once (None: the engine's own, one caller at a time)."""
+        x = self._check_batch(x)
+        if x.shape[0] != 1:
+            raise ValueError(f"predict_tensor takes one image (1, 3, H, W); got batch {x.shape[0]}")
+        t0 = time.perf_counter()
+        if request is None:
+            raw, score = self.infer_raw(x)
+        else:
+            request.infer({0: x})
+            raw, score = self._outputs(request)
+        elapsed_ms += (time.perf_counter() - t0) * 1e3
+        return self.prediction(raw[0], score[0], size or self.input_size, path, elapsed_ms)
+
+    def predict_one(self, image: np.ndarray, request: ov.InferRequest | None = None, path: str | None = None) -> Prediction:
+        """predict_images for one (H, W, 3) float RGB image, run in the caller's thread on its own infer request
+        (see predict_tensor): the same preparation, inference and postprocessing, so the same numbers."""
+        if self.tiling is not None:
+            return self.predict_tiled(image, path)
+        image = self._check_image(image, path or "image")
+        t0 = time.perf_counter()
+        x = prepare(image, self.input_size)[None]
+        return self.predict_tensor(x, request, image.shape[:2], path, (time.perf_counter() - t0) * 1e3)
 
     def predict_image(self, image: np.ndarray, path: str | Path | None = None) -> Prediction:
         return self.predict_images([image], [path])[0]

@@ -1,7 +1,9 @@
 """From raw model outputs to an anomaly map and a score; shared by training-time evaluation and the runtime.
 
-The exported graph stops at the raw outputs (segmentation logits at feature resolution, score logit),
-so this one function is the only place a map is made, in PyTorch evaluation and on the factory PC alike.
+Training-time evaluation, tiled bundles (per tile, before merging) and bundles exported before post-processing
+moved into the graph use these functions. A plain bundle's graph now ends in the same operations, built by
+ssn_edge.export.graph.add_postprocess from these constants and tested equal to these functions
+(tests/test_ir_postprocess.py), so the runtime does not apply them a second time (bundle postprocess.in_graph).
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ import numpy as np
 from ssn_edge.runtime.atomic import atomic_write
 from ssn_edge.runtime.bundle import Bundle, load_bundle
 from ssn_edge.runtime.engine import Engine, Prediction
-from ssn_edge.runtime.inputs import IMAGE_EXTENSIONS, InputItem, collect_inputs
+from ssn_edge.runtime.inputs import IMAGE_EXTENSIONS, InputItem, Inputs, collect_inputs
 from ssn_edge.runtime.postprocess import sigmoid
 from ssn_edge.runtime.preprocess import ImageError, ImageInfo, check_geometry, load_image, open_strips, to_unit_float
-from ssn_edge.runtime.results import ResultRecord, ResultWriter, clear_previous
+from ssn_edge.runtime.results import ResultRecord, ResultWriter, clear_previous, write_error
 from ssn_edge.runtime.tiled import to_unit
 
 __all__ = ["IMAGE_EXTENSIONS", "PredictRun", "predict_paths", "run_predict", "render_overlay"]
@@ -162,6 +162,7 @@ class _Run:
     def done(self, k: int, image: np.ndarray, info: ImageInfo, pred: Prediction, map_streamed: bool = False) -> None:
         item = self.items[k]
         record = ResultRecord(path=item.name, status="ok", score=float(pred.score), decision=bool(pred.decision),
+                              result=pred.result or None,
                               latency_ms=float(pred.latency_ms), map_max=pred.map_max, bit_depth=info.bit_depth,
                               same_file_as=item.same_as)
         if self.overlays:
@@ -261,17 +262,38 @@ def run_predict(
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     out_dir = Path(out_dir)
-    clear_previous(out_dir)  # first: a run that fails from here on leaves nothing that looks current
+    try:
+        clear_previous(out_dir)  # first: a run that fails from here on leaves nothing that looks current
+    except OSError as exc:
+        raise write_error(out_dir, exc) from None
     bundle = bundle_path if isinstance(bundle_path, Bundle) else load_bundle(bundle_path)
     engine = Engine(bundle, precision=precision, device=device, mode=mode)
     found = collect_inputs(inputs, recursive=recursive)
-    writer = ResultWriter(out_dir)
-    run = _Run(engine, writer, found.items, overlays, save_maps, bit_depth, on_result)
     try:
-        run.run_plain() if engine.tiling is None else run.run_tiled()
-    finally:
-        writer.close()
-    header = {
+        writer = ResultWriter(out_dir)
+        run = _Run(engine, writer, found.items, overlays, save_maps, bit_depth, on_result)
+        try:
+            run.run_plain() if engine.tiling is None else run.run_tiled()
+        finally:
+            writer.close()
+        summary, jsonl, csv_path = writer.finish(_header(bundle, engine, device, bit_depth, found))
+    except OSError as exc:  # a full disk or a folder that cannot be written: no half-written results stay
+        _discard(out_dir)
+        raise write_error(out_dir, exc) from None
+    return PredictRun(out_dir=out_dir, inputs=len(found.items), scored=writer.scored, defective=writer.defective,
+                      failures=run.failures, skipped=found.skipped, same_file=found.aliases,
+                      bit_depths=dict(writer.bit_depths), summary=summary, jsonl=jsonl, csv=csv_path)
+
+
+def _discard(out_dir: Path) -> None:
+    try:
+        clear_previous(out_dir)
+    except OSError:
+        pass
+
+
+def _header(bundle: Bundle, engine: Engine, device: str, bit_depth: int | None, found: Inputs) -> dict:
+    return {
         "bundle": str(bundle.path),
         "precision": engine.precision,
         "inference_precision": engine.inference_precision,
@@ -283,10 +305,6 @@ def run_predict(
         "skipped": found.skipped,
         "same_file": found.aliases,
     }
-    summary, jsonl, csv_path = writer.finish(header)
-    return PredictRun(out_dir=out_dir, inputs=len(found.items), scored=writer.scored, defective=writer.defective,
-                      failures=run.failures, skipped=found.skipped, same_file=found.aliases,
-                      bit_depths=dict(writer.bit_depths), summary=summary, jsonl=jsonl, csv=csv_path)
 
 
 def predict_paths(

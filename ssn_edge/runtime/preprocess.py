@@ -40,7 +40,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from ssn_edge.runtime.decode import ImageError, decode_file, display_path, file_problem
+from ssn_edge.runtime.decode import Decoded, ImageError, decode_bytes, decode_file, display_path, file_problem
 
 __all__ = ["ImageError", "IMAGENET_MEAN", "IMAGENET_STD", "read_image", "read_image_raw", "read_mask", "load_image"]
 
@@ -136,7 +136,20 @@ def load_image(path: str | Path, bit_depth: int | None = None) -> tuple[np.ndarr
     path = Path(path)
     if bit_depth is not None and bit_depth not in BIT_DEPTHS:
         raise ValueError(f"bit depth must be one of {', '.join(map(str, BIT_DEPTHS))}, got {bit_depth!r}")
-    decoded = decode_file(path)
+    return _pixel_rules(decode_file(path), path, bit_depth)
+
+
+def load_image_bytes(data: bytes, name: str, bit_depth: int | None = None) -> tuple[np.ndarray, ImageInfo]:
+    """load_image for an encoded image already in memory (an inference server's request body); name stands
+    for the file in error messages."""
+    if bit_depth is not None and bit_depth not in BIT_DEPTHS:
+        raise ValueError(f"bit depth must be one of {', '.join(map(str, BIT_DEPTHS))}, got {bit_depth!r}")
+    if not data:
+        raise ImageError(f"{name}: empty (0 bytes)", "empty")
+    return _pixel_rules(decode_bytes(Path(name), data), Path(name), bit_depth)
+
+
+def _pixel_rules(decoded: Decoded, path: Path, bit_depth: int | None) -> tuple[np.ndarray, ImageInfo]:
     img = decoded.pixels
     if img.dtype == np.float64:
         img = img.astype(np.float32)

@@ -3,7 +3,8 @@
 In the output folder:
 
 * ``predictions.jsonl``: one JSON object per input, in input order, appended (and flushed) as each image is
-  done. Scored: ``{"path", "status": "ok", "score", "decision", "latency_ms", "map_max", "bit_depth"}`` (+
+  done. Scored: ``{"path", "status": "ok", "score", "decision", "result", "latency_ms", "map_max", "bit_depth"}``
+  (result: ok | review | defect) (+
   ``overlay`` / ``map`` when written, ``same_file_as`` when an earlier input is the same file). Failed:
   ``{"path", "status": "error", "error", "kind"}``: the reason in words and as a short code.
 * ``predictions.csv``: the same rows, columns CSV_FIELDS (score, decision, latency_ms and map_max empty on a
@@ -18,7 +19,8 @@ removed (the three above, their partial versions, and the ``.png`` / ``.npy`` fi
 ``maps/``). While the run goes, the JSONL and CSV files are named ``*.partial``; they are renamed when it
 finishes and ``predictions.json`` is written after them. So a run that fails, or is killed (out of memory),
 leaves only ``*.partial`` files with what was scored so far: nothing in the folder passes for a finished run.
-Torch-free.
+A run that cannot write (a full disk, no permission) removes what it wrote and says so in one line
+(`ResultsError`). Torch-free.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ssn_edge.runtime.atomic import atomic_open
+from ssn_edge.runtime.atomic import atomic_open, describe_os_error
 
 JSONL = "predictions.jsonl"
 CSV = "predictions.csv"
 SUMMARY = "predictions.json"
 PARTIAL = ".partial"
-CSV_FIELDS = ("path", "score", "decision", "latency_ms", "map_max", "status", "error")
+CSV_FIELDS = ("path", "score", "decision", "result", "latency_ms", "map_max", "status", "error")
 # Sub-folders the run writes, and the kind of file it writes there (only those are removed at the start).
 OUTPUT_DIRS = {"overlays": ".png", "maps": ".npy"}
 
@@ -50,6 +52,7 @@ class ResultRecord:
     status: str  # "ok" | "error"
     score: float | None = None
     decision: bool | None = None
+    result: str | None = None  # "ok" | "review" | "defect" (review: in the bundle's review band, if it has one)
     latency_ms: float | None = None
     map_max: float | None = None
     bit_depth: int | None = None
@@ -74,10 +77,22 @@ class ResultRecord:
             "path": self.path,
             "score": f"{self.score:.6f}",
             "decision": int(bool(self.decision)),
+            "result": self.result or "",
             "latency_ms": f"{self.latency_ms:.3f}",
             "map_max": f"{self.map_max:.6f}",
             "status": self.status,
         }
+
+
+class ResultsError(ValueError):
+    """The result files cannot be written (a full disk, a folder without write permission); one line."""
+
+
+def write_error(out_dir: Path, exc: OSError) -> ResultsError:
+    """The one-line error for an OSError while writing out_dir's results (whatever this run wrote is removed)."""
+    at = f" ({os.fsdecode(exc.filename)})" if exc.filename is not None else ""
+    return ResultsError(f"{out_dir}: cannot write the results: {describe_os_error(exc)}{at}; "
+                        "no results of this run were kept")
 
 
 def clear_previous(out_dir: Path) -> None:

@@ -97,6 +97,9 @@ class PostProcess:
     blur_kernel: int = BLUR_KERNEL
     score: str = "sigmoid"
     per: str | None = None  # "tile, before merging"
+    # True: the graph does all of the above itself (outputs: the final map at input size and the score in [0, 1]);
+    # the runtime only resizes the map to the image's own size. False (tiled and pre-in-graph bundles): raw outputs.
+    in_graph: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,12 +108,19 @@ class Thresholds:
 
     image: float
     pixel: float
-    pixel_method: str = "f1_max"  # or "normal_max" (no defect masks in the threshold data)
-    method: str = "f1_max"
+    pixel_method: str = "f1_max"  # or "normal_max" (no defect masks in the threshold data), "false_alarm"
+    method: str = "f1_max"  # or "false_alarm": a target false-alarm rate on held-out normal images
     placement: str = PLACEMENT
-    source: str | None = None  # the split they were set on
+    source: str | None = None  # "held_out_normal", or the split they were set on ("val", "test")
     data: str | None = None
     count: int | None = None  # images
+    max_false_alarm: float | None = None  # method false_alarm: the target rate (image; pixel below)
+    max_false_alarm_pixel: float | None = None
+    held_out: int | None = None  # normal images never trained on, that the rates below were measured on
+    false_alarm: float | None = None  # fraction of them at or above the image threshold (FP32)
+    pixel_false_alarm: float | None = None  # fraction of their pixels at or above the pixel threshold
+    review: float | None = None  # lower image threshold: score in [review, image) -> "review"
+    review_false_alarm: float | None = None  # the target rate the review threshold was set at
 
 
 @dataclass(frozen=True)
@@ -379,7 +389,7 @@ def _read_outputs(f: _Fields) -> Outputs:
 def _read_postprocess(f: _Fields) -> PostProcess:
     post = PostProcess(map_upsample=f.str("map_upsample", "bilinear"), blur_sigma=f.num("blur_sigma", BLUR_SIGMA),
                        blur_kernel=f.int("blur_kernel", BLUR_KERNEL, minimum=1), score=f.str("score", "sigmoid"),
-                       per=f.str("per", None))
+                       per=f.str("per", None), in_graph=f.bool("in_graph", False))
     if post.blur_sigma < 0:
         raise f.error("blur_sigma", f"is {post.blur_sigma}, expected >= 0")
     f.done()
@@ -388,11 +398,24 @@ def _read_postprocess(f: _Fields) -> PostProcess:
 
 def _read_thresholds(f: _Fields) -> Thresholds:
     t = Thresholds(image=f.num("image"), pixel=f.num("pixel"),
-                   pixel_method=f.str("pixel_method", "f1_max", ("f1_max", "normal_max")),
+                   pixel_method=f.str("pixel_method", "f1_max", ("f1_max", "normal_max", "false_alarm")),
                    method=f.str("method", "f1_max"), placement=f.str("placement", PLACEMENT),
-                   source=f.str("source", None), data=f.str("data", None), count=f.int("count", None, minimum=0))
+                   source=f.str("source", None), data=f.str("data", None), count=f.int("count", None, minimum=0),
+                   max_false_alarm=_fraction(f, "max_false_alarm"), max_false_alarm_pixel=_fraction(f, "max_false_alarm_pixel"),
+                   held_out=f.int("held_out", None, minimum=0), false_alarm=_fraction(f, "false_alarm"),
+                   pixel_false_alarm=_fraction(f, "pixel_false_alarm"), review=f.num("review", None),
+                   review_false_alarm=_fraction(f, "review_false_alarm"))
+    if t.review is not None and t.review > t.image:
+        raise f.error("review", f"is {t.review}, above the image threshold {t.image} (the review band lies below it)")
     f.done()
     return t
+
+
+def _fraction(f: _Fields, key: str) -> float | None:
+    value = f.num(key, None)
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise f.error(key, f"is {value}, expected a fraction in [0, 1]")
+    return value
 
 
 def _read_range(f: _Fields | None) -> ValueRange | None:

@@ -1,11 +1,12 @@
 """Tiled inference (spec 6): cut an image into tiles, run them, merge the maps, smooth the seams. Torch-free.
 
-Two ways to merge, one result:
+One merge, two ways to feed it:
 * `merge_outputs` takes every tile's raw outputs at once (training-time evaluation, export thresholds, fixed-size
-  ensembles);
-* `BandMerger` takes them one row of tiles at a time and hands out finished rows of the map, so a 20-megapixel
-  image never needs its whole float map in memory. Both post-process each tile with the shared `anomaly_map`,
-  average overlaps and blur only the seam bands; tests check that they agree.
+  ensembles) and hands them to a `BandMerger` row by row;
+* `TiledRunner` streams rows of tiles through OpenVINO and the same `BandMerger`, which hands out finished rows
+  of the map, so a 20-megapixel image never needs its whole float map in memory. Each tile is post-processed
+  with the shared `anomaly_map`, overlaps averaged and only the seam bands blurred; tests check the result
+  against the whole-image `untile` + `smooth_seams` and a plain per-tile reference.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import cv2
 import numpy as np
 
 from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
-from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare, resize_image
-from ssn_edge.runtime.seams import blur_radius, seam_band_axes, smooth_seams
-from ssn_edge.runtime.tiling import TileGrid, TilingConfig, merge_scores, tile, tile_box, untile
+from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, prepare, resize_image
+from ssn_edge.runtime.seams import blur_radius, seam_band_axes
+from ssn_edge.runtime.tiling import TileGrid, TilingConfig, coverage, merge_scores, tile
 
+# Fixed-size graphs shrink frames of at least this many pixels a strip at a time (area_shrink), smaller ones whole.
+STRIP_SHRINK_PIXELS = 4 * 2**20
 # Images up to this many pixels keep their full-resolution map in memory; larger ones get a block-averaged
 # preview (and the full map only when it is streamed to a file), so memory does not grow with image size.
 FULL_MAP_PIXELS = 4096 * 4096
@@ -47,9 +50,12 @@ def merge_outputs(
 ) -> tuple[np.ndarray, float]:
     """One image's tiles: raw map logits (T, h, w) and score logits (T,) -> (merged map (H, W) float32, score)."""
     maps = anomaly_map(raw_maps, grid.tile, blur_sigma, blur_kernel)  # each tile as in untiled SSN
-    merged = untile(maps.astype(np.float32), grid)
-    merged = smooth_seams(merged, grid, cfg.seam_halfwidth, cfg.seam_sigma)
-    return merged, tiled_image_score(tile_logits, float(merged.max()), cfg.score)
+    sink = MapSink(grid.image_size, full=True)
+    merger = BandMerger(grid, cfg, sink)  # the streaming merge, so both ways give the same floats
+    per_row = maps.reshape(grid.rows, grid.cols, *grid.tile)
+    for i in range(grid.rows):
+        merger.add_row(i, per_row[i])
+    return sink.full, tiled_image_score(tile_logits, sink.max, cfg.score)
 
 
 class MapSink:
@@ -116,9 +122,11 @@ class BandMerger:
         self.radius = blur_radius(self.sigma) if self.sigma > 0 else 0
         self.band_rows, self.band_cols = seam_band_axes(grid, self.halfwidth)
         _, pw = grid.padded_size
-        # float32: for a 8192-wide frame a float64 pair of accumulators alone would hold 33 MB
+        # float32: for a 8192-wide frame a float64 accumulator alone would hold 17 MB
         self.sum = np.zeros((0, pw), dtype=np.float32)
-        self.count = np.zeros((0, pw), dtype=np.float32)
+        # How many tiles cover a pixel is rows-covering x columns-covering: two 1-D counts instead of a second
+        # accumulator (small integers, so the product and the division are exactly what counting gave)
+        self.cover_y, self.cover_x = coverage(grid)
         self.acc_y = 0  # padded row of sum[0]
         self.done = np.zeros((0, grid.image_size[1]), dtype=np.float32)  # merged rows awaiting their blur context
         self.done_y = 0
@@ -138,11 +146,9 @@ class BandMerger:
         if need > len(self.sum):
             extra = need - len(self.sum)
             self.sum = np.concatenate([self.sum, np.zeros((extra, self.sum.shape[1]), dtype=np.float32)])
-            self.count = np.concatenate([self.count, np.zeros((extra, self.count.shape[1]), dtype=np.float32)])
         r = y0 - self.acc_y
-        for j in range(g.cols):
+        for j in range(g.cols):  # in column order, as the whole-image merge adds them
             self.sum[r : r + th, sw * j : sw * j + tw] += maps[j]
-            self.count[r : r + th, sw * j : sw * j + tw] += 1.0
         self.next_row += 1
         final_to = sh * (i + 1) if i + 1 < g.rows else g.padded_size[0]
         self._finish(final_to)
@@ -150,12 +156,13 @@ class BandMerger:
     def _finish(self, final_to: int) -> None:
         n = final_to - self.acc_y
         if n > 0:
-            merged = (self.sum[:n] / self.count[:n]).astype(np.float32)
-            self.sum, self.count = self.sum[n:], self.count[n:]
             h, w = self.grid.image_size
             keep = max(0, min(n, h - self.acc_y))
-            if keep:
-                self.done = np.concatenate([self.done, merged[:keep, :w]])
+            if keep:  # only the rows and columns inside the image are divided
+                y = self.acc_y
+                count = self.cover_y[y : y + keep, None] * self.cover_x[None, :w]
+                self.done = np.concatenate([self.done, self.sum[:keep, :w] / count])
+            self.sum = self.sum[n:]
             self.acc_y = final_to
         self._emit(complete=self.next_row == self.grid.rows)
 
@@ -224,34 +231,125 @@ def normalized_graph_input(x: np.ndarray, cfg: TilingConfig) -> np.ndarray:
     return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))[None]
 
 
-def graph_input(image: np.ndarray, cfg: TilingConfig) -> np.ndarray:
-    """(H, W, 3) RGB image -> batch-of-one input of an "image" or "tiles" graph (resized to cfg.image_size)."""
+def graph_input(image, cfg: TilingConfig) -> np.ndarray:
+    """(H, W, 3) RGB image (or a strip reader) -> batch-of-one input of an "image" or "tiles" graph (resized to
+    cfg.image_size)."""
+    h, w = cfg.image_size
+    big = image.shape[0] * image.shape[1] >= STRIP_SHRINK_PIXELS or not isinstance(image, np.ndarray)
+    if big and image.shape[0] >= h and image.shape[1] >= w:
+        rows_of = image.rows if not isinstance(image, np.ndarray) else (lambda y0, y1: image[y0:y1])
+        return normalized_graph_input(normalize(area_shrink(rows_of, image.shape[:2], cfg.image_size)), cfg)
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{getattr(image, 'path', 'image')}: strip reading needs an image at least {w}x{h}")
     return normalized_graph_input(prepare(to_unit(image), cfg.image_size), cfg)
 
 
-def _band_cutter(source) -> Callable[[tuple[int, int, int, int]], np.ndarray]:
-    """prepare_tile over a strip reader: the rows of the current row of tiles are read once and kept."""
-    band: dict[str, Any] = {"y": None, "rows": None}
+def area_shrink(rows_of: Callable[[int, int], np.ndarray], shape: tuple[int, ...], size: tuple[int, int],
+                strip: int = 256) -> np.ndarray:
+    """An (H, W, 3) image read as rows_of(y0, y1) -> float32 (h, w, 3) in [0, 1], h <= H, w <= W: what
+    resize_image(to_unit(image), size) gives (OpenCV's pixel-area filter), a strip of rows at a time. Each strip
+    is shrunk across by OpenCV and its rows added into the output rows they overlap, weighted by the overlap,
+    so neither the frame's float copy (805 MB at 8192^2) nor, from a strip reader, the frame is held at once."""
+    (src_h, src_w), (h, w) = shape[:2], size
+    scale = src_h / h
+    out = np.zeros((h, w * 3), dtype=np.float64)
+    for y0 in range(0, src_h, strip):
+        y1 = min(src_h, y0 + strip)
+        across = cv2.resize(to_unit(rows_of(y0, y1)), (w, y1 - y0), interpolation=cv2.INTER_AREA)
+        i0, i1 = int(y0 // scale), min(h, int(np.ceil(y1 / scale)))
+        i, k = np.arange(i0, i1)[:, None], np.arange(y0, y1)[None, :]
+        weights = np.clip(np.minimum((i + 1) * scale, k + 1) - np.maximum(i * scale, k), 0.0, None) / scale
+        out[i0:i1] += weights @ across.reshape(y1 - y0, w * 3)
+    return out.reshape(h, w, 3).astype(np.float32)
 
-    def cut(box: tuple[int, int, int, int]) -> np.ndarray:
-        y0, x0, y1, x1 = box
-        if band["y"] != (y0, y1):
-            band["y"], band["rows"] = (y0, y1), source.rows(y0, y1)
-        return prepare_tile(band["rows"], (0, x0, y1 - y0, x1))
 
-    return cut
+_LUTS: dict[str, np.ndarray] = {}
 
 
-def _tile_source(image, cfg: TilingConfig) -> tuple[Callable[[tuple[int, int, int, int]], np.ndarray], tuple[int, int]]:
-    """(box -> model input of that tile, the size the image is tiled at): a strip reader (BmpStrips) keeps one band
-    in memory; an array is resized to cfg.image_size first when the tiling has one."""
+def _lut(dtype: np.dtype) -> np.ndarray | None:
+    """(3, levels) float32: every uint8 / uint16 level normalised per channel by prepare_tile's own arithmetic,
+    so looking a pixel up gives the very float that converting it would (None for float images)."""
+    kind = np.dtype(dtype).name
+    if kind not in ("uint8", "uint16"):
+        return None
+    if kind not in _LUTS:
+        top = 255.0 if kind == "uint8" else 65535.0
+        levels = np.arange(int(top) + 1, dtype=np.float32)[:, None] / top
+        _LUTS[kind] = np.ascontiguousarray(((levels - IMAGENET_MEAN) / IMAGENET_STD).T)
+    return _LUTS[kind]
+
+
+def normalize_rows(rows: np.ndarray, out: np.ndarray) -> None:
+    """(n, W, 3) RGB rows (uint8, uint16 or float in [0, 1]) -> out (3, n, W) float32, normalised exactly as
+    prepare_tile does: by table lookup for integer pixels (one pass per channel), else arithmetic."""
+    lut = _lut(rows.dtype)
+    if lut is None:
+        out[...] = ((rows.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+        return
+    for c in range(3):
+        np.take(lut[c], rows[..., c], out=out[c], mode="clip")
+
+
+class TileRows:
+    """The normalised model input of one row of tiles at a time, (3, th, W') zero-padded to the grid, from a
+    source of image rows. Rows come in order; the rows a row of tiles shares with the one before (th - sh of
+    them) are kept, so each image row is read and normalised once, not th / sh times.
+
+    rows_of(y0, y1): the image's rows [y0, y1) (y1 <= image height), (n, W, 3) RGB, or (3, n, W) already
+    normalised when `normalized`.
+    """
+
+    def __init__(self, rows_of: Callable[[int, int], np.ndarray], grid: TileGrid, normalized: bool = False):
+        self.rows_of, self.grid, self.normalized = rows_of, grid, normalized
+        th = grid.tile[0]
+        self.band = np.zeros((3, th, grid.padded_size[1]), dtype=np.float32)
+        self.y0: int | None = None  # padded row of band[:, 0]
+
+    def row(self, i: int) -> np.ndarray:
+        g = self.grid
+        th, sh = g.tile[0], g.stride[0]
+        y0 = sh * i
+        keep = 0
+        if self.y0 is not None and 0 <= y0 - self.y0 < th:
+            keep = th - (y0 - self.y0)
+            self.band[:, :keep] = self.band[:, th - keep :]
+        self.y0 = y0
+        h, w = g.image_size
+        new0, new1 = y0 + keep, y0 + th  # padded rows still to fill
+        real1 = min(new1, h)
+        if real1 > new0:
+            rows = self.rows_of(new0, real1)
+            target = self.band[:, keep : keep + real1 - new0, :w]
+            if self.normalized:
+                target[...] = rows
+            else:
+                normalize_rows(rows, target)
+        pad0 = max(new0, real1)
+        if new1 > pad0:  # below the image: 0 after normalisation, as `tile` pads
+            self.band[:, pad0 - y0 :] = 0.0
+        return self.band
+
+    def batch(self, first: int, n: int, size: int) -> np.ndarray:
+        """(size, 3, th, tw) input of tiles first .. first + n - 1 of the current row; the rest repeats the last."""
+        (th, tw), sw = self.grid.tile, self.grid.stride[1]
+        out = np.empty((size, 3, th, tw), dtype=np.float32)
+        for k in range(n):
+            x0 = sw * (first + k)
+            out[k] = self.band[:, :, x0 : x0 + tw]
+        out[n:] = out[n - 1]
+        return out
+
+
+def _row_source(image, cfg: TilingConfig) -> tuple[Callable[[int, int], np.ndarray], tuple[int, int]]:
+    """(rows_of, the size the image is tiled at): a strip reader (BmpStrips) is read a band at a time; an array
+    is resized to cfg.image_size first when the tiling has one."""
     if not isinstance(image, np.ndarray):
         if cfg.image_size is not None and tuple(image.shape[:2]) != cfg.image_size:
             raise ValueError(f"{getattr(image, 'path', 'image')}: strip reading needs tiling at the image's own size")
-        return _band_cutter(image), tuple(image.shape[:2])
+        return image.rows, tuple(image.shape[:2])
     if cfg.image_size is not None and tuple(image.shape[:2]) != cfg.image_size:
         image = resize_image(to_unit(image), cfg.image_size)
-    return (lambda box: prepare_tile(image, box)), tuple(image.shape[:2])
+    return (lambda y0, y1: image[y0:y1]), tuple(image.shape[:2])
 
 
 @dataclass
@@ -298,12 +396,20 @@ class TiledRunner:
         self.compiled, self.cfg = compiled, cfg
         self.map_name, self.score_name = map_name, score_name
         self.blur_sigma, self.blur_kernel = blur_sigma, blur_kernel
-        self.tile_batch, self.requests = tile_batch, max(1, requests)
+        # at least two in flight, so this thread cuts and merges while a request infers, even at a LATENCY hint
+        self.tile_batch, self.requests = tile_batch, max(2, requests)
         self._request = None
         # One AsyncInferQueue per runner, reused image after image: creating and destroying a queue (and its
         # infer requests) per image made OpenVINO 2026.4's CPU plugin abort from a worker thread now and then.
         self._queue = None
         self._on_done: Callable | None = None
+
+    def close(self) -> None:
+        """Finish and drop this runner's infer requests (a later run makes new ones): an AsyncInferQueue left to
+        interpreter shutdown made OpenVINO 2026.4 abort ('terminate called') now and then."""
+        if self._queue is not None:
+            self._queue.wait_all()
+        self._queue, self._request = None, None
 
     def _outputs(self, request) -> tuple[np.ndarray, np.ndarray]:
         raw = np.array(request.get_tensor(self.map_name).data, dtype=np.float32, copy=True)
@@ -311,11 +417,13 @@ class TiledRunner:
         return raw, score
 
     def run(self, image: np.ndarray, keep_full: bool | None = None, stream_to: Path | None = None) -> TiledResult:
-        """image: (H, W, 3) RGB, uint8/uint16 or float in [0, 1]. keep_full: keep the full-resolution map
+        """image: (H, W, 3) RGB, uint8/uint16 or float in [0, 1], or a strip reader (BmpStrips: read a band at a
+        time; for a fixed-size graph, an image at least its size). keep_full: keep the full-resolution map
         (default: when the image has at most FULL_MAP_PIXELS). stream_to: also write the full map there as
         float16 .npy, row band by row band."""
         if self.cfg.graph == "tile":
-            return self._run_streaming(image, keep_full, stream_to)
+            rows_of, size = _row_source(image, self.cfg)
+            return self._run_streaming(TileRows(rows_of, self.cfg.grid(size)), image.shape[:2], keep_full, stream_to)
         result = self._run_fixed(image, graph_input(image, self.cfg), image.shape[:2])
         if stream_to is not None:
             with open(stream_to, "wb") as fh:
@@ -325,8 +433,8 @@ class TiledRunner:
     def run_normalized(self, x: np.ndarray) -> TiledResult:
         """The same for an already normalised (3, H, W) image at the tiling's image size (evaluation arrays)."""
         if self.cfg.graph == "tile":
-            hwc = x.transpose(1, 2, 0)
-            return self._run_streaming(hwc, True, None, cut=lambda box: tile_box(hwc, box).transpose(2, 0, 1))
+            rows = TileRows(lambda y0, y1: x[:, y0:y1], self.cfg.grid(x.shape[1:]), normalized=True)
+            return self._run_streaming(rows, x.shape[1:], True, None)
         return self._run_fixed(x, normalized_graph_input(x, self.cfg), x.shape[1:])
 
     def _run_fixed(self, image: np.ndarray, inputs: np.ndarray, size: tuple[int, int]) -> TiledResult:
@@ -335,7 +443,7 @@ class TiledRunner:
         if self._request is None:  # one request per runner, reused: requests are not free to create
             self._request = self.compiled.create_infer_request()
         request = self._request
-        request.infer({0: inputs})
+        request.infer({0: inputs}, share_inputs=True)
         raw, logits = self._outputs(request)
         infer_ms = (time.perf_counter() - t0) * 1e3
         grid = cfg.grid(cfg.image_size)
@@ -345,15 +453,21 @@ class TiledRunner:
             merged = cv2.resize(merged, (w, h), interpolation=cv2.INTER_LINEAR)
         return TiledResult(score, merged, float(merged.max()), 1, grid.count, infer_ms)
 
-    def _run_streaming(
-        self, image: np.ndarray, keep_full: bool | None, stream_to: Path | None, cut: Callable | None = None
-    ) -> TiledResult:
+    def _queue_for_image(self, on_done: Callable) -> Any:
         import openvino as ov
 
-        cfg = self.cfg
-        original = image.shape[:2]
-        cut, size = _tile_source(image, cfg) if cut is None else (cut, image.shape[:2])
-        grid = cfg.grid(size)
+        if self._queue is None:
+            self._queue = ov.AsyncInferQueue(self.compiled, self.requests)
+            self._queue.set_callback(lambda request, key: self._on_done(request, key))
+        self._on_done = on_done
+        return self._queue
+
+    def _run_streaming(
+        self, rows: TileRows, original: tuple[int, int], keep_full: bool | None, stream_to: Path | None
+    ) -> TiledResult:
+        """Rows of tiles in order through the queue: while the cores infer row i, this thread cuts row i + 1
+        and merges the rows already back, so merging hides behind inference instead of following it."""
+        cfg, grid = self.cfg, rows.grid
         h, w = grid.image_size
         if keep_full is None:
             keep_full = h * w <= FULL_MAP_PIXELS
@@ -363,63 +477,67 @@ class TiledRunner:
             stream = open(stream_to, "wb")
             np.lib.format.write_array_header_2_0(stream, {"descr": "<f2", "fortran_order": False, "shape": (h, w)})
         sink = MapSink((h, w), full=keep_full, preview_factor=factor, stream=stream)
-        merger = BandMerger(grid, cfg, sink)
-        boxes = grid.boxes
+        collector = _RowCollector(grid, self, BandMerger(grid, cfg, sink))
         batch, row_chunks = balanced_chunks(grid.cols, self.tile_batch)
-        chunks = [(i, c, n) for i in range(grid.rows) for c, n in row_chunks]
-        results: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
-        lock = threading.Lock()
-        errors: list[BaseException] = []
-        logits_all = np.zeros(grid.count, dtype=np.float32)
-        next_row = 0
         t0 = time.perf_counter()
-
-        def done(request, key: tuple[int, int, int]) -> None:
-            try:
-                raw, score = self._outputs(request)
-                n = key[2]  # real tiles; the rest of the batch is padding
-                with lock:
-                    results.setdefault(key[0], {})[key[1]] = (raw.reshape(-1, *raw.shape[-2:])[:n], score.reshape(-1)[:n])
-            except BaseException as exc:  # surfaced in the main thread; an exception here would be lost
-                errors.append(exc)
-
-        def drain() -> None:
-            nonlocal next_row
-            while next_row < grid.rows:
-                with lock:
-                    row = results.get(next_row)
-                    if row is None or sum(len(r[1]) for r in row.values()) < grid.cols:
-                        return
-                    del results[next_row]
-                raw = np.concatenate([row[c][0] for c in sorted(row)])
-                logits_all[next_row * grid.cols : (next_row + 1) * grid.cols] = np.concatenate([row[c][1] for c in sorted(row)])
-                merger.add_row(next_row, anomaly_map(raw, grid.tile, self.blur_sigma, self.blur_kernel))
-                next_row += 1
-
-        if self._queue is None:
-            self._queue = ov.AsyncInferQueue(self.compiled, self.requests)
-            self._queue.set_callback(lambda request, key: self._on_done(request, key))
-        queue = self._queue
-        self._on_done = done
+        queue = self._queue_for_image(collector.done)
         try:
-            for i, c, n in chunks:
-                tiles = [cut(boxes[i * grid.cols + j]) for j in range(c, c + n)]
-                tiles += [tiles[-1]] * (batch - n)
-                queue.start_async({0: np.stack(tiles)}, userdata=(i, c, n))
-                if errors:
+            for i in range(grid.rows):
+                rows.row(i)
+                for c, n in row_chunks:
+                    # copied into the request's tensor: sharing the array (share_inputs) gave wrong maps on
+                    # OpenVINO 2026.4 when requests were reused (tests/test_tiled_speed.py, tile_batch 1)
+                    queue.start_async({0: rows.batch(c, n, batch)}, userdata=(i, c, n))
+                    collector.drain()
+                if collector.errors:
                     break
-                drain()
             queue.wait_all()
-            if errors:
-                raise errors[0]
-            drain()
+            collector.drain()
+            if collector.errors:
+                raise collector.errors[0]
         finally:
             queue.wait_all()  # nothing of this image may still be in flight when the next one starts
             if stream is not None:
                 stream.close()
         infer_ms = (time.perf_counter() - t0) * 1e3
-        score = tiled_image_score(logits_all, sink.max, cfg.score)
+        score = tiled_image_score(collector.logits, sink.max, cfg.score)
         m = sink.map
         if keep_full and tuple(original) != (h, w):
             m = cv2.resize(m, (original[1], original[0]), interpolation=cv2.INTER_LINEAR)
         return TiledResult(score, m, float(sink.max), factor, grid.count, infer_ms)
+
+
+class _RowCollector:
+    """Gathers the requests of each row of tiles as they finish (any order, on OpenVINO's threads) and, on the
+    calling thread, post-processes and merges each row once all of it is back, in row order."""
+
+    def __init__(self, grid: TileGrid, runner: TiledRunner, merger: BandMerger):
+        self.grid, self.runner, self.merger = grid, runner, merger
+        self.results: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        self.lock = threading.Lock()
+        self.errors: list[BaseException] = []
+        self.logits = np.zeros(grid.count, dtype=np.float32)
+        self.next_row = 0
+
+    def done(self, request, key: tuple[int, int, int]) -> None:
+        try:
+            raw, score = self.runner._outputs(request)
+            i, c, n = key  # n real tiles; the rest of the batch is padding
+            with self.lock:
+                self.results.setdefault(i, {})[c] = (raw.reshape(-1, *raw.shape[-2:])[:n], score.reshape(-1)[:n])
+        except BaseException as exc:  # surfaced in the main thread; an exception here would be lost
+            self.errors.append(exc)
+
+    def drain(self) -> None:
+        g, r = self.grid, self.runner
+        while self.next_row < g.rows:
+            with self.lock:
+                row = self.results.get(self.next_row)
+                if row is None or sum(len(v[1]) for v in row.values()) < g.cols:
+                    return
+                del self.results[self.next_row]
+            i = self.next_row
+            raw = np.concatenate([row[c][0] for c in sorted(row)])
+            self.logits[i * g.cols : (i + 1) * g.cols] = np.concatenate([row[c][1] for c in sorted(row)])
+            self.merger.add_row(i, anomaly_map(raw, g.tile, r.blur_sigma, r.blur_kernel))
+            self.next_row += 1

@@ -174,6 +174,19 @@ def untile(tiles: np.ndarray, grid: TileGrid) -> np.ndarray:
     return out[..., 0] if flat else out
 
 
+def coverage(grid: TileGrid) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (H',), cols (W',)) float32: how many rows / columns of tiles cover each padded row / column. The
+    tiles covering pixel (y, x) number rows[y] * cols[x]: the count `untile` divides by, without counting."""
+    (th, tw), (sh, sw) = grid.tile, grid.stride
+    ph, pw = grid.padded_size
+    rows, cols = np.zeros(ph, dtype=np.float32), np.zeros(pw, dtype=np.float32)
+    for i in range(grid.rows):
+        rows[sh * i : sh * i + th] += 1.0
+    for j in range(grid.cols):
+        cols[sw * j : sw * j + tw] += 1.0
+    return rows, cols
+
+
 def tile_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """The (y0, x0, y1, x1) box of an (H, W[, C]) image, zero-filled where the box leaves the image."""
     y0, x0, y1, x1 = box

@@ -7,14 +7,16 @@ import logging
 from pathlib import Path
 
 from ssn_edge.config import Recipe
-from ssn_edge.data import load_arrays, load_dataset, require_nonempty, select, summary
+from ssn_edge.data import load_arrays, load_dataset, require_nonempty, select, split_validation, summary
 
 log = logging.getLogger("ssn_edge")
 
 
-def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progress: bool = True, evaluate: bool = True):
+def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progress: bool = True, evaluate: bool = True,
+              locations: list[str] | None = None):
     """Train from a recipe into out_dir; evaluate on the test split at the end unless evaluate is False (a caller
-    that exports next gets the same metrics from the bundle, without a second pass over the test images)."""
+    that exports next gets the same metrics from the bundle, without a second pass over the test images).
+    locations: a tiled recipe's location folders to train, and no more (None returned; `train.tiled`)."""
     if not recipe.data.path:
         raise ValueError("no data: set data.path in the recipe or pass --data")
     samples = load_dataset(recipe.data.path)
@@ -25,7 +27,11 @@ def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progres
         samples = hide_masks(samples, recipe.data.mask_fraction, recipe.data.mask_seed)
         log.info("data.mask_fraction %g: masks kept on %d defective training images\n%s", recipe.data.mask_fraction,
                  sum(s.split == "train" and s.label == 1 and s.has_mask for s in samples), summary(samples))
-    train_samples = require_nonempty(select(samples, "train"), "train", recipe.data.path)
+    split = split_validation(samples, recipe.data.val_fraction, recipe.data.val_min, recipe.data.val_seed)
+    if split.held_out:
+        log.info("%d normal training images held out for thresholds (data.val_fraction %g, val_min %d, val_seed %d)",
+                 len(split.held_out), recipe.data.val_fraction, recipe.data.val_min, recipe.data.val_seed)
+    train_samples = require_nonempty(split.train, "train", recipe.data.path)
     test_samples = select(samples, "test") if evaluate else []
     size = tuple(recipe.data.image_size)
     train_arrays = load_arrays(train_samples, size, progress=progress)
@@ -47,7 +53,9 @@ def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progres
 
         if resume is not None:
             log.info("tiled training resumes by itself: finished locations in %s are kept", out_dir)
-        return train_tiled(recipe, train_arrays, out_dir, test_arrays=test_arrays, progress=progress)
+        return train_tiled(recipe, train_arrays, out_dir, test_arrays=test_arrays, progress=progress, only=locations)
+    if locations is not None:
+        raise ValueError(f"recipe {recipe.name!r} is not tiled: it has no tile locations to train apart")
     from ssn_edge.train.loop import train  # here: a knn fit never loads SSN's training loop
 
     return train(recipe, train_arrays, out_dir, test_arrays=test_arrays, resume=resume, progress=progress)

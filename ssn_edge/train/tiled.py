@@ -106,14 +106,26 @@ def _train_location(sub: Recipe, train_arrays: ArraySet, grid: TileGrid, locatio
     return load_checkpoint(ckpt)
 
 
+def location_groups(recipe: Recipe) -> dict[str, list[int]]:
+    """The models a tiled recipe trains, by folder name: 'single' (every tile location), or one per location
+    ('loc_00', ...) for an ensemble."""
+    cfg = runtime_tiling(recipe)
+    count = cfg.grid(cfg.image_size).count
+    return {"single": list(range(count))} if cfg.mode == "single" else {f"loc_{k:02d}": [k] for k in range(count)}
+
+
 def train_tiled(
     recipe: Recipe,
     train_arrays: ArraySet,
     out_dir: Path,
     test_arrays: ArraySet | None = None,
     progress: bool = True,
-) -> TrainResult:
-    """Train the recipe's tiled model; writes out_dir/checkpoint.pt (kind 'tiled') and metrics.json."""
+    only: list[str] | None = None,
+) -> TrainResult | None:
+    """Train the recipe's tiled model; writes out_dir/checkpoint.pt (kind 'tiled') and metrics.json.
+
+    only: train just these location folders (names of `location_groups`) and return None, so a scheduler can
+    train an ensemble's locations side by side; a later call without it keeps them and assembles the model."""
     cfg = runtime_tiling(recipe)
     grid = cfg.grid(cfg.image_size)
     if tuple(train_arrays.images.shape[-2:]) != cfg.image_size:
@@ -125,11 +137,18 @@ def train_tiled(
     padded = padded_images(train_arrays.images, grid) if cfg.graph == "image" else None
     trained_on = "shared_backbone" if padded is not None else "independent_tiles"
     _claim_folder(out_dir, trained_on)
-    groups = {"single": list(range(grid.count))} if cfg.mode == "single" else {f"loc_{k:02d}": [k] for k in range(grid.count)}
+    groups = location_groups(recipe)
+    unknown = sorted(set(only or ()) - set(groups))
+    if unknown:
+        raise ValueError(f"no tile location(s) {', '.join(unknown)} in this recipe (has: {', '.join(groups)})")
     locations: dict[str, CheckpointRecord] = {}
     for name, group in groups.items():
+        if only is not None and name not in only:
+            continue
         shared = None if padded is None else SharedFeatures(padded, [grid.boxes[k] for k in group])
         locations[name] = _train_location(sub, train_arrays, grid, group, out_dir / name, shared, progress)
+    if only is not None:
+        return None
     first = next(iter(locations.values()))
     record = CheckpointRecord(
         kind=KIND_TILED, recipe=resolved.to_dict(), backbone=first.backbone, epoch=sub.train.epochs,

@@ -1,0 +1,219 @@
+"""The fast tiled runtime (issue 32) gives what the straightforward tiled path gives.
+
+The reference below is today's behaviour written the slow, obvious way: every tile cut from the zero-padded
+normalised image, run alone and synchronously, upsampled and blurred on its own, the overlaps averaged in
+float64 with an explicit count, the whole map blurred and the blur kept inside the seam bands. The runner
+(banded normalisation, batched asynchronous requests, row-band merging, analytic counts) must agree within 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+ov = pytest.importorskip("openvino")
+import openvino.opset13 as ops  # noqa: E402
+
+from ssn_edge.runtime.tiled import TiledRunner, merge_outputs  # noqa: E402
+from ssn_edge.runtime.tiling import TileGrid, TilingConfig  # noqa: E402
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+TILE, STRIDE, MAP_STRIDE = (64, 48), (32, 40), 4
+SIGMA, KERNEL = 4.0, 25  # SSN's post-processing blur (spec 1.7)
+
+
+def tiny_tile_model(th: int, tw: int) -> "ov.Model":
+    """(N, 3, th, tw) -> map (N, 1, th/4, tw/4), score (N,): a strided conv, so each map value depends on the
+    pixels near it and the score on the whole tile, as in SSN's tile graph."""
+    rng = np.random.default_rng(7)
+    x = ops.parameter([-1, 3, th, tw], np.float32, name="image")
+    w = ops.constant(rng.standard_normal((1, 3, 5, 5)).astype(np.float32) * 0.3)
+    m = ops.convolution(x, w, [MAP_STRIDE, MAP_STRIDE], [2, 2], [1, 1], [1, 1])
+    m.output(0).get_tensor().set_names({"map"})
+    s = ops.reduce_mean(ops.multiply(m, m), ops.constant(np.array([1, 2, 3], np.int64)), False)
+    s.output(0).get_tensor().set_names({"score"})
+    return ov.Model([m, s], [x], "tiny_tile")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    core = ov.Core()
+    return core.compile_model(tiny_tile_model(*TILE), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "THROUGHPUT"})
+
+
+def _unit(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image.astype(np.float64) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float64) / 65535.0
+    return image.astype(np.float64)
+
+
+def _seam_mask(h: int, w: int, grid: TileGrid, frac: float) -> np.ndarray:
+    """True within round(frac * tile) pixels of an interior tile edge (a tile's first row / column, or the one
+    after its last), either side."""
+    ph, pw = grid.padded_size
+    mask = np.zeros((h, w), dtype=bool)
+    for axis, (size, t, s, n) in enumerate(((ph, grid.tile[0], grid.stride[0], grid.rows),
+                                            (pw, grid.tile[1], grid.stride[1], grid.cols))):
+        half = int(math.floor(frac * t + 0.5))
+        edges = {s * k for k in range(n)} | {s * k + t for k in range(n)}
+        for e in (e for e in edges if 0 < e < size):
+            lo, hi = max(0, e - half), e + half
+            if axis == 0:
+                mask[lo:hi, :] = True
+            else:
+                mask[:, lo:hi] = True
+    return mask
+
+
+def reference_merge(raw: np.ndarray, logits: np.ndarray, grid: TileGrid, cfg: TilingConfig) -> tuple[np.ndarray, float]:
+    """(T, h, w) raw tile maps, (T,) score logits -> (map (H, W), score): per tile, then averaged, then seams."""
+    ph, pw = grid.padded_size
+    total = np.zeros((ph, pw), dtype=np.float64)
+    count = np.zeros((ph, pw), dtype=np.float64)
+    th, tw = grid.tile
+    for k, (y0, x0, y1, x1) in enumerate(grid.boxes):
+        up = cv2.resize(raw[k].astype(np.float32), (tw, th), interpolation=cv2.INTER_LINEAR)
+        up = cv2.GaussianBlur(up, (KERNEL, KERNEL), sigmaX=SIGMA, sigmaY=SIGMA, borderType=cv2.BORDER_REFLECT)
+        total[y0:y1, x0:x1] += up
+        count[y0:y1, x0:x1] += 1
+    h, w = grid.image_size
+    merged = (total / count)[:h, :w].astype(np.float32)
+    blurred = cv2.GaussianBlur(merged, (0, 0), sigmaX=cfg.seam_sigma, sigmaY=cfg.seam_sigma, borderType=cv2.BORDER_REFLECT)
+    out = np.where(_seam_mask(h, w, grid, cfg.seam_halfwidth), blurred, merged)
+    return out, float(np.mean(1.0 / (1.0 + np.exp(-logits.astype(np.float64)))))
+
+
+def reference_run(compiled, image: np.ndarray, cfg: TilingConfig) -> tuple[np.ndarray, float]:
+    """Every tile of the normalised, zero-padded image through the model one at a time, then reference_merge."""
+    h, w = image.shape[:2]
+    grid = cfg.grid((h, w))
+    ph, pw = grid.padded_size
+    canvas = np.zeros((3, ph, pw), dtype=np.float32)
+    canvas[:, :h, :w] = ((_unit(image).astype(np.float32) - MEAN) / STD).transpose(2, 0, 1)
+    request = compiled.create_infer_request()
+    raws, logits = [], []
+    for y0, x0, y1, x1 in grid.boxes:
+        request.infer({0: np.ascontiguousarray(canvas[None, :, y0:y1, x0:x1])})
+        raws.append(np.array(request.get_tensor("map").data)[0, 0])
+        logits.append(float(np.array(request.get_tensor("score").data).reshape(-1)[0]))
+    return reference_merge(np.stack(raws), np.array(logits), grid, cfg)
+
+
+def _image(h: int, w: int, dtype: str, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = cv2.GaussianBlur(rng.random((h, w, 3)).astype(np.float32), (0, 0), 3.0)  # structure, not only noise
+    base = np.clip(base * 0.6 + rng.random((h, w, 3)).astype(np.float32) * 0.4, 0, 1)
+    if dtype == "uint8":
+        return np.round(base * 255).astype(np.uint8)
+    if dtype == "uint16":
+        return np.round(base * 65535).astype(np.uint16)
+    return base
+
+
+def _check(got_map, got_score, ref_map, ref_score):
+    assert got_map.shape == ref_map.shape
+    assert float(np.abs(got_map - ref_map).max()) < 1e-5
+    assert abs(got_score - ref_score) < 1e-5
+    assert float(np.ptp(ref_map)) > 0.1  # a map with something in it, or the comparison would prove little
+
+
+@pytest.mark.parametrize("h,w,dtype,tile_batch,requests", [
+    (150, 205, "uint8", 8, 2),   # padding on both axes, two chunks per row
+    (150, 205, "uint8", 1, 1),   # one tile per request, one request
+    (97, 300, "uint16", 3, 3),
+    (64, 48, "float32", 8, 2),   # one tile
+    (230, 130, "uint8", 2, 4),   # more rows than columns
+])
+def test_runner_equals_the_reference(compiled, h, w, dtype, tile_batch, requests):
+    cfg = TilingConfig(TILE, STRIDE)
+    image = _image(h, w, dtype)
+    ref_map, ref_score = reference_run(compiled, image, cfg)
+    runner = TiledRunner(compiled, cfg, tile_batch=tile_batch, requests=requests)
+    for _ in range(2):  # the runner's queue and buffers are reused image after image
+        r = runner.run(image)
+        _check(r.anomaly_map, r.score, ref_map, ref_score)
+        assert r.tiles == cfg.grid((h, w)).count
+
+
+def test_runner_reads_a_bmp_in_bands_to_the_same_result(compiled, tmp_path):
+    from ssn_edge.runtime.preprocess import BmpStrips
+
+    cfg = TilingConfig(TILE, STRIDE)
+    image = _image(181, 157, "uint8", seed=3)
+    path = tmp_path / "frame.bmp"
+    cv2.imwrite(str(path), image[..., ::-1])
+    ref_map, ref_score = reference_run(compiled, image, cfg)
+    stream = tmp_path / "map.npy"
+    r = TiledRunner(compiled, cfg).run(BmpStrips(path), stream_to=stream)
+    _check(r.anomaly_map, r.score, ref_map, ref_score)
+    np.testing.assert_allclose(np.load(stream).astype(np.float32), ref_map, atol=2e-2)  # float16 on disk
+
+
+def test_runner_preview_is_the_block_mean_of_the_reference(compiled):
+    cfg = TilingConfig(TILE, STRIDE)
+    image = _image(150, 205, "uint8", seed=5)
+    ref_map, ref_score = reference_run(compiled, image, cfg)
+    r = TiledRunner(compiled, cfg).run(image, keep_full=False)
+    f = r.map_scale
+    assert f == 1 or r.anomaly_map.shape == (-(-150 // f), -(-205 // f))
+    assert abs(r.map_max - float(ref_map.max())) < 1e-5 and abs(r.score - ref_score) < 1e-5
+
+
+def test_run_normalized_equals_the_reference(compiled):
+    cfg = TilingConfig(TILE, STRIDE)
+    image = _image(120, 150, "float32", seed=2)
+    ref_map, ref_score = reference_run(compiled, image, cfg)
+    x = ((image - MEAN) / STD).transpose(2, 0, 1).astype(np.float32)
+    r = TiledRunner(compiled, cfg, tile_batch=2).run_normalized(np.ascontiguousarray(x))
+    _check(r.anomaly_map, r.score, ref_map, ref_score)
+
+
+@pytest.mark.parametrize("size,tile,stride", [((96, 96), (32, 32), (16, 16)), ((70, 90), (32, 32), (24, 24)), ((64, 64), (32, 32), (32, 32))])
+def test_merge_outputs_equals_the_reference(size, tile, stride):
+    """The fixed-size (ensemble) path: all tiles' raw outputs at once."""
+    grid = TileGrid(size, tile, stride)
+    cfg = TilingConfig(tile, stride)
+    rng = np.random.default_rng(11)
+    raw = cv2.GaussianBlur(rng.standard_normal((grid.count * 8, 8)).astype(np.float32), (0, 0), 1.0).reshape(grid.count, 8, 8) * 4
+    logits = rng.standard_normal(grid.count).astype(np.float32)
+    got, score = merge_outputs(raw, logits, grid, cfg, SIGMA, KERNEL)
+    ref, ref_score = reference_merge(raw, logits, grid, cfg)
+    _check(got, score, ref, ref_score)
+
+
+@pytest.mark.parametrize("shape,size,dtype", [((300, 420), (64, 96), "uint8"), ((257, 1000), (64, 64), "uint16"),
+                                              ((512, 512), (64, 64), "uint8"), ((90, 70), (90, 70), "float32")])
+def test_area_shrink_in_strips_equals_resizing_the_whole_image(shape, size, dtype):
+    from ssn_edge.runtime.preprocess import resize_image
+    from ssn_edge.runtime.tiled import area_shrink, to_unit
+
+    image = _image(*shape, dtype, seed=4)
+    whole = resize_image(to_unit(image), size)
+    for strip in (7, 64, 1000):
+        got = area_shrink(lambda y0, y1: image[y0:y1], image.shape, size, strip=strip)
+        assert got.shape == (*size, 3) and float(np.abs(got - whole).max()) < 1e-6
+
+
+def test_a_fixed_size_graph_reads_a_large_bmp_in_strips_to_the_same_input(tmp_path, monkeypatch):
+    from ssn_edge.runtime import tiled
+    from ssn_edge.runtime.preprocess import BmpStrips, prepare
+
+    cfg = TilingConfig((32, 32), (16, 16), image_size=(64, 64), graph="image", mode="ensemble", locations=9)
+    image = _image(200, 310, "uint8", seed=6)
+    path = tmp_path / "frame.bmp"
+    cv2.imwrite(str(path), image[..., ::-1])
+    expected = tiled.normalized_graph_input(prepare(tiled.to_unit(image), cfg.image_size), cfg)
+    monkeypatch.setattr(tiled, "STRIP_SHRINK_PIXELS", 1000)  # this small frame counts as large
+    for source in (image, BmpStrips(path)):
+        got = tiled.graph_input(source, cfg)
+        assert got.shape == expected.shape and float(np.abs(got - expected).max()) < 1e-5
+    with pytest.raises(ValueError, match="at least 64x64"):
+        small = tmp_path / "small.bmp"
+        cv2.imwrite(str(small), image[:40, :40])
+        tiled.graph_input(BmpStrips(small), cfg)
