@@ -7,6 +7,7 @@
   python benchmarks/knn_bench.py latency
   python benchmarks/knn_bench.py int8 --dataset mvtec_bottle
   python benchmarks/knn_bench.py int8 --dataset magnetic_tile
+  python benchmarks/knn_bench.py float_head --dataset mvtec_bottle
   python benchmarks/knn_bench.py vs_ssn --ssn-full BUNDLE --ssn-light BUNDLE
   python benchmarks/knn_bench.py table
 
@@ -328,6 +329,27 @@ def int8(args) -> None:
     record_results("knn", records)
 
 
+def float_head(args) -> None:
+    """INT8 batch-1 latency with the head kept float (the default) vs all quantized (from `int8`), one run."""
+    from ssn_edge.runtime.bench import bench_bundle
+    from ssn_edge.runtime.bundle import load_bundle
+
+    run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_default_s{args.seed}"
+    loaded = {v: load_bundle(run / f"bundle_{v}_int8") for v in ("default", "int8_all_quantized")}
+    times: dict[str, list[float]] = {v: [] for v in loaded}
+    for _ in range(args.rounds):
+        for v, b in loaded.items():
+            times[v].append(bench_bundle(b, precisions=["int8"], warmup=3, runs=args.runs, throughput_seconds=0)[0]["latency_ms"])
+    ms = {v: float(np.median(t)) for v, t in times.items()}
+    record = {"model": "knn", "dataset": args.dataset, "backbone": "resnet18", "setting": "unsupervised",
+              "runtime": "openvino", "precision": "int8", "seed": args.seed, "variant": "float_head_latency",
+              "ratio": round(ms["default"] / ms["int8_all_quantized"], 3),
+              "ratio_of": "knn_int8_float_head_vs_all_quantized_latency", "latency_ms": round(ms["default"], 2),
+              "all_quantized_latency_ms": round(ms["int8_all_quantized"], 2), "command": command_line()}
+    print(record)
+    record_results("knn", [record])
+
+
 def vs_ssn(args) -> None:
     """Batch-1 latency at 256x256 of INT8 bundles, rounds alternating so machine noise falls on all alike."""
     from ssn_edge.runtime.bench import bench_bundle
@@ -396,7 +418,7 @@ def table(args) -> None:  # noqa: ARG001
     for r in records:
         if r["variant"].startswith("latency_"):
             lines.append(f"| {r['variant'][8:]} | {_fmt(r.get('latency_ms'))} | | | |")
-        elif r.get("ratio_of", "").startswith("knn_vs_ssn"):
+        elif r.get("ratio_of", "").startswith("knn_"):
             lines.append(f"| | | | {_fmt(r.get('ratio'), '.3f')} | {r['ratio_of']} |")
     atomic_write(RESULTS / "knn.md", "\n".join(lines) + "\n")
     _plot([r for r in tested if r["variant"].startswith("bank_")])
@@ -430,7 +452,7 @@ def _plot(records: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["tune", "accuracy", "bank", "latency", "int8", "vs_ssn", "table"])
+    p.add_argument("what", choices=["tune", "accuracy", "bank", "latency", "int8", "float_head", "vs_ssn", "table"])
     p.add_argument("--recipe")
     p.add_argument("--dataset", help="name for the records: mvtec_bottle, magnetic_tile")
     p.add_argument("--variant", default="default")
@@ -445,12 +467,12 @@ def main() -> None:
     p.add_argument("--ssn-light", help="vs_ssn: an SSN bundle (light classification head) with an INT8 model")
     p.add_argument("--rounds", type=int, default=5, help="vs_ssn: alternating rounds")
     args = p.parse_args()
-    if args.what in ("int8", "vs_ssn") and not args.dataset:
+    if args.what in ("int8", "float_head", "vs_ssn") and not args.dataset:
         p.error(f"{args.what} needs --dataset")
-    if args.what not in ("latency", "table", "int8", "vs_ssn") and not (args.recipe and args.dataset):
+    if args.what not in ("latency", "table", "int8", "float_head", "vs_ssn") and not (args.recipe and args.dataset):
         p.error(f"{args.what} needs --recipe and --dataset")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    {"tune": tune, "accuracy": accuracy, "bank": bank, "latency": latency, "int8": int8, "vs_ssn": vs_ssn,
+    {"tune": tune, "accuracy": accuracy, "bank": bank, "latency": latency, "int8": int8, "float_head": float_head, "vs_ssn": vs_ssn,
      "table": table}[args.what](args)
 
 
