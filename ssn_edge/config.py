@@ -478,16 +478,22 @@ def _check_knn(recipe: Recipe) -> None:
         raise RecipeError(f"knn.held_out must be >= 1 (the normal images that set the outputs' scale), got {k.held_out}")
 
 
+def read_yaml(path: Path, what: str, error: type[Exception]) -> Any:
+    """A YAML file's content ({} when empty). A missing file, invalid YAML or text that is not UTF-8 raise
+    ``error`` with one line naming the file; ``what`` names the file's kind ("recipe file")."""
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    except UnicodeDecodeError as exc:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    values = read_yaml(path, "recipe file", RecipeError)
     try:
         recipe = recipe_from_dict(values)
         return apply_overrides(recipe, overrides or {})

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import yaml
 
+from ssn_edge.config import read_yaml
 from ssn_edge.data import load_dataset, load_manifest, select
 from ssn_edge.runtime.bundle import sha256_file
 from ssn_edge.runtime.inputs import IMAGE_EXTENSIONS
@@ -86,12 +86,7 @@ def load_calibration_spec(yaml_path: str | Path) -> CalibrationSpec:
     """Read a calibration definition (keys: source, path, size, seed). A relative ``path`` is taken relative to
     the current directory, as the recipes' ``data.path`` is."""
     yaml_path = Path(yaml_path)
-    if not yaml_path.is_file():
-        raise CalibrationError(f"{yaml_path}: calibration definition not found")
-    try:
-        values = yaml.safe_load(yaml_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise CalibrationError(f"{yaml_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    values = read_yaml(yaml_path, "calibration definition", CalibrationError)
     if not isinstance(values, dict):
         raise CalibrationError(f"{yaml_path}: a calibration definition must be a YAML mapping")
     known = {f.name for f in fields(CalibrationSpec)}

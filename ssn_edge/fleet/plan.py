@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ssn_edge.config import RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from ssn_edge.config import RecipeError, apply_overrides, load_recipe, read_yaml, recipe_from_dict
 from ssn_edge.serve.repository import check_name
 
 # ExportOptions fields, plus calibration_size/defects (its CalibrationSpec) and thresholds (a mapping of its
@@ -125,12 +123,7 @@ def _job(entry: Any, defaults: dict, base: Path, where: str) -> PlanJob:
 def load_plan(path: str | Path, repo: str | Path | None = None) -> Plan:
     """Read and check a plan file; repo overrides the plan's repo."""
     path = Path(path)
-    if not path.is_file():
-        raise PlanError(f"{path}: plan file not found")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise PlanError(f"{path}: not valid YAML ({exc})") from None
+    doc = read_yaml(path, "plan file", PlanError)
     if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list) or not doc["jobs"]:
         raise PlanError(f"{path}: a plan needs a non-empty 'jobs' list")
     unknown = sorted(set(doc) - {"repo", "work", "defaults", "jobs"})

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ssn_edge.data import ArraySet
+from ssn_edge.report.reference import compared_row
 from ssn_edge.report.variants import Variant
 from ssn_edge.runtime.bundle import Bundle
 from ssn_edge.runtime.schema import SCHEMA_VERSION, CalibrationInfo, Supervision, Thresholds, Tiling
@@ -277,19 +278,13 @@ def _figure_sections(figures: Figures) -> list[str]:
     return parts
 
 
-_BASELINE_COLUMNS = (
-    ("image_auroc", "image AUROC", "{:.2f}"),
-    ("image_ap", "image AP", "{:.2f}"),
-    ("pixel_aupro", "pixel AUPRO", "{:.2f}"),
-    ("pixel_ap", "pixel AP", "{:.2f}"),
-    ("latency_ms", "latency ms (batch 1, median)", "{:.2f}"),
-    ("file_mb", "size MB", "{:.2f}"),
-)
+_BASELINE_KEYS = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap", "latency_ms", "file_mb")
+_BASELINE_COLUMNS = tuple(c for c in _TABLE_COLUMNS if c[0] in _BASELINE_KEYS)
 
 
 def baseline_section(records: Sequence[dict[str, Any]], baseline: dict[str, Any]) -> list[str]:
     """This bundle's OpenVINO FP32 row beside the memory-bank baseline fitted on the same training images."""
-    own = next((r for r in records if (r.get("runtime"), r.get("precision")) == ("openvino", "fp32")), records[0])
+    own = compared_row(records)
     head = "<th>model</th>" + "".join(f"<th>{html.escape(t)}</th>" for _, t, _ in _BASELINE_COLUMNS)
 
     def row(name: str, rec: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ssn_edge.data import ArraySet
 from ssn_edge.runtime.bundle import Bundle
@@ -76,10 +76,15 @@ def fit_reference(bundle: Bundle, data_path: str, out_dir: Path, weights: str | 
     return ReferenceResult(load_bundle(ref.path), fit_s, int(result.history[0]["bank"]))
 
 
+def compared_row(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The bundle's row set against the knn reference: OpenVINO FP32 (what the reference's row is), else the first."""
+    return next((r for r in records if (r.get("runtime"), r.get("precision")) == ("openvino", "fp32")), records[0])
+
+
 def below_reference(records: list[dict[str, Any]], reference: dict[str, Any]) -> list[str]:
-    """The metrics on which the bundle's OpenVINO FP32 row (else its reference row) is below the knn reference by
-    more than BELOW_BY points, as 'metric X vs Y'."""
-    own = next((r for r in records if (r.get("runtime"), r.get("precision")) == ("openvino", "fp32")), records[0])
+    """The metrics on which the bundle's compared_row is below the knn reference by more than BELOW_BY points, as
+    'metric X vs Y'."""
+    own = compared_row(records)
     out = []
     for key in ("image_auroc", "pixel_aupro"):
         mine, theirs = own.get(key), reference.get(key)
