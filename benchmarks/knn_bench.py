@@ -1,8 +1,12 @@
 """The nearest-neighbour model family (model.kind knn): its defaults, accuracy, fit time, latency and bank size.
 
   python benchmarks/knn_bench.py tune --recipe recipes/knn_magnetic_tile.yaml --dataset magnetic_tile
+  python benchmarks/knn_bench.py tune --grid map --recipe recipes/knn_resnet18.yaml --dataset mvtec_bottle
+  python benchmarks/knn_bench.py tune --grid map --recipe recipes/knn_magnetic_tile.yaml --dataset magnetic_tile \
+      --set knn.coreset=10000 --set knn.pool=200000
   python benchmarks/knn_bench.py accuracy --recipe recipes/knn_resnet18.yaml --dataset mvtec_bottle
   python benchmarks/knn_bench.py accuracy --recipe recipes/knn_magnetic_tile.yaml --dataset magnetic_tile
+  python benchmarks/knn_bench.py neighbours --dataset mvtec_bottle --values 1
   python benchmarks/knn_bench.py bank --recipe recipes/knn_resnet18.yaml --dataset mvtec_bottle --sizes 1000 4000 16000
   python benchmarks/knn_bench.py latency
   python benchmarks/knn_bench.py int8 --dataset mvtec_bottle
@@ -13,14 +17,20 @@
 
 tune: the knn defaults, chosen on the TRAINING split only: a seeded fifth of its normal images and its defective
 ones (Magnetic tile's training split has them) are kept out of the fit and scored (records with split
-train_heldout). accuracy: `ssn-edge train` (the fit and the test split, PyTorch FP32), then `ssn-edge export`
-(FP32 IR) run by OpenVINO with INFERENCE_PRECISION_HINT f32 on the test split, its largest difference from PyTorch,
-and batch-1 latency of both. bank: accuracy and latency at several bank sizes (knn.coreset counts). latency:
+train_heldout); a training split of normal images only (MVTec bottle) is scored on the held-out fifth and a copy of
+each with a painted defect (ssn_edge.data.heldout.check_set; val_kind painted). --grid map: the map's settings
+(knn.neighbours, the blur) on one bank; the Magnetic tile run fits a cheaper bank than the default's (10 000 of
+200 000 candidates: 1 min of greedy steps instead of 6) for it. accuracy: `ssn-edge train` (the fit and the test
+split, PyTorch FP32), then `ssn-edge export` (FP32 IR) run through the runtime (OpenVINO, INFERENCE_PRECISION_HINT
+f32, the graph's own post-processing) on the test split, its largest difference from PyTorch, and batch-1 latency
+of both. neighbours: the default run's bank with other knn.neighbours on the test split (PyTorch), what the map's
+averaging alone changes. bank: accuracy and latency at several bank sizes (knn.coreset counts). latency:
 every finished run's latency again, in one process (after the fits, on a quiet machine). int8: the default run's
 checkpoint exported with `--int8` (the distances kept float, ssn_edge/export/quantize.py) and, for the record,
 with everything quantized; FP32 and INT8 of each on the test split through the runtime (f32 hint), decision flips
-at the bundle's image threshold. vs_ssn: batch-1 latency at 256x256 of the knn INT8 bundle beside SSN bundles'
-INT8 (full and light head), rounds alternating in one process, and ratio records. table:
+at the bundle's image threshold, and the same checkpoint's PyTorch FP32 (torch_fp32_*). vs_ssn: batch-1 latency
+at 256x256 of the knn INT8 bundle beside SSN bundles' INT8 (full and light head), rounds alternating in one
+process, and ratio records. table:
 benchmarks/results/knn.md and knn_bank.png from knn.json. Records go to benchmarks/results/knn.json.
 """
 
@@ -32,7 +42,9 @@ import logging
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +74,20 @@ TUNE_GRID = (
     ("greedy_10000_ch192", {"coreset": 10000, "channels": 192}),
     ("random_10000", {"sampler": "random", "coreset": 10000}),
 )
+# tune --grid map: (variant, knn overrides, the map's blur sigma; None: runtime.postprocess's, 4). How many nearest
+# bank patches the map averages (knn.neighbours), and the blur after it. They leave the bank as it is: it is fitted
+# once for them all (the bank's own settings come from the recipe and --set, e.g. a cheaper pool for Magnetic tile).
+MAP_GRID = (
+    ("k1", {"neighbours": 1}, None),
+    ("k3", {"neighbours": 3}, None),
+    ("k5", {"neighbours": 5}, None),
+    ("k9", {"neighbours": 9}, None),
+    ("k1_sigma2", {"neighbours": 1}, 2.0),
+    ("k1_sigma6", {"neighbours": 1}, 6.0),
+    ("k5_sigma0", {"neighbours": 5}, 0.0),
+    ("k5_sigma2", {"neighbours": 5}, 2.0),
+    ("k5_sigma6", {"neighbours": 5}, 6.0),
+)
 
 
 def _recipe(args, extra: dict | None = None):
@@ -85,34 +111,102 @@ def _rounded(metrics: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _cached_features(recipe, arrays):
+def _cached_features(recipe, images: np.ndarray):
     import torch
 
     from ssn_edge.model.knn.features import PatchFeatures
 
     extractor = PatchFeatures(recipe.model).eval()
     with torch.no_grad():
-        return torch.cat([extractor(torch.from_numpy(arrays.images[s : s + 16])) for s in range(0, len(arrays), 16)])
+        return torch.cat([extractor(torch.from_numpy(images[s : s + 16])) for s in range(0, len(images), 16)])
 
 
-def _val_metrics(head, feats, arrays, idx) -> dict:
-    """The held-out images' metrics through the shared post-processing, as evaluate_model computes them."""
+@dataclass
+class TuneSplit:
+    """What tune fits on and what it scores. fit_features: (n, C, h, w) of the fit's images, fit_labels theirs (1:
+    hidden from the fit, which banks normal images only); val: the scored images, val_features theirs. val_kind:
+    "real" (held-out normals + the training split's defective images) or "painted" (held-out normals + copies of
+    them with painted defects, ssn_edge.data.heldout.check_set: a training split of normal images only)."""
+
+    fit_features: Any
+    fit_labels: np.ndarray
+    val: Any
+    val_features: Any
+    val_kind: str
+
+
+def _subset(arrays, idx: np.ndarray):
     import dataclasses
 
+    return dataclasses.replace(arrays, images=arrays.images[idx], masks=arrays.masks[idx], labels=arrays.labels[idx],
+                               mask_valid=arrays.mask_valid[idx], paths=[arrays.paths[i] for i in idx])
+
+
+def tune_split(recipe, progress: bool) -> TuneSplit:
+    """VAL_FRACTION of the training split's normal images held out of the fit, scored with the split's defective
+    images where it has some, else with painted copies of themselves (the test split is never read)."""
+    import torch
+
+    from ssn_edge.data import load_arrays, load_dataset, select, split_validation
+    from ssn_edge.data.heldout import check_set
+
+    size = tuple(recipe.data.image_size)
+    samples = load_dataset(recipe.data.path)
+    train = select(samples, "train")
+    if any(s.label == 1 for s in train):
+        arrays = load_arrays(train, size, progress=progress)
+        normal = np.random.default_rng(1234).permutation(np.flatnonzero(arrays.labels == 0))
+        val_normal = np.sort(normal[: int(round(VAL_FRACTION * len(normal)))])
+        val = np.sort(np.concatenate([val_normal, np.flatnonzero(arrays.labels == 1)]))
+        fit_labels = arrays.labels.copy()
+        fit_labels[val] = 1  # the fit banks normal images only: the scored ones are hidden from it
+        feats = _cached_features(recipe, arrays.images)
+        return TuneSplit(feats, fit_labels, _subset(arrays, val), feats[torch.from_numpy(val)], "real")
+    # the project's one held-out split (the images an export would set thresholds on), at VAL_FRACTION
+    d = recipe.data
+    split = split_validation(samples, VAL_FRACTION, d.val_min, d.val_seed)
+    fit_arrays = load_arrays(split.train, size, progress=progress)
+    val = check_set(split.held_out, size)
+    return TuneSplit(_cached_features(recipe, fit_arrays.images), fit_arrays.labels,
+                     val, _cached_features(recipe, val.images), "painted")
+
+
+def _val_metrics(head, feats, arrays, blur_sigma: float | None = None) -> dict:
+    """The scored images' metrics through the shared post-processing, as evaluate_model computes them; blur_sigma:
+    another blur than runtime.postprocess's (its kernel 2 x round(3 sigma) + 1, as the default's 25 at sigma 4)."""
     import torch
 
     from ssn_edge.evaluation.evaluate import metrics_from_predictions, outputs_to_predictions
+    from ssn_edge.runtime.postprocess import anomaly_map, sigmoid
 
     maps, scores = [], []
     with torch.no_grad():
-        for s in range(0, len(idx), 16):
-            m, sc = head(feats[torch.from_numpy(idx[s : s + 16])])
+        for s in range(0, len(feats), 16):
+            m, sc = head(feats[s : s + 16])
             maps.append(m[:, 0].numpy())
             scores.append(sc.numpy())
-    sub = dataclasses.replace(arrays, images=arrays.images[:0], masks=arrays.masks[idx], labels=arrays.labels[idx],
-                              mask_valid=arrays.mask_valid[idx], paths=[arrays.paths[i] for i in idx])
-    probs, upsampled = outputs_to_predictions(np.concatenate(maps), np.concatenate(scores), tuple(arrays.images.shape[-2:]))
-    return metrics_from_predictions(sub, probs, upsampled)
+    maps, scores, size = np.concatenate(maps), np.concatenate(scores), tuple(arrays.images.shape[-2:])
+    if blur_sigma is None:
+        return metrics_from_predictions(arrays, *outputs_to_predictions(maps, scores, size))
+    kernel = 2 * int(round(3 * blur_sigma)) + 1
+    return metrics_from_predictions(arrays, sigmoid(scores), anomaly_map(maps, size, blur_sigma, kernel))
+
+
+def _pooled(feats, channels: int | None):
+    """Features with their channels averaged down to knn.channels, as PatchFeatures does (None: as they are)."""
+    import torch
+
+    from ssn_edge.model.knn.features import channel_pool_matrix
+
+    if channels is None:
+        return feats
+    return torch.nn.functional.conv2d(feats, channel_pool_matrix(feats.shape[1], channels)[:, :, None, None])
+
+
+def _grid_name(args) -> str:
+    """The map grid's variants are named after the bank they share: the knn keys given with --set, else default."""
+    knn = [parse_override(s) for s in args.set if s.startswith("knn.")]
+    return "_".join(f"{k[4:]}{v}" for k, v in knn) or "default"
 
 
 def tune(args) -> None:
@@ -120,38 +214,38 @@ def tune(args) -> None:
 
     import torch
 
-    from ssn_edge.evaluation.job import split_arrays
-    from ssn_edge.model.knn.features import channel_pool_matrix
-    from ssn_edge.train.knn import fit_head
+    from ssn_edge.train.knn import fit_bank, standardised_head
 
     recipe = _recipe(args)
-    arrays = split_arrays(recipe.data.path, "train", tuple(recipe.data.image_size), progress=not args.quiet)
-    normal = np.random.default_rng(1234).permutation(np.flatnonzero(arrays.labels == 0))
-    val_normal = np.sort(normal[: int(round(VAL_FRACTION * len(normal)))])
-    val = np.sort(np.concatenate([val_normal, np.flatnonzero(arrays.labels == 1)]))
-    if not (arrays.labels[val] == 1).any():
-        raise SystemExit(f"{recipe.data.path}: the training split has no defective images to tune on")
-    fit_labels = arrays.labels.copy()
-    fit_labels[val] = 1  # the fit banks normal images only: the scored ones are hidden from it
     t0 = time.perf_counter()
-    feats = _cached_features(recipe, arrays)
-    print(f"features of {len(arrays)} training images: {time.perf_counter() - t0:.1f} s")
-    grid = [g for g in TUNE_GRID if not args.only or g[0] in args.only]
-    for variant, knn in grid:
+    split = tune_split(recipe, progress=not args.quiet)
+    print(f"features of {len(split.fit_labels)} fit and {len(split.val)} scored training images "
+          f"({split.val_kind} defects): {time.perf_counter() - t0:.1f} s")
+    if not (split.val.labels == 1).any():
+        raise SystemExit(f"{recipe.data.path}: nothing defective to tune on")
+    grid = MAP_GRID if args.grid == "map" else [(v, knn, None) for v, knn in TUNE_GRID]
+    grid = [g for g in grid if not args.only or g[0] in args.only]
+    if args.grid == "map":
+        grid = [(f"{_grid_name(args)}_{v}", knn, sigma) for v, knn, sigma in grid]
+    banks: dict[tuple, tuple] = {}  # the bank's settings (all but the map's) -> (bank, held-out indices, fit)
+    for variant, knn, sigma in grid:
         cfg = dataclasses.replace(recipe.knn, **knn)
-        f = feats
-        if cfg.channels is not None:
-            f = torch.nn.functional.conv2d(feats, channel_pool_matrix(feats.shape[1], cfg.channels)[:, :, None, None])
-        head, fit = fit_head(lambda i, f=f: f[torch.from_numpy(i)], fit_labels, cfg, recipe.train.seed, not args.quiet)
+        fit_f, val_f = _pooled(split.fit_features, cfg.channels), _pooled(split.val_features, cfg.channels)
+        features = lambda i, f=fit_f: f[torch.from_numpy(i)]  # noqa: E731
+        key = dataclasses.astuple(dataclasses.replace(cfg, neighbours=1))
+        if key not in banks:
+            banks[key] = fit_bank(features, split.fit_labels, cfg, recipe.train.seed, not args.quiet)
+        bank, held, fit = banks[key]
         t1 = time.perf_counter()
-        metrics = _val_metrics(head, f, arrays, val)
+        metrics = _val_metrics(standardised_head(features, held, bank, cfg), val_f, split.val, sigma)
         rec = {**_base(recipe, args, f"val_{variant}"), "runtime": "torch", "precision": "fp32",
-               "split": "train_heldout", "val_images": int(len(val)), "val_defective": int((arrays.labels[val] == 1).sum()),
-               **_rounded(metrics), "bank": fit.bank, "pool": fit.candidates, "projection": cfg.projection,
-               "channels": cfg.channels or int(feats.shape[1]), "sampler": cfg.sampler,
+               "split": "train_heldout", "val_kind": split.val_kind, "val_images": int(len(split.val)),
+               "val_defective": int((split.val.labels == 1).sum()), **_rounded(metrics), "bank": fit.bank,
+               "pool": fit.candidates, "projection": cfg.projection, "channels": cfg.channels or int(fit_f.shape[1]),
+               "sampler": cfg.sampler, "neighbours": cfg.neighbours, "blur_sigma": 4.0 if sigma is None else sigma,
                "coreset_s": round(fit.coreset_s, 1), "score_s": round(time.perf_counter() - t1, 1)}
         record_results("knn", [rec])
-        print({k: rec[k] for k in ("variant", *METRICS, "bank", "pool", "coreset_s", "score_s")})
+        print({k: rec[k] for k in ("variant", *METRICS, "bank", "pool", "neighbours", "blur_sigma", "coreset_s")})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,16 +265,6 @@ def _ov_latency_ms(compiled, x: np.ndarray, warmup: int, runs: int) -> float:
     return float(np.median(times))
 
 
-def _ov_outputs(compiled, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    request = compiled.create_infer_request()
-    maps, scores = [], []
-    for s in range(0, len(images), batch):
-        result = request.infer({0: np.ascontiguousarray(images[s : s + batch])})
-        maps.append(np.asarray(result[compiled.outputs[0]], dtype=np.float32)[:, 0])
-        scores.append(np.asarray(result[compiled.outputs[1]], dtype=np.float32).reshape(-1))
-    return np.concatenate(maps), np.concatenate(scores)
-
-
 def _export_fp32(checkpoint: Path, out: Path) -> Path:
     """`ssn-edge export` (FP32 only), as a user runs it; returns the bundle's FP32 IR."""
     cmd = [sys.executable, str(ROOT / "cli.py"), "export", "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"]
@@ -193,9 +277,12 @@ def measure(recipe, args, variant: str, out: Path) -> list[dict]:
     import openvino as ov
     import torch
 
-    from ssn_edge.evaluation.evaluate import metrics_from_predictions, outputs_to_predictions, predict_raw, torch_latency_ms
+    from ssn_edge.evaluation.evaluate import outputs_to_predictions, predict_raw, torch_latency_ms
     from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.model.load import load_model
+    from ssn_edge.report.build import variant_metrics
+    from ssn_edge.report.variants import openvino_variant
+    from ssn_edge.runtime.bundle import load_bundle
     from ssn_edge.train.job import train_job
 
     torch.set_num_threads(2)
@@ -209,22 +296,24 @@ def measure(recipe, args, variant: str, out: Path) -> list[dict]:
     base = {**_base(recipe, args, variant), "precision": "fp32", "train_s": round(fit["fit_s"], 1),
             "fit_and_test_s": round(job_s, 1), "coreset_s": round(fit["coreset_s"], 1), "bank": fit["bank"],
             "patches": fit["patches"], "pool": fit["candidates"], "sampler": fit["sampler"],
-            "coreset": recipe.knn.coreset, "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "coreset": recipe.knn.coreset, "neighbours": recipe.knn.neighbours, "peak_rss_mb": round(peak_rss_mb(), 1)}
     records = [{**base, "runtime": "torch", **_rounded(result.metrics),
                 "latency_ms": round(torch_latency_ms(model, torch.from_numpy(x), warmup=5, runs=args.runs), 2)}]
     print({k: records[0][k] for k in ("variant", *METRICS, "bank", "train_s", "latency_ms")})
     if args.no_export:
         return records
     xml = _export_fp32(result.checkpoint, out / "bundle")
-    compiled = ov.Core().compile_model(str(xml), "CPU", F32)
     test = split_arrays(recipe.data.path, "test", size, progress=False)
-    ov_maps, ov_scores = _ov_outputs(compiled, test.images)
-    pt_maps, pt_scores = predict_raw(model, test.images)
-    metrics = metrics_from_predictions(test, *outputs_to_predictions(ov_maps, ov_scores, size))
-    records.append({**base, "runtime": "openvino", "inference_precision_hint": "f32", **_rounded(metrics),
+    # The runtime's own path (the bundle's graph ends in the post-processing, batch 1: as the report and `int8`
+    # run it), compared on the final map and score with the training-time evaluation's.
+    runtime = openvino_variant(load_bundle(out / "bundle"), "fp32", test)
+    pt_scores, pt_maps = outputs_to_predictions(*predict_raw(model, test.images), size)
+    compiled = ov.Core().compile_model(str(xml), "CPU", F32)
+    records.append({**base, "runtime": "openvino", "inference_precision_hint": "f32",
+                    **_rounded(variant_metrics(test, runtime.scores, runtime.maps)),
                     "latency_ms": round(_ov_latency_ms(compiled, x, 5, args.runs), 2),
-                    "map_max_abs_diff": float(np.abs(ov_maps - pt_maps).max()),
-                    "score_max_abs_diff": float(np.abs(ov_scores - pt_scores).max()),
+                    "map_max_abs_diff": float(np.abs(runtime.maps - pt_maps).max()),
+                    "score_max_abs_diff": float(np.abs(runtime.scores - pt_scores).max()),
                     "ir_mb": round(xml.with_suffix(".bin").stat().st_size / 1e6, 1)})
     print({k: records[1][k] for k in ("variant", *METRICS, "latency_ms", "map_max_abs_diff", "score_max_abs_diff")})
     return records
@@ -234,6 +323,31 @@ def accuracy(args) -> None:
     recipe = _recipe(args)
     out = ROOT / "runs" / "bench" / f"knn_{args.dataset}_{args.variant}_s{args.seed}"
     record_results("knn", measure(recipe, args, args.variant, out))
+
+
+def neighbours(args) -> None:
+    """The default run's bank with another knn.neighbours, on the test split (PyTorch FP32): the map's share of a
+    change of the default, apart from the fit's. The head keeps its standardisation, which moves every map value
+    alike (pixel metrics unchanged), and its score is the nearest distance whatever the map averages."""
+    from ssn_edge.evaluation.evaluate import evaluate_model
+    from ssn_edge.evaluation.job import split_arrays
+    from ssn_edge.model.load import load_model
+
+    run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_default_s{args.seed}"
+    loaded = load_model(run / "checkpoint.pt")
+    model, recipe = loaded.model, loaded.recipe
+    test = split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False)
+    records = []
+    for k in args.values:
+        model.head.neighbours = max(1, min(k, len(model.head.bank)))
+        metrics = evaluate_model(model, test)
+        records.append({"model": "knn", "dataset": args.dataset, "backbone": recipe.model.backbone,
+                        "setting": "unsupervised", "variant": f"default_bank_k{k}", "seed": args.seed,
+                        "runtime": "torch", "precision": "fp32", "bank": len(model.head.bank), "neighbours": k,
+                        "bank_of": run.name, "default_neighbours": recipe.knn.neighbours, **_rounded(metrics),
+                        "command": command_line()})
+        print({k: records[-1][k] for k in ("variant", *METRICS)})
+    record_results("knn", records)
 
 
 def bank(args) -> None:
@@ -299,23 +413,30 @@ def _bundle_rows(bundle_path: Path, arrays) -> dict[str, dict]:
 
 
 def int8(args) -> None:
+    from ssn_edge.evaluation.evaluate import evaluate_model
     from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.export import quantize
     from ssn_edge.export.exporter import ExportOptions, export_bundle
     from ssn_edge.export.thresholds import ThresholdChoice
     from ssn_edge.model.load import load_model
+    from ssn_edge.runtime.bundle import sha256_file
 
     run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_default_s{args.seed}"
-    recipe = load_model(run / "checkpoint.pt").recipe
+    loaded = load_model(run / "checkpoint.pt")
+    recipe = loaded.recipe
     test = split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False)
+    # The same checkpoint's training-time evaluation (PyTorch + runtime.postprocess) beside the runtime's FP32, in
+    # the same records: an FP32 gap between the two paths shows here, not in a comparison across runs.
+    torch_fp32 = {f"torch_fp32_{k}": v for k, v in _rounded(evaluate_model(loaded.model, test)).items()}
     base = {"model": "knn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": "unsupervised",
-            "seed": args.seed, "command": command_line()}
+            "seed": args.seed, "neighbours": recipe.knn.neighbours, "command": command_line(),
+            "checkpoint_sha256": sha256_file(run / "checkpoint.pt"), **torch_fp32}
     records = []
     for variant, scopes in (("default", quantize.FLOAT_SCOPES), ("int8_all_quantized", {})):
         saved, quantize.FLOAT_SCOPES = quantize.FLOAT_SCOPES, scopes
         try:
             out = run / f"bundle_{variant}_int8"
-            # these fits predate the held-out split: thresholds (only the flips count uses them) from test F1
+            # thresholds (only the flips count uses them) from test F1, as for the fits that predate the held-out split
             export_bundle(run / "checkpoint.pt", out, ExportOptions(int8=True, overwrite=True,
                                                                     thresholds=ThresholdChoice(source="test-f1")))
         finally:
@@ -325,7 +446,8 @@ def int8(args) -> None:
         drops = {f"drop_{k}": round(rows["fp32"][k] - rows["int8"][k], 3) for k in METRICS if k in rows["int8"]}
         records.append({**base, "variant": variant, **rows["int8"], **fp32, **drops,
                         "fp32_latency_ms": rows["fp32"]["latency_ms"]})
-        print({k: records[-1].get(k) for k in ("variant", *METRICS, *drops, "flips", "latency_ms", "fp32_latency_ms")})
+        print({k: records[-1].get(k) for k in ("variant", *METRICS, *drops, "flips", "latency_ms", "fp32_latency_ms",
+                                               *fp32, *torch_fp32)})
     record_results("knn", records)
 
 
@@ -384,6 +506,11 @@ def _fmt(value, spec: str = ".2f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
+def _k(record: dict) -> int:
+    """knn.neighbours of a record; records from before the key existed mapped the nearest distance alone."""
+    return record.get("neighbours", 1)
+
+
 def table(args) -> None:  # noqa: ARG001
     from ssn_edge.runtime.atomic import atomic_write
 
@@ -391,27 +518,34 @@ def table(args) -> None:  # noqa: ARG001
     lines = ["# knn (PatchCore-style) reference: measured on this machine", "",
              "Written by `python benchmarks/knn_bench.py table` from `knn.json` (each record has its command).", ""]
     lines += ["## Test split, FP32 (PyTorch and OpenVINO f32)", "",
-              "| dataset | variant | runtime | bank | image AUROC | image AP | pixel AUPRO | pixel AP | fit s | latency ms |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| dataset | variant | runtime | bank | k | image AUROC | image AP | pixel AUPRO | pixel AP | fit s | "
+              "latency ms |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     tested = sorted((r for r in records if r.get("split") != "train_heldout" and r.get("precision", "fp32") == "fp32"
                      and "ratio" not in r and not r["variant"].startswith("latency_")),
                     key=lambda r: (r["dataset"], r.get("bank", 0), r["variant"], r["runtime"]))
     for r in tested:
-        lines.append(f"| {r['dataset']} | {r['variant']} | {r['runtime']} | {r.get('bank', '-')} | "
+        lines.append(f"| {r['dataset']} | {r['variant']} | {r['runtime']} | {r.get('bank', '-')} | {_k(r)} | "
                      + " | ".join(_fmt(r.get(k)) for k in METRICS) + f" | {_fmt(r.get('train_s'), '.1f')} | "
                      f"{_fmt(r.get('latency_ms'))} |")
-    lines += ["", "## Defaults: the training split's held-out part (a fifth of its normal images + its defective ones)", "",
-              "| dataset | variant | bank | pool | image AUROC | image AP | pixel AUPRO | pixel AP | coreset s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Defaults: the training split's held-out part (a fifth of its normal images + its defective ones, "
+              "or painted copies of them: defects real / painted)", "",
+              "| dataset | variant | defects | bank | pool | k | blur sigma | image AUROC | image AP | pixel AUPRO | "
+              "pixel AP | coreset s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in (r for r in records if r.get("split") == "train_heldout"):
-        lines.append(f"| {r['dataset']} | {r['variant']} | {r['bank']} | {r['pool']} | "
+        lines.append(f"| {r['dataset']} | {r['variant']} | {r.get('val_kind', 'real')} | {r['bank']} | {r['pool']} | "
+                     f"{_k(r)} | {_fmt(r.get('blur_sigma', 4.0), '.0f')} | "
                      + " | ".join(_fmt(r.get(k)) for k in METRICS) + f" | {_fmt(r.get('coreset_s'), '.1f')} |")
     lines += ["", "## INT8 (OpenVINO, f32 hint for both; drop = FP32 - INT8, same run)", "",
-              "| dataset | variant | image AUROC | pixel AUPRO | drop image AUROC | drop pixel AUPRO | flips | latency ms | FP32 ms |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| dataset | variant | k | image AUROC | pixel AUPRO | drop image AUROC | drop pixel AUPRO | "
+              "FP32 pixel AUPRO (runtime / PyTorch) | flips | latency ms | FP32 ms |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in (r for r in records if r.get("precision") == "int8" and "drop_image_auroc" in r):
-        lines.append(f"| {r['dataset']} | {r['variant']} | {_fmt(r.get('image_auroc'))} | {_fmt(r.get('pixel_aupro'))} | "
-                     f"{_fmt(r.get('drop_image_auroc'))} | {_fmt(r.get('drop_pixel_aupro'))} | {r.get('flips')} | "
+        lines.append(f"| {r['dataset']} | {r['variant']} | {_k(r)} | {_fmt(r.get('image_auroc'))} | "
+                     f"{_fmt(r.get('pixel_aupro'))} | {_fmt(r.get('drop_image_auroc'))} | "
+                     f"{_fmt(r.get('drop_pixel_aupro'))} | {_fmt(r.get('fp32_pixel_aupro'))} / "
+                     f"{_fmt(r.get('torch_fp32_pixel_aupro'))} | {r.get('flips')} | "
                      f"{_fmt(r.get('latency_ms'))} | {_fmt(r.get('fp32_latency_ms'))} |")
     lines += ["", "## INT8 batch-1 latency at 256x256 beside SSN (one run, rounds alternating)", "",
               "| bundle | latency ms | | ratio | of |", "| --- | --- | --- | --- | --- |"]
@@ -452,13 +586,17 @@ def _plot(records: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["tune", "accuracy", "bank", "latency", "int8", "float_head", "vs_ssn", "table"])
+    p.add_argument("what", choices=["tune", "accuracy", "neighbours", "bank", "latency", "int8", "float_head", "vs_ssn",
+                                    "table"])
     p.add_argument("--recipe")
     p.add_argument("--dataset", help="name for the records: mvtec_bottle, magnetic_tile")
     p.add_argument("--variant", default="default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000], help="bank: knn.coreset counts")
+    p.add_argument("--values", type=int, nargs="+", default=[1], help="neighbours: knn.neighbours values")
     p.add_argument("--only", nargs="+", help="tune: only these variants of the grid")
+    p.add_argument("--grid", choices=["bank", "map"], default="bank",
+                   help="tune: the bank's settings (TUNE_GRID) or the map's on one bank (MAP_GRID)")
     p.add_argument("--runs", type=int, default=30, help="timed batch-1 runs")
     p.add_argument("--no-export", action="store_true", help="accuracy/bank: PyTorch only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -467,13 +605,14 @@ def main() -> None:
     p.add_argument("--ssn-light", help="vs_ssn: an SSN bundle (light classification head) with an INT8 model")
     p.add_argument("--rounds", type=int, default=5, help="vs_ssn: alternating rounds")
     args = p.parse_args()
-    if args.what in ("int8", "float_head", "vs_ssn") and not args.dataset:
+    on_a_run = ("int8", "float_head", "vs_ssn", "neighbours")  # commands on the default run of --dataset
+    if args.what in on_a_run and not args.dataset:
         p.error(f"{args.what} needs --dataset")
-    if args.what not in ("latency", "table", "int8", "float_head", "vs_ssn") and not (args.recipe and args.dataset):
+    if args.what not in ("latency", "table", *on_a_run) and not (args.recipe and args.dataset):
         p.error(f"{args.what} needs --recipe and --dataset")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    {"tune": tune, "accuracy": accuracy, "bank": bank, "latency": latency, "int8": int8, "float_head": float_head, "vs_ssn": vs_ssn,
-     "table": table}[args.what](args)
+    {"tune": tune, "accuracy": accuracy, "neighbours": neighbours, "bank": bank, "latency": latency, "int8": int8,
+     "float_head": float_head, "vs_ssn": vs_ssn, "table": table}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ independent tiles, and peak memory of `ssn-edge predict` on an 8192x8192 vs a 20
   python benchmarks/tiling_bench.py rss                                  # 8192 vs 2048 through ssn-edge predict
   python benchmarks/tiling_bench.py profile --before REF                 # issue 32: where a frame's time goes
   python benchmarks/tiling_bench.py overhead --before REF                # issue 32: the runner's own ms per tile
+  python benchmarks/tiling_bench.py memory --before REF                  # issue 32: peak RSS per frame (null model)
   python benchmarks/tiling_bench.py shared-vs-independent --speed-bundles --precision int8 --images 20
 
 profile / overhead / --speed-bundles use the speed bundles (runs/bench/tiling/speed, made by `speed-bundles`
@@ -341,12 +342,13 @@ STAGES = {
     "preprocess": ["prepare_tile", "normalize_rows", "graph_input"],
     "inference_wait": ["get_idle_request_id", "wait_all", "start_async", "infer"],
     "postprocess": ["anomaly_map"],
-    "merge": ["add_row", "untile"],
+    "merge": ["add_row", "add_tiles", "untile"],
     "seams": ["_emit", "smooth_seams"],
     "write": ["__call__", "save"],
 }
-# BandMerger.add_row calls _emit (the seam blur), which hands rows to the sink (MapSink.__call__, writing)
-NESTED = {"merge": ("_emit", ["add_row"]), "seams": ("__call__", ["_emit"])}
+# BandMerger.add_row / add_tiles call _emit (the seam blur), which hands rows to the sink (MapSink.__call__,
+# writing); TileRows.batch normalises the columns it cuts (normalize_rows, since the band is kept as read)
+NESTED = {"merge": ("_emit", ["add_row", "add_tiles"]), "seams": ("__call__", ["_emit"]), "cut": ("normalize_rows", ["batch"])}
 
 
 def speed_bundles(_args=None) -> dict[str, Path]:
@@ -596,6 +598,74 @@ def overhead(args) -> None:
     record_results("tiling", records)
 
 
+NULL_MODEL = "null tile model (a strided mean: inference nearly free, so the peak is the runner's own)"
+
+
+def memory_one(args) -> None:
+    """Child of `memory`: one BMP frame through the runner with the null tile model, once, its map streamed to a
+    file as `ssn-edge predict --save-maps` does; prints a JSON line with this process's peak RSS."""
+    import tempfile
+
+    import openvino as ov
+
+    from ssn_edge.runtime.preprocess import BmpStrips
+    from ssn_edge.runtime.tiled import TiledRunner
+    from ssn_edge.runtime.tiling import TilingConfig
+
+    compiled = ov.Core().compile_model(null_tile_model(256, 256), "CPU",
+                                       {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"})
+    runner = TiledRunner(compiled, TilingConfig((256, 256), (128, 128)), requests=2)
+    # warm-up: one row of tiles of the frame's width (the batch shape compiled), as profile-one warms up
+    runner.run(BmpStrips(args.frame).rows(0, 256))
+    warm = vm_hwm_mb()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = runner.run(BmpStrips(args.frame), stream_to=Path(tmp) / "map.npy")
+        latency = time.perf_counter() - t0
+    rss = vm_hwm_mb()
+    runner.close()
+    import ssn_edge
+
+    print("PROFILE " + json.dumps({"ssn_edge": str(Path(ssn_edge.__file__).parent), "tiles": result.tiles,
+                                   "latency_ms": latency * 1e3, "peak_rss_mb": rss, "peak_rss_warm_mb": warm,
+                                   "map_scale": result.map_scale}))
+
+
+def memory(args) -> None:
+    """Peak RSS of one frame through the tiled runner (issue 32: 8192^2 within 1.2x of 2048^2), with the null tile
+    model so a frame takes seconds, not the real model's 15 minutes: it measures what the runner holds (the model's
+    own memory does not depend on the frame: every request has the same batch shape). A fresh process per frame,
+    this code's and --before REF's interleaved."""
+    _require_data()
+    codes = [("after", None)] + ([(f"before_{args.before}", code_tree(args.before))] if args.before else [])
+    base = {**SPEED_BASE, "backbone": "null_tile_model", "runtime": "openvino", "precision": "fp32", "model": NULL_MODEL}
+    peaks: dict[tuple[str, str], float] = {}
+    records = []
+    for text in args.frames:
+        size = parse_frame(text)
+        frame = speed_frame(size)
+        side = f"{size[1]}" if size[0] == size[1] else f"{size[1]}x{size[0]}"
+        for code, tree in codes:
+            r = _child(tree, "memory-one", "--frame", str(frame))
+            peaks[(code, side)] = r["peak_rss_mb"]
+            records.append({**base, "variant": f"tiled_{side}", "code": code, "image_width": size[1],
+                            "image_height": size[0], "image_format": "bmp", "tiles": r["tiles"],
+                            "map_scale": r["map_scale"], "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                            "peak_rss_after_warmup_mb": round(r["peak_rss_warm_mb"], 1),
+                            "latency_ms": round(r["latency_ms"], 1), "command": command_line()})
+            print(f"{side:>10} {code:<16} peak RSS {r['peak_rss_mb']:6.1f} MB (after the warm-up row "
+                  f"{r['peak_rss_warm_mb']:6.1f})  {r['latency_ms']:8.0f} ms", flush=True)
+    for code, _ in codes:
+        if (code, "8192") in peaks and (code, "2048") in peaks:
+            ratio = peaks[(code, "8192")] / peaks[(code, "2048")]
+            records.append({**base, "variant": "tiled_8192", "code": code, "ratio": round(ratio, 3),
+                            "ratio_of": "tiled_8192_vs_2048_peak_rss", "target": 1.2,
+                            "peak_rss_2048_mb": round(peaks[(code, "2048")], 1),
+                            "peak_rss_8192_mb": round(peaks[(code, "8192")], 1), "command": command_line()})
+            print(f"{code}: peak RSS 8192 / 2048 = {ratio:.3f} (target <= 1.2)")
+    record_results("tiling", records)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -639,12 +709,17 @@ def main() -> None:
     ovo = sub.add_parser("overhead-one")  # the child process of overhead
     ovo.add_argument("--frame", required=True)
     ovo.add_argument("--runs", type=int, default=2)
+    me = sub.add_parser("memory", help="peak RSS per frame with the null tile model, before and after (issue 32)")
+    me.add_argument("--frames", nargs="+", default=["2048", "5472x3648", "8192"], help="side or WxH")
+    me.add_argument("--before", metavar="REF", help="also measure ssn_edge as of this git commit")
+    meo = sub.add_parser("memory-one")  # the child process of memory
+    meo.add_argument("--frame", required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     {"train": train, "table": table, "shared-vs-independent": shared_vs_independent,
      "edge-profile": edge_profile, "graph-match": graph_match, "rss": rss, "profile": profile,
      "profile-one": profile_one, "speed-bundles": speed_bundles, "overhead": overhead,
-     "overhead-one": overhead_one}[args.what](args)
+     "overhead-one": overhead_one, "memory": memory, "memory-one": memory_one}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,47 @@ def test_v2_refuses_unknown_fields_and_newer_or_foreign_metadata():
         read_metadata({"schema": "other"}, "m.json")
 
 
+CHECK = {"data": "the 4 held-out normal images and their painted copies", "images": 8, "defective": 4,
+         "fp32_image_auroc": 98.0, "int8_image_auroc": 97.1, "image_auroc_diff": -0.9, "fp32_pixel_aupro": 61.0,
+         "int8_pixel_aupro": 60.8, "pixel_aupro_diff": -0.2, "flips": 2, "max_score_diff": 0.03, "threshold": 0.6,
+         "bound": 0.5, "within_bound": False, "message": "INT8 differs from FP32 ..."}
+
+
+def test_an_int8_check_round_trips_and_a_bundle_without_one_still_loads():
+    data = _v2("plain")
+    assert "check" not in data["models"]["int8"]  # written only when there is one
+    assert read_metadata(data, "m.json").models["int8"].check is None
+    data["models"]["int8"]["check"] = dict(CHECK)
+    meta = read_metadata(data, "m.json")
+    check = meta.models["int8"].check
+    assert (check.images, check.flips, check.within_bound, check.image_auroc_diff) == (8, 2, False, -0.9)
+    assert read_metadata(json.loads(json.dumps(meta.to_dict())), "m.json") == meta
+    assert "check" not in meta.to_dict()["models"]["fp32"]
+    data["models"]["int8"]["check"].update(fp32_pixel_aupro=None, int8_pixel_aupro=None, pixel_aupro_diff=None)
+    assert read_metadata(data, "m.json").models["int8"].check.pixel_aupro_diff is None  # no defect pixels
+
+
+@pytest.mark.parametrize(
+    "precision, edit, field, problem",
+    [
+        ("int8", lambda c: c.__setitem__("within_bound", "yes"), "within_bound", "expected true or false"),
+        ("int8", lambda c: c.pop("flips"), "flips", "is missing"),
+        ("int8", lambda c: c.__setitem__("int8_image_auroc", 971.0), "int8_image_auroc", "expected a percentage"),
+        ("int8", lambda c: c.__setitem__("flips", 9), "images", "fewer than its defective images or flips"),
+        ("fp32", lambda c: None, "check", "is an INT8 check on a fp32 model"),
+    ],
+)
+def test_a_bad_int8_check_field_is_named(precision, edit, field, problem):
+    data = _v2("plain")
+    check = dict(CHECK)
+    edit(check)
+    data["models"][precision]["check"] = check
+    with pytest.raises(BundleError) as exc:
+        read_metadata(data, "m.json")
+    name = f"models.{precision}" + (f".check.{field}" if field != "check" else ".check")
+    assert f"field '{name}' " in str(exc.value) and problem in str(exc.value)
+
+
 def test_a_tiles_graph_input_needs_its_tile_count():
     data = _v2("plain")
     data["input"]["layout"] = "NTCHW"

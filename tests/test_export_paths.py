@@ -105,6 +105,15 @@ def test_tiled_int8_uses_and_records_the_quantize_options(tiled_checkpoint, tile
     assert other.metadata.calibration.spec.defects == 0.0
 
 
+def test_a_tiled_int8_bundle_is_checked_against_fp32_as_a_plain_one_is(tiled_bundle):
+    """The INT8 check runs through the tiled runtime's merge: same images, same record as for a plain graph."""
+    check = tiled_bundle.metadata.models["int8"].check
+    assert check is not None and (check.images, check.defective) == (8, 4)
+    assert 0.0 <= check.fp32_image_auroc <= 100.0 and check.pixel_aupro_diff is not None
+    assert check.threshold == pytest.approx(tiled_bundle.image_threshold) and 0 <= check.flips <= 8
+    assert check.image_auroc_diff == pytest.approx(check.int8_image_auroc - check.fp32_image_auroc)
+
+
 def test_a_fresh_tiled_bundle_carries_its_supervision_into_the_report(tiled_checkpoint, tiled_bundle, tiny_dataset,
                                                                       tmp_path):
     from ssn_edge.model.load import load_model

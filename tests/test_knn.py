@@ -103,6 +103,28 @@ def test_graph_distances_equal_brute_force_numpy(monkeypatch):
     np.testing.assert_allclose(score_z.numpy(), (truth.reshape(3, -1).max(1) + 1.0) / 0.5, rtol=1e-5, atol=1e-5)
 
 
+def test_map_averages_the_k_nearest_distances_and_the_score_takes_the_nearest(monkeypatch):
+    """knn.neighbours: the map is the mean distance to the k nearest bank rows, the score the largest nearest one;
+    eager (blocked or not) and traced alike, against brute force."""
+    import ssn_edge.model.knn.bank as bank_mod
+    from ssn_edge.model.knn import KnnHead, Standardizer
+
+    rng = np.random.default_rng(3)
+    bank = rng.standard_normal((40, 8)).astype(np.float32)
+    feats = rng.standard_normal((2, 8, 3, 4)).astype(np.float32)
+    q = feats.transpose(0, 2, 3, 1).reshape(-1, 8).astype(np.float64)
+    d = np.sort(np.sqrt(((q[:, None, :] - bank[None].astype(np.float64)) ** 2).sum(-1)), axis=1)
+    truth_map, truth_score = d[:, :3].mean(1).reshape(2, 1, 3, 4), d[:, 0].reshape(2, -1).max(1)
+    head = KnnHead(torch.from_numpy(bank), Standardizer(0.0, 1.0), Standardizer(0.0, 1.0), neighbours=3)
+    x = torch.from_numpy(feats)
+    traced = torch.jit.trace(head, x)  # the graph's path (one MatMul, TopK)
+    monkeypatch.setattr(bank_mod, "BLOCK_FLOATS", 80)  # 2 query rows per block
+    for m, s in (head(x), traced(x)):
+        np.testing.assert_allclose(m.numpy(), truth_map, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(s.numpy(), truth_score, rtol=1e-5, atol=1e-5)
+    assert KnnHead(torch.from_numpy(bank[:2]), Standardizer(0, 1), Standardizer(0, 1), neighbours=5).neighbours == 2
+
+
 def test_channel_pool_matrix_is_adaptive_average_pooling():
     from ssn_edge.model.knn.features import channel_pool_matrix
 
@@ -225,6 +247,31 @@ def test_fp32_export_equals_torch(knn_run, test_arrays, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("neighbours", [1, 3])
+def test_runtime_metrics_equal_training_evaluation(knn_run, tiny_dataset, test_arrays, tmp_path, neighbours):
+    """The numbers a bundle's runtime path gives (report / knn_bench int8: the IR's own post-processing) are the
+    training-time evaluation's (PyTorch + runtime.postprocess) for the same checkpoint: two implementations of
+    the map that drifted apart would show here first. knn.neighbours 3: the graph's TopK of 3, averaged."""
+    from ssn_edge.evaluation.evaluate import evaluate_model
+    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.model.load import load_model
+    from ssn_edge.report.build import variant_metrics
+    from ssn_edge.report.variants import openvino_variant
+    from ssn_edge.train.job import train_job
+
+    run = knn_run if neighbours == 1 else train_job(knn_recipe(tiny_dataset, neighbours=neighbours), tmp_path / "run",
+                                                    progress=False)
+    bundle = export_bundle(run.checkpoint, tmp_path / "b")
+    assert bundle.metadata.postprocess.in_graph
+    runtime = openvino_variant(bundle, "fp32", test_arrays)
+    model = load_model(run.checkpoint).model
+    assert model.head.neighbours == neighbours
+    torch_metrics = evaluate_model(model, test_arrays)
+    for key, value in variant_metrics(test_arrays, runtime.scores, runtime.maps).items():
+        assert value == pytest.approx(torch_metrics[key], abs=1e-3), key
+
+
+@pytest.mark.slow
 def test_int8_export_keeps_the_distances_float(knn_run, tmp_path):
     """The backbone is quantized, the nearest-neighbour head (MatMul against the bank and the sums after it) is
     not: no FakeQuantize feeds a node of the head, and the bank stays a float constant (export/quantize.py)."""
@@ -275,6 +322,7 @@ def test_cli_train_fits_a_knn_recipe(tiny_dataset, tmp_path):
     ({"knn": {"coreset": -1}}, "knn.coreset must be"),
     ({"knn": {"coreset": 2.5}}, "knn.coreset must be"),
     ({"knn": {"pool": 0}}, "knn.pool must be >= 1"),
+    ({"knn": {"neighbours": 0}}, "knn.neighbours must be >= 1"),
     ({"knn": {"sampler": "best"}}, "'knn.sampler': 'best' is not one of greedy, random"),
     ({"train": {"epochs": 5}}, "'train.epochs' is not used by model.kind knn"),
     ({"noise": {"sigma": 0.1}}, "'noise.sigma' is not used by model.kind knn"),

@@ -98,9 +98,70 @@ def test_report_html_is_one_self_contained_page(tiny_report):
     # summary table, every variant, metadata, the random-backbone warning (the tiny model has no pretrained weights)
     assert "<table>" in text and "OpenVINO INT8" in text
     assert RANDOM_BACKBONE_WARNING in text
-    for item in ("bundle schema", "thresholds", "threshold source", "calibration set", "backbone weights", "setting"):
+    for item in ("bundle schema", "thresholds", "threshold source", "calibration set", "backbone weights", "setting",
+                 "collapse check"):
         assert f"<dt>{item}</dt>" in text
     assert "8 images" in text  # calibration set size
+
+
+def test_the_bundle_and_report_carry_trainings_collapse_check(tiny_bundle, tiny_report):
+    """The tiny run held out 4 normal images, so training checked for a collapse: export copies the check into the
+    bundle's metadata, and the report shows it (records and page) whatever it found."""
+    import html
+
+    from ssn_edge.runtime.bundle import load_bundle
+
+    check = load_bundle(tiny_bundle.path).metadata.collapse_check
+    assert check is not None and check.normal == 4 and check.message.startswith("collapse check on 4 ")
+    records = json.loads(Path(tiny_report.report_json).read_text())
+    assert {r["training_collapsed"] for r in records} == {check.collapsed}
+    page = Path(tiny_report.report_html).read_text()
+    assert html.escape(check.message) in page
+    assert (f"Training&#x27;s {html.escape(check.message)}" in page) == check.collapsed  # the warning
+
+
+def test_the_report_carries_exports_int8_check(tiny_bundle, tiny_report):
+    """The INT8 record holds the bundle's INT8 check; the page shows it in its metadata, warning only outside the
+    bound."""
+    import html
+
+    check = tiny_bundle.metadata.models["int8"].check
+    assert check is not None
+    for r in json.loads(Path(tiny_report.report_json).read_text()):
+        if (r["runtime"], r["precision"]) == ("openvino", "int8"):
+            assert (r["int8_check_images"], r["int8_check_flips"]) == (check.images, check.flips)
+            assert r["int8_check_image_auroc_diff"] == pytest.approx(check.image_auroc_diff)
+            assert r["int8_check_pixel_aupro_diff"] == pytest.approx(check.pixel_aupro_diff)
+            assert r["int8_check_within_bound"] is check.within_bound and r["int8_check_bound"] == 0.5
+        else:
+            assert r["int8_check_within_bound"] is None and r["int8_check_image_auroc_diff"] is None
+    page = Path(tiny_report.report_html).read_text()
+    assert f"<dt>INT8 check</dt><dd>int8: {html.escape(check.message)}</dd>" in page
+    assert ("Export&#x27;s INT8 check" in page) == (not check.within_bound)
+
+
+def test_an_int8_check_outside_the_bound_is_a_page_warning(tiny_bundle, tmp_path):
+    """A bundle whose export found INT8 outside the bound (edited and resealed, as such an export writes it): the
+    report's page and warnings say so, with export's line."""
+    import html
+    import shutil
+
+    from ssn_edge.report.build import build_report
+    from ssn_edge.runtime.bundle import METADATA_DIGEST, metadata_digest
+
+    line = "INT8 differs from FP32 on the 4 held-out normal images and their painted copies: (numbers)."
+    copy = tmp_path / "outside"
+    shutil.copytree(tiny_bundle.path, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    meta["models"]["int8"]["check"].update(within_bound=False, message=line)
+    meta[METADATA_DIGEST] = metadata_digest(meta)
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    report = build_report(copy, out_dir=tmp_path / "r", runs=1, throughput_seconds=0, examples=0)
+    assert f"Export's INT8 check: {line}" in report.warnings
+    page = Path(report.report_html).read_text()
+    assert f'<p class="warning">Export&#x27;s INT8 check: {html.escape(line)}</p>' in page
+    int8 = next(r for r in report.records if r["precision"] == "int8")
+    assert int8["int8_check_within_bound"] is False
 
 
 def test_reference_knn_adds_the_baseline_row(tiny_bundle, tmp_path):

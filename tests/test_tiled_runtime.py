@@ -7,9 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ssn_edge.runtime import tiled
 from ssn_edge.runtime.preprocess import normalize
 from ssn_edge.runtime.seams import smooth_seams
-from ssn_edge.runtime.tiled import BandMerger, MapSink, graph_input, merge_outputs, prepare_tile, tiled_image_score
+from ssn_edge.runtime.tiled import (BandMerger, MapSink, TileRows, balanced_chunks, graph_input, merge_outputs,
+                                    prepare_tile, tiled_image_score)
 from ssn_edge.runtime.tiling import TileGrid, TilingConfig, tile, untile
 
 
@@ -53,14 +55,76 @@ def test_band_merger_equals_whole_image_merge(h, w, th, tw, fy, fx, sigma, seed)
 
 
 def test_band_merger_memory_does_not_grow_with_height():
-    """The merger never holds more than about two tile rows plus the blur context."""
+    """The merger's two buffers are made once, a tile row (plus the blur context) high, whatever the height; rows
+    go out EMIT_ROWS at most at a time."""
     grid = TileGrid((4096, 64), (64, 64), (32, 32))
     cfg = TilingConfig(grid.tile, grid.stride)
-    held = []
-    merger = BandMerger(grid, cfg, lambda y0, rows: held.append(len(merger.done) + len(merger.sum)))
+    seen = []
+    merger = BandMerger(grid, cfg, lambda y0, rows: seen.append((merger.sum, merger.done, merger.held, len(rows))))
+    buffers = merger.sum, merger.done
     for i in range(grid.rows):
         merger.add_row(i, np.ones((grid.cols, 64, 64), dtype=np.float32))
-    assert max(held) <= 2 * 64 + 2 * 10
+    assert all(s is buffers[0] and d is buffers[1] for s, d, _, _ in seen)
+    assert len(merger.sum) == 64 and len(merger.done) == 64 + 2 * merger.radius
+    assert max(held for *_, held, _ in seen) <= len(merger.done)
+    assert max(n for *_, n in seen) <= tiled.EMIT_ROWS and sum(n for *_, n in seen) == 4096
+
+
+@pytest.mark.parametrize("emit_rows", [1, 3, 7])
+def test_band_merger_in_small_pieces_and_tile_chunks_equals_whole_image_merge(monkeypatch, emit_rows):
+    """Rows handed out a few at a time, tiles added a few at a time (as the runner's requests come back)."""
+    monkeypatch.setattr(tiled, "EMIT_ROWS", emit_rows)
+    rng = np.random.default_rng(emit_rows)
+    for size, tile_, stride in (((70, 90), (32, 32), (24, 24)), ((120, 50), (16, 24), (5, 7)), ((40, 40), (40, 40), (40, 40))):
+        grid = TileGrid(size, tile_, stride)
+        cfg = TilingConfig(grid.tile, grid.stride)
+        maps = rng.standard_normal((grid.count, *grid.tile)).astype(np.float32)
+        expected = smooth_seams(untile(maps, grid), grid, cfg.seam_halfwidth, cfg.seam_sigma)
+        sink = MapSink(grid.image_size, full=True)
+        merger = BandMerger(grid, cfg, sink)
+        per_row = maps.reshape(grid.rows, grid.cols, *grid.tile)
+        for i in range(grid.rows):
+            for j in range(0, grid.cols, 2):
+                merger.add_tiles(i, j, per_row[i, j : j + 2])
+        np.testing.assert_allclose(sink.full, expected, rtol=0, atol=1e-5)
+
+
+def test_band_merger_rejects_tiles_out_of_order():
+    grid = TileGrid((64, 96), (32, 32), (32, 32))
+    merger = BandMerger(grid, TilingConfig(grid.tile, grid.stride), lambda *a: None)
+    with pytest.raises(ValueError, match="tile 1 arrived before tile 0"):
+        merger.add_tiles(0, 1, np.zeros((1, 32, 32), dtype=np.float32))
+    with pytest.raises(ValueError, match="expected maps of shape"):
+        merger.add_tiles(0, 0, np.zeros((4, 32, 32), dtype=np.float32))  # more tiles than the row has
+
+
+def test_tile_rows_read_each_row_once_in_pieces_and_keep_it_as_read(monkeypatch):
+    """The band holds the rows as read (uint8), each image row is read once, READ_ROWS at most at a time, and
+    each request's input is what tiling the normalised image gives."""
+    monkeypatch.setattr(tiled, "READ_ROWS", 5)
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, size=(100, 300, 3), dtype=np.uint8)
+    grid = TileGrid((100, 300), (32, 48), (16, 40))  # padding on both axes
+    reads: list[tuple[int, int]] = []
+
+    def rows_of(y0: int, y1: int) -> np.ndarray:
+        reads.append((y0, y1))
+        return image[y0:y1]
+
+    rows = TileRows(rows_of, grid)
+    reference = tile(normalize(image.astype(np.float32) / 255.0).transpose(1, 2, 0), grid).transpose(0, 3, 1, 2)
+    size, chunks = balanced_chunks(grid.cols, 3)
+    for i in range(grid.rows):
+        rows.row(i)
+        for c, n in chunks:
+            got = rows.batch(c, n, size)
+            first = i * grid.cols + c
+            np.testing.assert_allclose(got[:n], reference[first : first + n], rtol=0, atol=1e-6)
+            assert (got[n:] == got[n - 1]).all()
+    assert rows.band.dtype == np.uint8 and rows.band.shape == (32, 300, 3)
+    assert rows._span.shape[2] <= grid.stride[1] * (size - 1) + grid.tile[1]  # floats only a request wide
+    assert [y for y0, y1 in reads for y in range(y0, y1)] == list(range(100))
+    assert max(y1 - y0 for y0, y1 in reads) <= 5
 
 
 def test_band_merger_rejects_rows_out_of_order():

@@ -155,13 +155,20 @@ def test_runner_reads_a_bmp_in_bands_to_the_same_result(compiled, tmp_path):
     np.testing.assert_allclose(np.load(stream).astype(np.float32), ref_map, atol=2e-2)  # float16 on disk
 
 
-def test_runner_preview_is_the_block_mean_of_the_reference(compiled):
+@pytest.mark.parametrize("preview_side", [2048, 64])
+def test_runner_preview_is_the_block_mean_of_the_reference(compiled, monkeypatch, preview_side):
+    from ssn_edge.runtime import tiled
+
+    monkeypatch.setattr(tiled, "PREVIEW_SIDE", preview_side)
     cfg = TilingConfig(TILE, STRIDE)
     image = _image(150, 205, "uint8", seed=5)
     ref_map, ref_score = reference_run(compiled, image, cfg)
     r = TiledRunner(compiled, cfg).run(image, keep_full=False)
     f = r.map_scale
-    assert f == 1 or r.anomaly_map.shape == (-(-150 // f), -(-205 // f))
+    assert f == (1 if preview_side >= 205 else -(-205 // preview_side))  # no larger than PREVIEW_SIDE a side
+    padded = np.pad(ref_map, ((0, -150 % f), (0, -205 % f)), mode="edge")
+    expected = padded.reshape(-(-150 // f), f, -(-205 // f), f).mean(axis=(1, 3))  # f 1: the map itself
+    assert r.anomaly_map.shape == expected.shape and float(np.abs(r.anomaly_map - expected).max()) < 1e-5
     assert abs(r.map_max - float(ref_map.max())) < 1e-5 and abs(r.score - ref_score) < 1e-5
 
 

@@ -288,3 +288,35 @@ def test_cli_train_and_eval_on_synthetic_data(tiny_dataset, tmp_path):
     assert "pixel_aupro" in res.output
     res = runner.invoke(main, ["train", "--recipe", str(recipe), "--set", "train.epochz=2"])
     assert res.exit_code == 2 and "train.epochz" in res.output
+
+
+def test_a_step_budget_sets_the_epochs_by_the_data_size_and_is_recorded(tmp_path):
+    from ssn_edge.config import TrainConfig
+    from ssn_edge.train.schedule import epochs_for_steps
+
+    t = TrainConfig(steps=150)  # defaults: 12 epochs, 10 on crops
+    assert (epochs_for_steps(t, 12).epochs, epochs_for_steps(t, 12).crop_epochs) == (12, 10)  # ~200 images
+    assert (epochs_for_steps(t, 38).epochs, epochs_for_steps(t, 38).crop_epochs) == (4, 3)  # ~600 images
+    assert epochs_for_steps(TrainConfig(), 38) == TrainConfig()  # no budget: epochs as given
+    # 6 images in batches of 2: 3 batches an epoch, so 9 steps are 3 epochs, and the checkpoint says so
+    result = train(_recipe(steps=9, batch_size=2, epochs=5, crop_epochs=4), _arrays(), tmp_path / "run", progress=False)
+    assert len(result.history) == 3
+    recorded = load_checkpoint(result.checkpoint).recipe["train"]
+    assert (recorded["epochs"], recorded["crop_epochs"], recorded["steps"]) == (3, 2, 9)
+
+
+def test_a_mixture_of_noise_scales_draws_each_samples_sigma_in_its_range():
+    from ssn_edge.config import NoiseConfig
+    from ssn_edge.train.noise import sample_noise, sample_sigmas
+
+    cfg = NoiseConfig(sigma=1.0, sigma_min=0.1, smooth=None)
+    sigmas = sample_sigmas(4000, cfg).flatten()
+    assert 0.1 <= float(sigmas.min()) and float(sigmas.max()) <= 1.0
+    # log-uniform: the median sits at the geometric mean (0.316), not the arithmetic one (0.55)
+    assert abs(float(sigmas.median()) - 0.316) < 0.03
+    feats = torch.ones(64, 8, 4, 4) * torch.arange(64.0).view(64, 1, 1, 1)  # each channel's spread: std over the batch
+    eps = sample_noise(feats, cfg)
+    per_sample = eps.flatten(1).std(1) / feats.std(dim=(0, 2, 3)).mean()
+    assert float(per_sample.max() / per_sample.min()) > 4  # scales differ by sample, not one sigma for all
+    with pytest.raises(RecipeError, match="noise.sigma_min"):
+        recipe_from_dict({"noise": {"sigma": 0.5, "sigma_min": 0.6}})

@@ -2,8 +2,9 @@
 and accuracy-controlled INT8, with the thresholds, value ranges and pre/post-processing the runtime needs.
 
 One path for every graph (``ssn_edge.export.graph``): load the model, convert it, save each precision,
-quantize, set thresholds and metrics on the FP32 model's predictions through the runtime's own path, write the
-typed metadata (``ssn_edge.runtime.schema``). Input height and width are fixed (those the model was trained
+quantize, check INT8 against FP32 on the held-out normals and painted copies (``ssn_edge.export.int8_check``), set
+thresholds and metrics on the FP32 model's predictions through the runtime's own path, write the typed metadata
+(``ssn_edge.runtime.schema``). Input height and width are fixed (those the model was trained
 at: SSN's feature resize is tied to them); a plain graph is batch 1 (dynamic on request) and ends in its
 post-processing and decisions (appended after quantization, so they stay float), a single-tile graph has a
 dynamic batch and raw outputs. Thresholds come from held-out normal images by default (export/thresholds.py).
@@ -28,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ssn_edge import __version__
-from ssn_edge.data import ArraySet, DatasetError, load_arrays, load_dataset, select, split_validation
+from ssn_edge.data import ArraySet, DatasetError, Sample, load_arrays, load_dataset, select, split_validation
 from ssn_edge.export.accuracy import ACC_METRICS, accuracy_record, quantize_int8_acc
 from ssn_edge.export.calibration import CALIBRATION_FILE, CalibrationSpec, calibration_record, select_calibration
 from ssn_edge.export.graph import (FINAL_NAMES, MAP_STRIDE, GraphPlan, add_decisions, add_postprocess, convert,
                                    plan_graph, set_rt_info)
 from ssn_edge.export.inference import Predictions, compile_f32, infer, predict_arrays
+from ssn_edge.export.int8_check import compare, joined, painted_half
 from ssn_edge.export.quantize import Calibration, QuantizeOptions, prepare_calibration, quantize_int8
 from ssn_edge.export.thresholds import (
     SPLIT_OF,
@@ -53,6 +55,7 @@ from ssn_edge.runtime.schema import (
     BundleMetadata,
     CalibrationInfo,
     CalibrationSpecRecord,
+    CollapseCheck,
     InputSpec,
     MapOutput,
     ModelCalibration,
@@ -138,6 +141,7 @@ class ThresholdData:
     held_out: ArraySet | None = None
     held_out_from: str | None = None
     labelled: tuple[str, ArraySet] | None = None
+    held_out_samples: list[Sample] = field(default_factory=list)  # held_out's samples: the INT8 check paints them
 
 
 @dataclass
@@ -254,7 +258,8 @@ def _threshold_data(checkpoint: Path, loaded: LoadedModel, options: ExportOption
                            "defective images")
     if options.int8_acc and options.acc_metric.startswith("pixel_") and pixel_truth(arrays) is None:
         raise DatasetError(f"{path}: '{split}' split has no defect masks; use an image_* accuracy metric")
-    data = ThresholdData(split, str(path), arrays, load_arrays(held, size) if held else None, held_from)
+    data = ThresholdData(split, str(path), arrays, load_arrays(held, size) if held else None, held_from,
+                         held_out_samples=held)
     if wanted is not None and wanted != split:
         data.labelled = (wanted, load_arrays(labelled, size))
     return data
@@ -325,7 +330,31 @@ def _quantize_all(stage: Stage, loaded: LoadedModel, options: ExportOptions, dat
         stage.save("int8", quantized, **entry, quantization=_quantization(options.quantize, offset))
     if options.int8_acc:
         _int8_acc(stage, calib, entry, options, data, loaded.kind)
+    _int8_checks(stage, data)
     return CalibrationInfo(CALIBRATION_FILE, record["count"], CalibrationSpecRecord(**spec.to_dict()))
+
+
+def _int8_checks(stage: Stage, data: ThresholdData) -> None:
+    """Each INT8 model against FP32 on the held-out normals and their painted copies (export/int8_check.py), into
+    its model entry; outside the bound, one warning line. The normals' predictions are those saving each
+    precision already made; only the painted copies are run."""
+    from ssn_edge.data.heldout import check_set
+
+    if data.held_out is None:
+        log.info("INT8 check: not run, no held-out normal images to check INT8 against FP32 on")
+        return
+    n = len(data.held_out)
+    arrays = check_set(data.held_out_samples, tuple(data.held_out.images.shape[-2:]))  # the normals, then painted
+    painted = painted_half(arrays, n)
+    where = f"the {n} held-out normal images and their painted copies"
+    fp32 = joined(stage.held_out_predictions["fp32"], predict_arrays(stage.xml("fp32"), stage.plan, painted))
+    for precision in ("int8", "int8_acc"):
+        if precision not in stage.entries:
+            continue
+        int8 = joined(stage.held_out_predictions[precision], predict_arrays(stage.xml(precision), stage.plan, painted))
+        check = compare(arrays, fp32, int8, stage.thresholds.image, where, precision)
+        (log.info if check.within_bound else log.warning)(check.message)
+        stage.entries[precision]["check"] = check
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -348,6 +377,13 @@ def _supervision(record: Any) -> Supervision | None:
     if set(values) - known:
         log.warning("supervision fields %s have no place in the bundle schema; left out", sorted(set(values) - known))
     return Supervision(**{k: v for k, v in values.items() if k in known})
+
+
+def _collapse_check(record: dict | None) -> CollapseCheck | None:
+    if record is None:
+        return None
+    known = {f.name for f in dataclasses.fields(CollapseCheck)}
+    return CollapseCheck(**{k: v for k, v in record.items() if k in known})
 
 
 def _provenance(loaded: LoadedModel, checkpoint: Path) -> Provenance:
@@ -387,6 +423,7 @@ def _metadata(loaded: LoadedModel, checkpoint: Path, stage: Stage, data: Thresho
         score_range=score_range, map_range=map_range, models=models, calibration=calibration,
         tiling=Tiling(plan.tiling, loaded.trained_on) if plan.tiling is not None else None,
         supervision=_supervision(loaded.supervision), provenance=_provenance(loaded, checkpoint),
+        collapse_check=_collapse_check(loaded.collapse_check),
     )
 
 

@@ -2,8 +2,9 @@
 
 Format version 2. A record holds what rebuilds the model (kind, recipe, heads, backbone identity), what it was
 trained on (supervision summary, epoch, history) and, for a plain SSN run, what resuming needs (optimiser,
-scheduler, random states, the learned-noise generator). A tiled record holds every location's heads, the tiling
-and the features they learned on. Version-1 files (a flat dict, ssn-edge before format 2) are read and migrated.
+scheduler, random states, the learned-noise generator) and its collapse check (optional: a file without one reads
+as not checked). A tiled record holds every location's heads, the tiling and the features they learned on.
+Version-1 files (a flat dict, ssn-edge before format 2) are read and migrated.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from ssn_edge.config import recipe_from_dict, recorded_val_split, upgrade_recipe_dict
 from ssn_edge.data.supervision import Supervision
 from ssn_edge.model.backbones import weights_fingerprint
+from ssn_edge.train.collapse import CollapseCheck
 
 FORMAT = "ssn-edge-checkpoint"
 VERSION = 2
@@ -82,6 +84,9 @@ class CheckpointRecord:
     history: list | dict = field(default_factory=list)  # per-epoch records (tiled: per location)
     resume: ResumeState | None = None
     tiled: TiledHeads | None = None
+    # the collapse check at the end of training (ssn_edge.train.collapse); None: not run (tiled, knn, no held-out
+    # normal images) or a checkpoint from before it existed
+    collapse: CollapseCheck | None = None
 
     def __post_init__(self) -> None:
         if (self.kind == KIND_TILED) != (self.tiled is not None) or (self.tiled is None) == (self.heads is None):
@@ -93,16 +98,17 @@ class CheckpointRecord:
         return {"format": FORMAT, "version": VERSION, "kind": self.kind, "recipe": self.recipe,
                 "backbone": self.backbone.to_dict(), "heads": self.heads, "epoch": self.epoch,
                 "supervision": as_dict(self.supervision), "history": self.history,
-                "resume": as_dict(self.resume), "tiled": as_dict(self.tiled)}
+                "resume": as_dict(self.resume), "tiled": as_dict(self.tiled), "collapse": as_dict(self.collapse)}
 
     @classmethod
     def from_payload(cls, data: dict[str, Any]) -> CheckpointRecord:
-        sup, resume, tiled = data.get("supervision"), data.get("resume"), data.get("tiled")
+        sup, resume, tiled, collapse = (data.get(k) for k in ("supervision", "resume", "tiled", "collapse"))
         return cls(kind=data["kind"], recipe=data["recipe"], backbone=BackboneIdentity(**data["backbone"]),
                    heads=data.get("heads"), epoch=int(data.get("epoch", 0)),
                    supervision=None if sup is None else Supervision(**sup), history=data.get("history", []),
                    resume=None if resume is None else ResumeState(**resume),
-                   tiled=None if tiled is None else TiledHeads(**tiled))
+                   tiled=None if tiled is None else TiledHeads(**tiled),
+                   collapse=None if collapse is None else CollapseCheck.from_dict(collapse))
 
 
 def save_checkpoint(path: str | Path, record: CheckpointRecord) -> Path:

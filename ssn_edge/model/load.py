@@ -61,6 +61,12 @@ class LoadedModel:
         return None if sup is None else sup.to_dict()
 
     @property
+    def collapse_check(self) -> dict | None:
+        """Training's collapse check (ssn_edge.train.collapse); None: not run or not recorded."""
+        check = self.state.collapse
+        return None if check is None else check.to_dict()
+
+    @property
     def trained_on(self) -> str | None:
         """Tiled models: the features the heads learned on ("shared_backbone" | "independent_tiles")."""
         return heads_trained_on(self.state) if self.tiled else None
@@ -151,7 +157,7 @@ def knn_from_checkpoint(path: Path, record: CheckpointRecord, weights: str | Non
         raise ValueError(f"{path}: a knn model has no score-gated map (map gate is SuperSimpleNet's); drop --map-gate")
     recipe = _recipe(path, record, weights, None)
     try:
-        head = KnnHead.from_state_dict(record.heads)
+        head = KnnHead.from_state_dict(record.heads, recipe.knn.neighbours)
     except (KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: knn checkpoint without a usable bank ({type(exc).__name__}: {exc})") from None
     model = KnnDetector(recipe.model, recipe.knn, head)

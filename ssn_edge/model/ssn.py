@@ -226,6 +226,17 @@ class SSNHeads(nn.Module):
             nn.init.zeros_(self.classification.fc.weight)
             nn.init.zeros_(self.classification.fc.bias)
 
+    def anchor_to_map_max(self) -> None:
+        """Make the score the map's maximum logit, without training: model.score_anchor map_max adds the head's
+        logit to that maximum, and a zero fc makes the head's logit 0 (train.on_collapse anchor). The CAM head has
+        no segmentation map and is refused."""
+        if self.cam:
+            raise ValueError("the CAM head has no segmentation map to anchor its score to")
+        with torch.no_grad():
+            self.classification.fc.weight.zero_()
+            self.classification.fc.bias.zero_()
+        self.score_anchor = "map_max"
+
     def decide(self, adapted: Tensor, cls_features: Tensor, detach_map: bool | Tensor = False) -> tuple[Tensor, Tensor]:
         """Map logits (B, 1, h, w) and score logits (B,) from (possibly noised) adapted features.
 

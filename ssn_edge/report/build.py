@@ -8,6 +8,10 @@ int8_acc), on one split of a dataset:
   ``ssn_edge.evaluation.metrics``, i.e. exactly what training-time evaluation and the runtime compute;
 * how far each variant's image scores move from the reference (max and mean |difference| of the sigmoid
   scores) and how many images change decision at the bundle's image threshold ("flips");
+* how many images score near the image threshold (``score_bunching``): a page warning when they are bunched
+  there, and one when training's collapse check (bundle metadata) found the score or map collapsed;
+* export's INT8 check (bundle metadata, ``ssn_edge.export.int8_check``): its numbers in each INT8 record and a
+  page warning when INT8 was outside its bound of FP32 on the held-out images and their painted copies;
 * batch-1 median latency and throughput (``ssn_edge.runtime.bench``), IR size.
 
 The reference is PyTorch FP32 when available, else OpenVINO FP32: the report runs torch-free on a factory PC.
@@ -29,6 +33,7 @@ import numpy as np
 
 from ssn_edge.data import ArraySet
 from ssn_edge.evaluation.metrics import evaluate_arrays
+from ssn_edge.report.bunching import bunching_warning, score_bunching
 from ssn_edge.report.figures import curves_figures, heatmaps_figure, pick_examples, scatter_figure
 from ssn_edge.report.html import Figures, ReportInfo, flip_table, render_html
 from ssn_edge.report.variants import (
@@ -66,7 +71,14 @@ RECORD_KEYS = (
     "latency_ms",
     "throughput_ips",
     "file_mb",
+    "near_threshold_fraction",
+    "score_logit_spread",
+    "scores_bunched",
+    "training_collapsed",
+    "int8_check_within_bound",
 )
+INT8_CHECK_KEYS = ("images", "fp32_image_auroc", "int8_image_auroc", "image_auroc_diff", "fp32_pixel_aupro",
+                   "int8_pixel_aupro", "pixel_aupro_diff", "flips", "max_score_diff", "bound", "within_bound")
 RANDOM_BACKBONE_WARNING = (
     "WARNING: this model was trained on a RANDOM (not ImageNet-pretrained) backbone: "
     "its accuracy is not representative of SuperSimpleNet."
@@ -143,6 +155,25 @@ def compare_scores(scores: np.ndarray, reference: np.ndarray, threshold: float) 
     }
 
 
+def collapse_warning(bundle: Bundle) -> str | None:
+    """Training's collapse check, when it found one (bundle metadata collapse_check)."""
+    check = bundle.metadata.collapse_check
+    return None if check is None or not check.collapsed else f"Training's {check.message}."
+
+
+def int8_check_warnings(bundle: Bundle) -> list[str]:
+    """Export's INT8 check, for each INT8 model it found outside the bound (model entries' check)."""
+    return [f"Export's INT8 check: {entry.check.message}" for entry in bundle.metadata.models.values()
+            if entry.check is not None and not entry.check.within_bound]
+
+
+def int8_check_fields(bundle: Bundle, runtime: str, precision: str) -> dict[str, Any]:
+    """int8_check_<key> of the bundle's check for an OpenVINO INT8 variant; None elsewhere (and when not checked)."""
+    entry = bundle.metadata.models.get(precision) if runtime == "openvino" else None
+    check = entry.check if entry is not None else None
+    return {f"int8_check_{k}": None if check is None else getattr(check, k) for k in INT8_CHECK_KEYS}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The steps
 # --------------------------------------------------------------------------------------------------------------
@@ -164,6 +195,10 @@ def _report_arrays(bundle: Bundle, data_path: str | Path | None, split: str) -> 
 
 def _warnings(bundle: Bundle, data_path: str, split: str) -> list[str]:
     warnings = [RANDOM_BACKBONE_WARNING] if bundle.metadata.provenance.backbone.random else []
+    collapse = collapse_warning(bundle)
+    if collapse:
+        warnings.append(collapse)
+    warnings += int8_check_warnings(bundle)
     thr = bundle.metadata.thresholds
     if thr.source == split and thr.data and Path(thr.data).resolve() == Path(data_path).resolve():
         warnings.append(
@@ -219,6 +254,7 @@ def _records(bundle: Bundle, arrays: ArraySet, data_path: str, variants: Sequenc
              timings: dict[str, Timing]) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
     """One flat record per variant (RECORD_KEYS and details) and each variant's decision flips."""
     prov, ref = bundle.metadata.provenance, variants[0]
+    check = bundle.metadata.collapse_check
     records, flips = [], []
     for k, v in enumerate(variants):
         cmp = compare_scores(v.scores, ref.scores, bundle.image_threshold)
@@ -227,9 +263,11 @@ def _records(bundle: Bundle, arrays: ArraySet, data_path: str, variants: Sequenc
         records.append(_clean({
             "dataset": _dataset_name(data_path), "backbone": prov.backbone.name, "setting": prov.setting,
             "runtime": v.runtime, "precision": v.precision, "inference_precision_hint": v.hint,
-            **variant_metrics(arrays, v.scores, v.maps), **cmp,
+            **variant_metrics(arrays, v.scores, v.maps), **cmp, **score_bunching(v.scores, bundle.image_threshold),
             "latency_ms": timing.latency_ms, "throughput_ips": timing.throughput_ips, "file_mb": timing.file_mb,
             "inference_precision": v.inference_precision, "is_reference": k == 0, "images": len(arrays),
+            "training_collapsed": None if check is None else check.collapsed,  # None: not checked in training
+            **int8_check_fields(bundle, v.runtime, v.precision),
         }))
     return records, flips
 
@@ -341,6 +379,9 @@ def build_report(
     names = [v.precision for v in variants if v.runtime == "openvino"]
     ov_timings, cpu = _bench(bundle, names, runs, throughput_seconds, device)
     records, flips = _records(bundle, arrays, data_path, variants, {**timings, **ov_timings})
+    bunched = bunching_warning(records, bundle.image_threshold)
+    if bunched:
+        warnings.append(bunched)
     baseline = _baseline(bundle, data_path, arrays, out_dir, weights, device, runs, throughput_seconds,
                          records, warnings) if reference_model == "knn" else None
     reference = f"PyTorch FP32 ({checkpoint.name})" if variants[0].runtime == "torch" else "OpenVINO FP32 (f32 hint)"

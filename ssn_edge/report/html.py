@@ -12,10 +12,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from ssn_edge.data import ArraySet
+from ssn_edge.report.bunching import NEAR_THRESHOLD_LOGITS
 from ssn_edge.report.reference import compared_row
 from ssn_edge.report.variants import Variant
 from ssn_edge.runtime.bundle import Bundle
-from ssn_edge.runtime.schema import SCHEMA_VERSION, CalibrationInfo, Supervision, Thresholds, Tiling
+from ssn_edge.runtime.schema import (SCHEMA_VERSION, CalibrationInfo, CollapseCheck, ModelEntry, Supervision, Thresholds,
+                                    Tiling)
 
 
 @dataclass
@@ -87,6 +89,7 @@ _TABLE_COLUMNS = (
     ("score_mean_abs_diff", "mean |Δscore|", "{:.2e}"),
     ("flips", "flips", "{:d}"),
     ("flip_fraction", "flip %", "{:.1%}"),
+    ("near_threshold_fraction", "near threshold %", "{:.0%}"),
     ("latency_ms", "latency ms (batch 1, median)", "{:.2f}"),
     ("throughput_ips", "throughput img/s", "{:.1f}"),
     ("file_mb", "size MB", "{:.2f}"),
@@ -115,7 +118,8 @@ def _table(records: Sequence[dict[str, Any]]) -> str:
         cells = []
         for key, _, fmt in _TABLE_COLUMNS:
             cls = "txt" if fmt is None else ""
-            if key == "flips" and rec.get("flips"):
+            bunched = key == "near_threshold_fraction" and rec.get("scores_bunched")
+            if (key == "flips" and rec.get("flips")) or bunched:
                 cls = "bad"
             cells.append(f'<td class="{cls}">{_cell(rec.get(key), fmt)}</td>' if cls else f"<td>{_cell(rec.get(key), fmt)}</td>")
         rows.append(f'<tr class="ref">{"".join(cells)}</tr>' if rec.get("is_reference") else f"<tr>{''.join(cells)}</tr>")
@@ -178,6 +182,22 @@ def supervision_text(sup: Supervision | None) -> str:
     if sup.pasted:
         text += f"; {sup.pasted} training images made by pasting a masked defect onto a normal image"
     return text
+
+
+def collapse_text(check: CollapseCheck | None) -> str:
+    if check is None:
+        return "not run (tiled or knn model, no held-out normal images, or trained before ssn-edge checked)"
+    return check.message
+
+
+def int8_check_text(models: dict[str, ModelEntry]) -> str | None:
+    """Export's INT8 check of each INT8 model (None: the bundle has no INT8 model)."""
+    quantized = {p: e for p, e in models.items() if e.weights_precision == "int8"}
+    if not quantized:
+        return None
+    return "; ".join(f"{p}: {e.check.message}" if e.check is not None else
+                     f"{p}: not run (no held-out normal images, or exported before ssn-edge checked)"
+                     for p, e in quantized.items())
 
 
 def tiling_text(tiling: Tiling | None) -> str:
@@ -246,6 +266,8 @@ def metadata_items(bundle: Bundle, info: ReportInfo) -> list[tuple[str, Any]]:
         ("setting", prov.setting),
         ("map output", map_text(bundle.map_gate)),
         ("training data", supervision_text(meta.supervision)),
+        ("collapse check", collapse_text(meta.collapse_check)),
+        ("INT8 check", int8_check_text(meta.models)),
         ("tiling", tiling_text(meta.tiling)),
         ("source checkpoint", f"{src.name} (epoch {src.epoch}, sha256 {str(src.sha256)[:16]}...)" if src else None),
         ("report data", f"{info.data_path} (split '{info.split}', {info.n_images} images, "
@@ -324,7 +346,8 @@ def render_html(bundle: Bundle, records: Sequence[dict[str, Any]], figures: Figu
         _table(records),
         f'<p class="note">Reference (highlighted): {html.escape(info.reference)}. Δscore: |sigmoid score − reference '
         f"score| per image. Flips: images whose decision at the bundle's image threshold "
-        f"({bundle.image_threshold:.4g}) differs from the reference's. Latency: batch 1, median of {info.runs} runs; "
+        f"({bundle.image_threshold:.4g}) differs from the reference's. Near threshold: images scored within "
+        f"{NEAR_THRESHOLD_LOGITS:g} logits of it (red: bunched). Latency: batch 1, median of {info.runs} runs; "
         f"throughput: {html.escape(info.throughput_note)}. Metrics in percent. "
         "bf16 is the FP32 IR executed with a bf16 inference-precision hint.</p>",
     ]

@@ -8,7 +8,8 @@ older ssn-edge (schema v1) is migrated to the current layout first, so existing 
 Layout (schema v2): input (size, layout, colour, mean/std, scale, resize rule), outputs (map, score),
 postprocess, thresholds, score_range / map_range (the FP32 outputs' min and max on the threshold data: a
 display range, not an input normalisation), models per precision, calibration, tiling, supervision,
-provenance (model kind, backbone, recipe, version, source checkpoint, creation time) and files (sha256).
+provenance (model kind, backbone, recipe, version, source checkpoint, creation time), files (sha256) and,
+optionally, training's collapse check and each INT8 model's check against FP32 at export.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ MAP_KINDS = ("logits", "log_probability")
 MAP_GATES = ("none", "score")
 TRAINED_ON = ("shared_backbone", "independent_tiles")
 PLACEMENT = "middle of the gap below the f1_max score"
+COLLAPSE_ACTIONS = ("none", "kept", "anchored", "stopped")  # ssn_edge.train.collapse.ACTIONS (not imported: torch)
 _MISSING = object()
 
 
@@ -158,6 +160,29 @@ class AccuracyControl:
 
 
 @dataclass(frozen=True)
+class Int8Check:
+    """An INT8 model against FP32 at export (ssn_edge.export.int8_check) on the held-out normal images and a painted
+    copy of each: image AUROC and pixel AUPRO (percent; diff = INT8 - FP32), decisions that flip at the image
+    threshold, the largest |score difference|, and whether both differences are within ``bound`` points."""
+
+    data: str  # which images, in words
+    images: int
+    defective: int  # the painted copies among them
+    fp32_image_auroc: float
+    int8_image_auroc: float
+    image_auroc_diff: float
+    fp32_pixel_aupro: float | None  # None: no defect pixels to measure on
+    int8_pixel_aupro: float | None
+    pixel_aupro_diff: float | None
+    flips: int
+    max_score_diff: float
+    threshold: float  # the image threshold the flips were counted at
+    bound: float
+    within_bound: bool
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     xml: str
     bin: str
@@ -167,6 +192,8 @@ class ModelEntry:
     calibration: ModelCalibration | None = None
     quantization: Quantization | None = None
     accuracy_control: AccuracyControl | None = None
+    # INT8 models only; None: not checked (no held-out normal images) or exported before the check existed
+    check: Int8Check | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +230,27 @@ class Supervision:
     ignored: int
     mask_fraction: float = 1.0
     pasted: int = 0
+
+
+@dataclass(frozen=True)
+class CollapseCheck:
+    """Training's collapse check (ssn_edge.train.collapse) on the held-out normal images and their painted copies:
+    whether the image score or the map's maximum collapsed, and what training did (none, kept, anchored, stopped)."""
+
+    normal: int
+    defective: int
+    score_spread: float  # interquartile range of the score logits
+    score_auroc: float  # 0..1
+    map_max_auroc: float  # 0..1
+    map_spread: float  # interquartile range of each image's maximum map logit
+    collapsed_score: bool
+    collapsed_map: bool
+    action: str = "none"
+    message: str = ""
+
+    @property
+    def collapsed(self) -> bool:
+        return self.collapsed_score or self.collapsed_map
 
 
 @dataclass(frozen=True)
@@ -250,14 +298,24 @@ class BundleMetadata:
     tiling: Tiling | None = None
     supervision: Supervision | None = None
     files: dict[str, str] = field(default_factory=dict)  # bundle-relative name -> sha256
+    # Training's collapse check; None: not run (tiled, knn, no held-out images) or a checkpoint from before it.
+    collapse_check: CollapseCheck | None = None
 
     @property
     def precisions(self) -> list[str]:
         return [p for p in PRECISIONS if p in self.models]
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (schema first); read_metadata(to_dict()) gives this record back."""
-        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
+        """The JSON form (schema first); read_metadata(to_dict()) gives this record back. collapse_check and a
+        model's check are written only when there is one: a bundle without them stays readable by ssn-edge from
+        before the fields."""
+        data = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
+        if data["collapse_check"] is None:
+            del data["collapse_check"]
+        for entry in data["models"].values():  # likewise a model entry's INT8 check
+            if entry["check"] is None:
+                del entry["check"]
+        return data
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -433,6 +491,7 @@ def _read_metrics(f: _Fields | None) -> dict[str, float]:
 def _read_model(f: _Fields) -> ModelEntry:
     cal, q, acc = f.sub("calibration", optional=True), f.sub("quantization", optional=True), f.sub(
         "accuracy_control", optional=True)
+    check = _read_int8_check(f.sub("check", optional=True))
     entry = ModelEntry(
         xml=f.str("xml"), bin=f.str("bin"), weights_precision=f.str("weights_precision", choices=("fp32", "fp16", "int8")),
         metrics=_read_metrics(f.sub("metrics", optional=True)),
@@ -445,11 +504,38 @@ def _read_model(f: _Fields) -> ModelEntry:
             data=acc.str("data"), fp32=acc.num("fp32", finite=False), int8_acc=acc.num("int8_acc", finite=False),
             drop=acc.num("drop", finite=False), met=acc.bool("met"), fake_quantize_ops=acc.int("fake_quantize_ops"),
         ) if acc else None,
+        check=check,
     )
+    if check is not None and entry.weights_precision != "int8":
+        raise f.error("check", f"is an INT8 check on a {entry.weights_precision} model")
     for part in (cal, q, acc, f):
         if part is not None:
             part.done()
     return entry
+
+
+def _read_int8_check(f: _Fields | None) -> Int8Check | None:
+    if f is None:
+        return None
+    check = Int8Check(
+        data=f.str("data"), images=f.int("images", minimum=0), defective=f.int("defective", minimum=0),
+        fp32_image_auroc=_percent(f, "fp32_image_auroc", _MISSING), int8_image_auroc=_percent(f, "int8_image_auroc", _MISSING),
+        image_auroc_diff=f.num("image_auroc_diff"), fp32_pixel_aupro=_percent(f, "fp32_pixel_aupro", None),
+        int8_pixel_aupro=_percent(f, "int8_pixel_aupro", None), pixel_aupro_diff=f.num("pixel_aupro_diff", None),
+        flips=f.int("flips", minimum=0), max_score_diff=f.num("max_score_diff"), threshold=f.num("threshold"),
+        bound=f.num("bound"), within_bound=f.bool("within_bound"), message=f.str("message", ""),
+    )
+    if check.defective > check.images or check.flips > check.images:
+        raise f.error("images", f"is {check.images}, fewer than its defective images or flips")
+    f.done()
+    return check
+
+
+def _percent(f: _Fields, key: str, default: Any) -> float | None:
+    value = f.num(key, default)
+    if value is not None and not 0.0 <= value <= 100.0:
+        raise f.error(key, f"is {value}, expected a percentage in [0, 100]")
+    return value
 
 
 def _read_models(f: _Fields) -> dict[str, ModelEntry]:
@@ -501,6 +587,20 @@ def _read_supervision(f: _Fields | None) -> Supervision | None:
     return sup
 
 
+def _read_collapse(f: _Fields | None) -> CollapseCheck | None:
+    if f is None:
+        return None
+    check = CollapseCheck(
+        normal=f.int("normal", minimum=0), defective=f.int("defective", minimum=0),
+        score_spread=f.num("score_spread"), score_auroc=_fraction(f, "score_auroc"),
+        map_max_auroc=_fraction(f, "map_max_auroc"), map_spread=f.num("map_spread"),
+        collapsed_score=f.bool("collapsed_score"), collapsed_map=f.bool("collapsed_map"),
+        action=f.str("action", "none", COLLAPSE_ACTIONS), message=f.str("message", ""),
+    )
+    f.done()
+    return check
+
+
 def _read_provenance(f: _Fields) -> Provenance:
     b, src = f.sub("backbone"), f.sub("source_checkpoint", optional=True)
     prov = Provenance(
@@ -539,6 +639,7 @@ def _read_v2(f: _Fields) -> BundleMetadata:
         tiling=_read_tiling(f.sub("tiling", optional=True)),
         supervision=_read_supervision(f.sub("supervision", optional=True)),
         files=_read_files(f),
+        collapse_check=_read_collapse(f.sub("collapse_check", optional=True)),
     )
     f.done()
     for precision, entry in meta.models.items():

@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from ssn_edge.config import Recipe
-from ssn_edge.data import load_arrays, load_dataset, require_nonempty, select, split_validation, summary
+from ssn_edge.data import (ArraySet, Sample, load_arrays, load_dataset, require_nonempty, select,
+                           split_validation, summary)
 
 log = logging.getLogger("ssn_edge")
 
@@ -58,6 +59,18 @@ def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progres
         raise ValueError(f"recipe {recipe.name!r} is not tiled: it has no tile locations to train apart")
     from ssn_edge.train.loop import train  # here: a knn fit never loads SSN's training loop
 
-    return train(recipe, train_arrays, out_dir, test_arrays=test_arrays, resume=resume, progress=progress)
+    return train(recipe, train_arrays, out_dir, test_arrays=test_arrays, resume=resume, progress=progress,
+                 check_arrays=collapse_check_set(split.held_out, size))
+
+
+def collapse_check_set(held_out: list[Sample], size: tuple[int, int]) -> ArraySet | None:
+    """The held-out normals and their painted copies (ssn_edge.data.heldout) that the collapse check scores;
+    None, said in one line, when no normal image was held out."""
+    if not held_out:
+        log.info("collapse check: not run, no normal training image is held out (data.val_fraction)")
+        return None
+    from ssn_edge.data.heldout import check_set
+
+    return check_set(held_out, size)
 
 

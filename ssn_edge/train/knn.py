@@ -27,7 +27,7 @@ from ssn_edge.data import ArraySet
 from ssn_edge.data.supervision import Supervision
 from ssn_edge.model.checkpoint import KIND_KNN, BackboneIdentity, CheckpointRecord, save_checkpoint
 from ssn_edge.model.knn import KnnDetector, KnnHead, Standardizer
-from ssn_edge.model.knn.bank import greedy_coreset, nearest_distance, random_projection, random_subset
+from ssn_edge.model.knn.bank import greedy_coreset, random_projection, random_subset
 from ssn_edge.model.knn.features import PatchFeatures
 from ssn_edge.train.loop import TrainResult
 
@@ -108,19 +108,10 @@ def select_bank(candidates: torch.Tensor, k: int, cfg: KnnConfig, seed: int, pro
     return candidates[greedy_coreset(points, k, seed, progress)]
 
 
-def held_out_distances(features: Features, indices: np.ndarray, bank: torch.Tensor, batch: int) -> torch.Tensor:
-    """(n, h, w) nearest-bank distances of the held-out images' patches."""
-    out = []
-    for chunk in _batches(indices, batch, "held-out", False):
-        f = features(chunk).float()
-        n, c, h, w = f.shape
-        out.append(nearest_distance(bank, f.flatten(2).transpose(1, 2).reshape(-1, c)).reshape(n, h, w))
-    return torch.cat(out)
-
-
-def fit_head(features: Features, labels: np.ndarray, cfg: KnnConfig, seed: int,
-             progress: bool = False) -> tuple[KnnHead, KnnFit]:
-    """The bank and the standardisation from the normal images among labels; features as for candidate_patches."""
+def fit_bank(features: Features, labels: np.ndarray, cfg: KnnConfig, seed: int,
+             progress: bool = False) -> tuple[torch.Tensor, np.ndarray, KnnFit]:
+    """The bank from the normal images among labels, the indices of the normal images held out of it, and the fit's
+    record; features as for candidate_patches."""
     t0 = time.perf_counter()
     banked, held = split_normal(labels, cfg.held_out, seed)
     candidates, patches = candidate_patches(features, banked, cfg, seed, progress)
@@ -130,8 +121,28 @@ def fit_head(features: Features, labels: np.ndarray, cfg: KnnConfig, seed: int,
     bank = select_bank(candidates, k, cfg, seed, progress).clone()
     del candidates
     fit.coreset_s = time.perf_counter() - t1
-    d = held_out_distances(features, held, bank, cfg.batch)
-    head = KnnHead(bank, Standardizer.fit(d), Standardizer.fit(d.amax(dim=(1, 2))))
+    return bank, held, fit
+
+
+def standardised_head(features: Features, held: np.ndarray, bank: torch.Tensor, cfg: KnnConfig) -> KnnHead:
+    """The head of a bank, its map and score standardised on the held-out normal images' own map and score values,
+    computed by the head itself (so by the same code as at inference: knn.neighbours included)."""
+    unit = Standardizer(0.0, 1.0)
+    raw = KnnHead(bank, unit, unit, cfg.neighbours)  # outputs the distances as they are
+    maps, scores = [], []
+    for chunk in _batches(held, cfg.batch, "held-out", False):
+        m, s = raw(features(chunk).float())
+        maps.append(m)
+        scores.append(s)
+    return KnnHead(bank, Standardizer.fit(torch.cat(maps)), Standardizer.fit(torch.cat(scores)), cfg.neighbours)
+
+
+def fit_head(features: Features, labels: np.ndarray, cfg: KnnConfig, seed: int,
+             progress: bool = False) -> tuple[KnnHead, KnnFit]:
+    """The bank and the standardisation from the normal images among labels; features as for candidate_patches."""
+    t0 = time.perf_counter()
+    bank, held, fit = fit_bank(features, labels, cfg, seed, progress)
+    head = standardised_head(features, held, bank, cfg)
     fit.fit_s = time.perf_counter() - t0
     return head, fit
 

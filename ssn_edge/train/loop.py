@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,13 @@ from ssn_edge.evaluation.evaluate import evaluate_model
 from ssn_edge.model.checkpoint import (KIND_SSN, BackboneIdentity, CheckpointError, CheckpointRecord, ResumeState,
                                        load_checkpoint, save_checkpoint)
 from ssn_edge.model.ssn import SuperSimpleNet
-from ssn_edge.train.batches import epoch_batches, feature_masks, make_items
+from ssn_edge.train.batches import TrainItems, epoch_batches, feature_masks, make_items
+from ssn_edge.train.collapse import CollapseCheck, CollapseError, check_model, decide
 from ssn_edge.train.features import FeatureSource, SharedFeatures
 from ssn_edge.train.learned import LearnedNoise
 from ssn_edge.train.pseudo import PseudoMaskConfig, with_pseudo_masks
-from ssn_edge.train.schedule import Optimizer, Scheduler, autocast, build_optimizer, restart_schedule, seed_everything
+from ssn_edge.train.schedule import (Optimizer, Scheduler, autocast, build_optimizer, epochs_for_steps, restart_schedule,
+                                     seed_everything)
 from ssn_edge.train.step import check_finite, train_step
 
 log = logging.getLogger("ssn_edge")
@@ -41,6 +44,7 @@ class TrainResult:
     checkpoint: Path
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    collapse: CollapseCheck | None = None  # the collapse check on the held-out images (None: not run)
 
 
 @dataclass
@@ -63,6 +67,17 @@ def resolve_supervision(recipe: Recipe, arrays: ArraySet) -> tuple[Recipe, Array
     log.info("training data: %s", supervision.describe())
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, setting=supervision.setting))
     return recipe, arrays, supervision
+
+
+def resolve_epochs(recipe: Recipe, items: TrainItems) -> Recipe:
+    """The recipe with train.steps (if set) turned into epochs of this data (what the checkpoint records)."""
+    t = recipe.train
+    per_batch = t.batch_size if not len(items.defective) else max(1, t.batch_size // 2)
+    resolved = epochs_for_steps(t, math.ceil(len(items.normal) / per_batch))
+    if resolved is not t:
+        log.info("train.steps %d: %d epochs of %d batches (%d on crops)", t.steps, resolved.epochs,
+                 math.ceil(len(items.normal) / per_batch), resolved.crop_epochs or 0)
+    return dataclasses.replace(recipe, train=resolved)
 
 
 def new_run(recipe: Recipe) -> RunState:
@@ -171,12 +186,49 @@ def run_epoch(run: RunState, recipe: Recipe, source: FeatureSource, batches: lis
 
 
 def checkpoint_record(run: RunState, recipe: Recipe, backbone: BackboneIdentity, supervision: Supervision,
-                      epochs_done: int) -> CheckpointRecord:
+                      epochs_done: int, collapse: CollapseCheck | None = None) -> CheckpointRecord:
     resume = ResumeState(optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
                          rng={"torch": torch.get_rng_state(), "numpy": run.rng.bit_generator.state},
                          generator=run.learned.state() if run.learned is not None else None)
     return CheckpointRecord(kind=KIND_SSN, recipe=recipe.to_dict(), backbone=backbone, heads=run.model.heads.state_dict(),
-                            epoch=epochs_done, supervision=supervision, history=run.history, resume=resume)
+                            epoch=epochs_done, supervision=supervision, history=run.history, resume=resume,
+                            collapse=collapse)
+
+
+def anchored(model: SuperSimpleNet, recipe: Recipe) -> Recipe:
+    """The model's score made the map's maximum logit, and the recipe the checkpoint records saying so
+    (model.score_anchor map_max), so export and eval rebuild the same graph."""
+    model.heads.anchor_to_map_max()
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, score_anchor="map_max"))
+
+
+def choose_score(model: SuperSimpleNet, recipe: Recipe, check: CollapseCheck, check_arrays: ArraySet
+                 ) -> tuple[Recipe, CollapseCheck]:
+    """model.score_anchor auto: keep the classification head's score, or make it the map's maximum when that ranks
+    the held-out check set better (on Magnetic tile the head's score trailed the map's maximum on held-out real
+    and painted defects alike; benchmarks/results/recipe.md). The recipe records what was chosen."""
+    if recipe.model.score_anchor != "auto":
+        return recipe, check
+    if check.map_max_auroc > check.score_auroc:
+        log.info("model.score_anchor auto: the map's maximum ranks the check set better than the head's score "
+                 "(AUROC %.3f vs %.3f): the score is the map's maximum logit", check.map_max_auroc, check.score_auroc)
+        recipe = anchored(model, recipe)
+        return recipe, check_model(model, check_arrays)
+    log.info("model.score_anchor auto: the head's score ranks the check set at least as well as the map's maximum "
+             "(AUROC %.3f vs %.3f): kept", check.score_auroc, check.map_max_auroc)
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, score_anchor="none")), check
+
+
+def collapse_check(run: RunState, recipe: Recipe, check_arrays: ArraySet, ckpt: Path) -> tuple[Recipe, CollapseCheck]:
+    """The collapse check on the held-out check set (after model.score_anchor auto's choice) and what
+    train.on_collapse does, in one logged line. anchor changes the model and the recipe the checkpoint records
+    (model.score_anchor map_max), so export rebuilds it."""
+    recipe, check = choose_score(run.model, recipe, check_model(run.model, check_arrays), check_arrays)
+    check = decide(check, recipe.train.on_collapse, not run.model.heads.cam, ckpt)
+    (log.warning if check.collapsed else log.info)("%s", check.message)
+    if check.action == "anchored":
+        recipe = anchored(run.model, recipe)
+    return recipe, check
 
 
 def train(
@@ -187,14 +239,18 @@ def train(
     resume: Path | None = None,
     progress: bool = True,
     shared: SharedFeatures | None = None,
+    check_arrays: ArraySet | None = None,
 ) -> TrainResult:
     """Train SSN on train_arrays into out_dir/checkpoint.pt (written after every epoch); with test_arrays,
-    evaluate once at the end (metrics.json). shared: tiled training's whole-image features (ssn_edge.train.tiled)."""
+    evaluate once at the end (metrics.json). shared: tiled training's whole-image features (ssn_edge.train.tiled).
+    check_arrays: the held-out check set (ssn_edge.data.heldout.check_set) for the collapse check at the end; a
+    collapse with train.on_collapse error raises CollapseError after the checkpoint is written."""
     recipe, as_given, supervision = resolve_supervision(recipe, train_arrays)
+    items = make_items(as_given, recipe.train.setting)
+    recipe = resolve_epochs(recipe, items)
     run = new_run(recipe)
     if resume is not None:
         restore(run, Path(resume), recipe.train.epochs)
-    items = make_items(as_given, recipe.train.setting)
     source = FeatureSource(run.model, as_given, items.all, cache=recipe.train.cache_features, shared=shared)
     backbone = BackboneIdentity.of(recipe.model.backbone, run.model.features.trunk)
     out_dir = Path(out_dir)
@@ -215,9 +271,19 @@ def train(
         record = run_epoch(run, recipe, source, batches, arrays, epoch, bar)
         run.history.append({**record, "epoch_s": time.perf_counter() - t0, **pseudo})
         save_checkpoint(ckpt, checkpoint_record(run, recipe, backbone, supervision, epoch + 1))
+    collapse = None
+    if check_arrays is None and recipe.model.score_anchor == "auto":
+        log.info("model.score_anchor auto: no held-out images to choose on; the head's score is kept")
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, score_anchor="none"))
+        save_checkpoint(ckpt, checkpoint_record(run, recipe, backbone, supervision, t.epochs))
+    if check_arrays is not None:
+        recipe, collapse = collapse_check(run, recipe, check_arrays, ckpt)
+        save_checkpoint(ckpt, checkpoint_record(run, recipe, backbone, supervision, t.epochs, collapse))
+    (out_dir / "history.json").write_text(json.dumps(run.history, indent=2))
+    if collapse is not None and collapse.action == "stopped":
+        raise CollapseError(collapse.message)
     metrics: dict[str, float] = {}
     if test_arrays is not None:
         metrics = evaluate_model(run.model, test_arrays)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out_dir / "history.json").write_text(json.dumps(run.history, indent=2))
-    return TrainResult(ckpt, run.history, metrics)
+    return TrainResult(ckpt, run.history, metrics, collapse)

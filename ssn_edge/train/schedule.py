@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import random
 
 import numpy as np
@@ -19,6 +21,20 @@ def seed_everything(seed: int) -> np.random.Generator:
     random.seed(seed)
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
+
+
+def epochs_for_steps(t: TrainConfig, batches_per_epoch: int) -> TrainConfig:
+    """t with train.steps turned into this data set's epochs (the nearest whole number, at least 2), so a run costs
+    about the same whatever the number of images, and crop_epochs scaled to keep its share of whole-map epochs (at
+    least one). Unchanged when steps is None (epochs as the recipe says: time grows with the data)."""
+    if t.steps is None:
+        return t
+    epochs = max(2, round(t.steps / max(1, batches_per_epoch)))
+    crop = t.crop_epochs
+    if crop is not None:
+        whole = max(1, math.ceil(epochs * (t.epochs - min(crop, t.epochs)) / t.epochs))
+        crop = max(0, epochs - whole)
+    return dataclasses.replace(t, epochs=epochs, crop_epochs=crop)
 
 
 def build_optimizer(model: SuperSimpleNet, t: TrainConfig) -> tuple[Optimizer, Scheduler]:

@@ -1,4 +1,4 @@
-"""The memory bank: a coreset of normal patch features, and each query patch's distance to its nearest member."""
+"""The memory bank: a coreset of normal patch features, and each query patch's distances to its nearest members."""
 
 from __future__ import annotations
 
@@ -10,43 +10,38 @@ from torch import Tensor
 BLOCK_FLOATS = 1 << 26
 
 
-def nearest_sq_distance(queries: Tensor, bank_t_neg2: Tensor, bank_sq: Tensor) -> Tensor:
-    """min_b |q - b|^2 for each row of queries (..., C) -> (...).
+def nearest_sq_distances(queries: Tensor, bank_t_neg2: Tensor, bank_sq: Tensor, k: int = 1) -> Tensor:
+    """The k smallest |q - b|^2, nearest first, for each row of queries (..., C) -> (..., k).
 
-    bank_t_neg2 is -2 * bank.T (C, N) and bank_sq |b|^2 (N,), both precomputed. The nearest row comes from one
-    MatMul, argmin_b (|b|^2 - 2 q.b) (|q|^2 is the same for every row); its distance is then computed directly,
-    |q - b*|^2, from that row gathered back out of the same constant: the expansion loses float32 digits to
-    cancellation, and the square root magnifies the loss near zero, where normal patches lie."""
+    bank_t_neg2 is -2 * bank.T (C, N) and bank_sq |b|^2 (N,), both precomputed. The nearest rows come from one
+    MatMul, the k smallest |b|^2 - 2 q.b (|q|^2 is the same for every row); their distances are then computed
+    directly, |q - b|^2, from those rows gathered back out of the same constant: the expansion loses float32 digits
+    to cancellation, and the square root magnifies the loss near zero, where normal patches lie."""
     if queries.dim() == 2:  # eager blocks: one fused multiply-add, one (rows, N) buffer
-        nearest = torch.addmm(bank_sq, queries, bank_t_neg2).argmin(dim=-1)
-    else:  # the traced graph: MatMul, Add, ArgMin (TopK)
-        nearest = torch.argmin(torch.matmul(queries, bank_t_neg2) + bank_sq, dim=-1)
-    rows = torch.index_select(bank_t_neg2, 1, nearest.reshape(-1)).T.reshape(queries.shape) * -0.5  # exact: x 2^-1
-    diff = queries - rows
+        scores = torch.addmm(bank_sq, queries, bank_t_neg2)
+    else:  # the traced graph: MatMul, Add, TopK
+        scores = torch.matmul(queries, bank_t_neg2) + bank_sq
+    nearest = torch.topk(scores, k, dim=-1, largest=False, sorted=True).indices  # (..., k)
+    rows = torch.index_select(bank_t_neg2, 1, nearest.reshape(-1)).T * -0.5  # exact: x 2^-1
+    diff = queries.unsqueeze(-2) - rows.reshape(*nearest.shape, queries.shape[-1])
     return (diff * diff).sum(-1)
 
 
-def nearest_sq_distance_blocked(queries: Tensor, bank_t_neg2: Tensor, bank_sq: Tensor) -> Tensor:
-    """nearest_sq_distance of queries (Q, C), in row blocks (memory bounded by BLOCK_FLOATS)."""
+def nearest_sq_distances_blocked(queries: Tensor, bank_t_neg2: Tensor, bank_sq: Tensor, k: int = 1) -> Tensor:
+    """nearest_sq_distances of queries (Q, C) -> (Q, k), in row blocks (memory bounded by BLOCK_FLOATS)."""
     rows = max(1, BLOCK_FLOATS // max(1, bank_sq.numel()))
-    return torch.cat([nearest_sq_distance(queries[s : s + rows], bank_t_neg2, bank_sq)
-                      for s in range(0, len(queries), rows)]) if len(queries) else queries.new_zeros(0)
+    return torch.cat([nearest_sq_distances(queries[s : s + rows], bank_t_neg2, bank_sq, k)
+                      for s in range(0, len(queries), rows)]) if len(queries) else queries.new_zeros(0, k)
 
 
 def centred_constants(bank: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean (C,), -2 * centred bank.T (C, N), |centred b|^2 (N,)): what nearest_sq_distance takes. Queries and bank
+    """(mean (C,), -2 * centred bank.T (C, N), |centred b|^2 (N,)): what nearest_sq_distances takes. Queries and bank
     are moved by the bank's mean first: the same distances, but |b|^2 - 2 q.b loses float32 digits to cancellation
     in proportion to the norms, and ReLU features share a large mean."""
     bank = bank.float()
     mean = bank.mean(0) if len(bank) else torch.zeros(bank.shape[1])
     centred = bank - mean
     return mean, (-2.0 * centred.T).contiguous(), (centred * centred).sum(1)
-
-
-def nearest_distance(bank: Tensor, queries: Tensor) -> Tensor:
-    """Euclidean distance from each row of queries (Q, C) to its nearest row of bank (N, C): (Q,)."""
-    mean, bank_t_neg2, bank_sq = centred_constants(bank)
-    return nearest_sq_distance_blocked(queries.float() - mean, bank_t_neg2, bank_sq).sqrt()
 
 
 def random_projection(channels: int, dims: int, seed: int) -> Tensor:

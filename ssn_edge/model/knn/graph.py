@@ -1,11 +1,18 @@
-"""The knn inference graph: image -> (standardised nearest-distance map (B, 1, H/8, W/8), score (B,)).
+"""The knn inference graph: image -> (standardised distance map (B, 1, H/8, W/8), score (B,)).
+
+The map is each patch's mean distance to its knn.neighbours nearest bank patches (default 1: PatchCore's nearest
+distance), the score the image's largest nearest distance. A mean over a few neighbours discounts a greedy
+coreset's lone members (rare normal patches a defect patch may land near): it lifted held-out pixel AUPRO (k 5:
+bottle's painted check set 91.25 -> 94.83, Magnetic tile 74.11 -> 74.50) but not bottle's test split (93.63 ->
+92.92), so it is an option, not the default (ssn_edge/config.py KnnConfig). The score stays the nearest distance:
+scoring the mean over five lowered Magnetic tile's held-out image AUROC, 94.91 -> 93.76 (a check outside the records).
 
 Outputs are in the units SuperSimpleNet's are, so the pipeline after the model is shared unchanged: the runtime
 takes a sigmoid of the score and upsamples and blurs the map (ssn_edge/runtime/postprocess.py). A distance d
 leaves the graph as z = (d - center) / scale, center and scale fitted on normal training images held out of the
 bank: z is monotone in d (rankings, so AUROC, are the distance's own) and sigmoid(z) neither saturates nor
 crowds at 0.5, so thresholds on it keep their resolution. The exported graph computes the distances itself
-(one MatMul against the bank constant and an ArgMin find the nearest row, whose distance is then computed
+(one MatMul against the bank constant and a TopK find the nearest rows, whose distances are then computed
 directly, ssn_edge/model/knn/bank.py): the runtime stays torch-free and knows nothing of banks.
 """
 
@@ -17,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ssn_edge.config import KnnConfig, ModelConfig
-from ssn_edge.model.knn.bank import centred_constants, nearest_sq_distance, nearest_sq_distance_blocked
+from ssn_edge.model.knn.bank import centred_constants, nearest_sq_distances, nearest_sq_distances_blocked
 from ssn_edge.model.knn.features import PatchFeatures
 
 
@@ -42,11 +49,15 @@ def _tracing() -> bool:
 
 
 class KnnHead(nn.Module):
-    """Everything fitted: the bank (N, C) of normal patch features and the map's and score's standardisation."""
+    """Everything fitted: the bank (N, C) of normal patch features and the map's and score's standardisation;
+    neighbours: how many nearest bank patches the map averages (knn.neighbours, at most the bank's size)."""
 
-    def __init__(self, bank: Tensor, map_std: Standardizer, score_std: Standardizer):
+    def __init__(self, bank: Tensor, map_std: Standardizer, score_std: Standardizer, neighbours: int = 1):
         super().__init__()
+        if neighbours < 1:
+            raise ValueError(f"knn.neighbours must be >= 1, got {neighbours}")
         bank = bank.float().contiguous()
+        self.neighbours = max(1, min(int(neighbours), len(bank)))
         self.register_buffer("bank", bank)
         self.register_buffer("map_std", torch.tensor([map_std.center, map_std.scale], dtype=torch.float32))
         self.register_buffer("score_std", torch.tensor([score_std.center, score_std.scale], dtype=torch.float32))
@@ -57,23 +68,27 @@ class KnnHead(nn.Module):
         self.register_buffer("bank_sq", bank_sq, persistent=False)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor]) -> KnnHead:
+    def from_state_dict(cls, state: dict[str, Tensor], neighbours: int = 1) -> KnnHead:
         m, s = state["map_std"].tolist(), state["score_std"].tolist()
-        return cls(state["bank"], Standardizer(*m), Standardizer(*s))
+        return cls(state["bank"], Standardizer(*m), Standardizer(*s), neighbours)
 
     def distances(self, features: Tensor) -> Tensor:
-        """Each patch's Euclidean distance to its nearest bank row: (B, C, h, w) -> (B, 1, h, w)."""
+        """Each patch's Euclidean distances to its `neighbours` nearest bank rows, nearest first:
+        (B, C, h, w) -> (B, neighbours, h, w)."""
         q = features.flatten(2).transpose(1, 2) - self.bank_mean  # (B, hw, C)
+        k = self.neighbours
         if _tracing():  # the exported graph: one MatMul (B, hw, C) x (C, N)
-            d2 = nearest_sq_distance(q, self.bank_t_neg2, self.bank_sq)
+            d2 = nearest_sq_distances(q, self.bank_t_neg2, self.bank_sq, k)
         else:  # eager: in blocks of rows, memory bounded whatever the batch
-            d2 = nearest_sq_distance_blocked(q.reshape(-1, q.shape[-1]), self.bank_t_neg2, self.bank_sq)
-        return d2.sqrt().reshape(features.shape[0], 1, features.shape[2], features.shape[3])
+            d2 = nearest_sq_distances_blocked(q.reshape(-1, q.shape[-1]), self.bank_t_neg2, self.bank_sq, k)
+        b, _, h, w = features.shape
+        return d2.sqrt().reshape(b, h, w, k).permute(0, 3, 1, 2)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         d = self.distances(features)
-        score = d.amax(dim=(1, 2, 3))  # the image is as anomalous as its most anomalous patch
-        return (d - self.map_std[0]) / self.map_std[1], (score - self.score_std[0]) / self.score_std[1]
+        amap = d.mean(dim=1, keepdim=True)  # module docstring: the mean over the neighbours
+        score = d[:, 0].amax(dim=(1, 2))  # the image is as anomalous as its most anomalous patch's nearest distance
+        return (amap - self.map_std[0]) / self.map_std[1], (score - self.score_std[0]) / self.score_std[1]
 
 
 class KnnDetector(nn.Module):

@@ -1,0 +1,266 @@
+"""Choosing SSN's default CPU recipe without a test split (issue 28): levers compared on held-out training data.
+
+  python benchmarks/recipe_bench.py screen --dataset magnetic_tile --variant sigma_0.25 --seed 0
+  python benchmarks/recipe_bench.py table
+
+Every variant trains from recipes/ssn_cpu_unsupervised.yaml (or ssn_cpu_supervised.yaml) with only the data path
+set per data set, plus the variant's overrides. The run holds out a tenth of the normal training images
+(data.val_fraction); each finished run is scored on
+  - split `heldout_synthetic`: those held-out normals and the same images with a faint painted defect
+    (ssn_edge.data.heldout.check_set): what any user has, and what the choice is made on;
+  - split `heldout_real` (data sets with defective training images, e.g. Magnetic tile): the held-out normals and
+    the training split's defective images, which unsupervised training never sees;
+  - split `test`: the test split, recorded for the final table only, never used to choose.
+Records go to benchmarks/results/recipe.json; checkpoints to runs/recipe/<dataset>_<setting>_<variant>_s<seed>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import command_line, peak_rss_mb, record_results  # noqa: E402
+from benchmarks.runs import bench_recipe, train_once  # noqa: E402
+
+DATA = {"mvtec_bottle": "../shared/data/mvtec_ad_512/bottle", "magnetic_tile": "../shared/data/magnetic_tile/manifest.csv"}
+BASE = {"unsupervised": "recipes/ssn_cpu_unsupervised.yaml", "supervised": "recipes/ssn_cpu_supervised.yaml"}
+METRICS = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap", "image_auroc_map_max")
+
+# Levers, as overrides of the base recipe (the base itself is "default").
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "sigma_1.0": {"noise.sigma": 1.0},
+    "sigma_2.0": {"noise.sigma": 2.0},
+    "sigma_0.5": {"noise.sigma": 0.5},
+    "sigma_0.25": {"noise.sigma": 0.25},
+    "sigma_0.1": {"noise.sigma": 0.1},
+    "mix_0.1_1.0": {"noise.sigma_min": 0.1, "noise.sigma": 1.0},
+    "mix_0.05_0.5": {"noise.sigma_min": 0.05, "noise.sigma": 0.5},
+    "anchor": {"model.score_anchor": "map_max"},
+    "anchor_none": {"model.score_anchor": "none"},
+    "perlin_0.6": {"noise.perlin_threshold": 0.6},
+}
+
+
+def _overrides(args) -> dict:
+    """The variant's overrides and any --set ones (which win): what the record says was changed."""
+    from ssn_edge.config import parse_override
+
+    return {**VARIANTS[args.variant], **dict(parse_override(text) for text in args.set)}
+
+
+def _recipe(args):
+    return bench_recipe(BASE[args.setting], {"data.path": DATA[args.dataset], "train.seed": args.seed, **_overrides(args)})
+
+
+def _scores(loaded, arrays) -> dict:
+    from ssn_edge.evaluation.evaluate import evaluate_model
+
+    return {k: round(float(v), 2) for k, v in evaluate_model(loaded.model, arrays).items() if k in METRICS}
+
+
+def _check_sets(recipe) -> dict:
+    """The held-out check sets of this run's recipe: synthetic defects, and real training defects where any."""
+    from ssn_edge.data import load_dataset, select, split_validation
+    from ssn_edge.data.heldout import check_set
+
+    d = recipe.data
+    samples = load_dataset(d.path)
+    split = split_validation(samples, d.val_fraction, d.val_min, d.val_seed)
+    size = tuple(d.image_size)
+    sets = {"heldout_synthetic": check_set(split.held_out, size)}
+    defective = [s for s in select(samples, "train") if s.label == 1]
+    if defective and recipe.train.setting == "unsupervised":
+        from ssn_edge.data import load_arrays
+
+        sets["heldout_real"] = load_arrays(split.held_out + defective, size)
+    return sets
+
+
+# What the end of training decides (the score, the collapse check) and how long it trains (a step budget resolves to
+# epochs): a run that differs from another only in these trained exactly the same heads.
+_DECIDED_AFTER = ("model.score_anchor", "train.steps", "train.on_collapse")
+
+
+def _resolved(recipe, samples, split):
+    """recipe with train.steps resolved to this data's epochs, as ssn_edge.train.loop.resolve_epochs does."""
+    import dataclasses
+    import math
+
+    from ssn_edge.train.schedule import epochs_for_steps
+
+    normal = sum(1 for x in split.train if x.label == 0)
+    t = recipe.train
+    return dataclasses.replace(recipe, train=epochs_for_steps(t, math.ceil(normal / t.batch_size)))
+
+
+def _without(values: dict, keys: tuple[str, ...]) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for dotted in keys:
+        section, key = dotted.split(".")
+        out[section].pop(key, None)
+    return out
+
+
+def adopt(src: Path, out: Path, recipe) -> None:
+    """Take over an unsupervised run whose training was this recipe's (same seed and resolved epochs; it differs at
+    most in _DECIDED_AFTER) and make the end-of-training decisions as train() makes them (score_anchor auto, the
+    collapse check), instead of training the same heads again."""
+    import dataclasses
+
+    from ssn_edge.data import load_dataset, split_validation
+    from ssn_edge.data.heldout import check_set
+    from ssn_edge.evaluation.evaluate import evaluate_model
+    from ssn_edge.evaluation.job import split_arrays
+    from ssn_edge.model.checkpoint import load_checkpoint, save_checkpoint
+    from ssn_edge.model.load import load_model
+    from ssn_edge.train.collapse import check_model, decide
+    from ssn_edge.train.loop import choose_score
+
+    d = recipe.data
+    samples = load_dataset(d.path)
+    split = split_validation(samples, d.val_fraction, d.val_min, d.val_seed)
+    ours = _resolved(recipe, samples, split)
+    loaded = load_model(src / "checkpoint.pt")
+    if _without(loaded.recipe.to_dict(), _DECIDED_AFTER) != _without(ours.to_dict(), _DECIDED_AFTER):
+        raise SystemExit(f"--adopt-from {src}: its training differs from this variant's")
+    checks = check_set(split.held_out, tuple(d.image_size))
+    chosen, check = choose_score(loaded.model, ours, check_model(loaded.model, checks), checks)
+    check = decide(check, chosen.train.on_collapse, True, out / "checkpoint.pt")
+    record = dataclasses.replace(load_checkpoint(src / "checkpoint.pt"), recipe=chosen.to_dict(),
+                                 heads=loaded.model.heads.state_dict(), collapse=check)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "checkpoint.pt", record)
+    (out / "recipe.json").write_text(json.dumps(chosen.to_dict(), indent=2))
+    metrics = evaluate_model(loaded.model, split_arrays(d.path, "test", tuple(d.image_size), progress=False))
+    source = json.loads((src / "trained.json").read_text())
+    (out / "trained.json").write_text(json.dumps({"train_s": source["train_s"], "reused_from": str(src.relative_to(ROOT)),
+                                                  "history": source["history"], "metrics": metrics}, indent=2))
+
+
+def screen(args) -> None:
+    from ssn_edge.model.load import load_model
+
+    recipe = _recipe(args)
+    out = ROOT / "runs" / "recipe" / f"{args.dataset}_{recipe.train.setting}_{args.variant}_s{args.seed}"
+    t0 = time.perf_counter()
+    if args.adopt_from and not (out / "trained.json").exists():
+        adopt(ROOT / "runs" / "recipe" / f"{args.dataset}_{recipe.train.setting}_{args.adopt_from}_s{args.seed}", out,
+              recipe)
+    trained = train_once(recipe, out, None, args.quiet, evaluate=True)
+    loaded = load_model(out / "checkpoint.pt")
+    base = {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
+            "variant": args.variant, "runtime": "torch", "precision": "fp32", "seed": args.seed,
+            "epochs": loaded.recipe.train.epochs, "steps": recipe.train.steps,
+            "train_s": trained["train_s"], "overrides": _overrides(args), "command": command_line(),
+            **({"reused_from": trained["reused_from"]} if "reused_from" in trained else {})}
+    records = []
+    for split, arrays in _check_sets(recipe).items():
+        records.append({**base, "split": split, "images": len(arrays), **_scores(loaded, arrays)})
+    test = {k: round(float(v), 2) for k, v in trained["metrics"].items() if k in METRICS}
+    records.append({**base, "split": "test", **test, "peak_rss_mb": round(peak_rss_mb(), 1)})
+    record_results("recipe", records)
+    for r in records:
+        print(r["split"], {k: r.get(k) for k in METRICS}, f"train {r['train_s']} s")
+    print(f"done in {time.perf_counter() - t0:.0f} s")
+
+
+def int8(args) -> None:
+    """Export a finished screen run with the export defaults (thresholds from the held-out normals) and score its
+    FP32 (f32 hint) and INT8 models on the test split through the runtime: the drop and the decision flips."""
+    from benchmarks.knn_bench import _bundle_rows
+    from ssn_edge.evaluation.job import split_arrays
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
+
+    recipe = _recipe(args)
+    run = ROOT / "runs" / "recipe" / f"{args.dataset}_{recipe.train.setting}_{args.variant}_s{args.seed}"
+    out = run / "bundle_int8"
+    export_bundle(run / "checkpoint.pt", out, ExportOptions(int8=True, overwrite=True))
+    rows = _bundle_rows(out, split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False))
+    base = {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
+            "variant": args.variant, "seed": args.seed, "split": "test", "overrides": _overrides(args),
+            "command": command_line()}
+    records = []
+    for precision, row in rows.items():
+        drops = {f"drop_{k}": round(rows["fp32"][k] - row[k], 3) for k in METRICS if k in row and k in rows["fp32"]}
+        records.append({**base, **row, **(drops if precision != "fp32" else {})})
+        print({k: records[-1].get(k) for k in ("precision", *METRICS, *drops, "flips", "latency_ms")})
+    record_results("recipe", records)
+
+
+def _mean(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{m:.2f}" + (f" ± {sd:.2f}" if len(values) > 1 else "")
+
+
+def _rows(records: list[dict], splits: tuple[str, ...]) -> list[str]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("split") in splits and r.get("precision", "fp32") == "fp32":
+            groups.setdefault((r["setting"], r["dataset"], r["split"], r["variant"]), []).append(r)
+    lines = []
+    for (setting, dataset, split, variant), rs in sorted(groups.items()):
+        cells = [_mean([r.get(k) for r in rs]) for k in ("image_auroc", "pixel_aupro", "pixel_ap", "image_auroc_map_max")]
+        lever = ", ".join(f"{k}={v}" for k, v in rs[0].get("overrides", {}).items()) or "the base recipe"
+        lines.append(f"| {setting} | {dataset} | {split} | {variant} | {lever} | {len(rs)} | " + " | ".join(cells)
+                     + f" | {_mean([r.get('train_s') for r in rs])} |")
+    return lines
+
+
+def table(args) -> None:  # noqa: ARG001
+    """benchmarks/results/recipe.md: every lever tried, on the held-out check sets (what was chosen on) and on the
+    test split (recorded, never chosen on)."""
+    records = json.loads((ROOT / "benchmarks/results/recipe.json").read_text())
+    head = ("| setting | data set | split | variant | lever (overrides of the base recipe) | seeds | image AUROC | AUPRO "
+            "| pixel AP | map-max AUROC | train s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    text = ["# SSN CPU recipe levers (written by `python benchmarks/recipe_bench.py table`)", "",
+            "FP32, PyTorch, mean ± sd over seeds. Base recipes: recipes/ssn_cpu_unsupervised.yaml and "
+            "ssn_cpu_supervised.yaml, data path set per data set. `heldout_synthetic`: the normal training images "
+            "held out of training and their painted copies; `heldout_real`: the held-out normals and the training "
+            "split's defective images (Magnetic tile; unsupervised training never sees them). Choices were made on "
+            "these two; `test` is reported, never chosen on. train s: wall time on this 2-core machine, with other "
+            "jobs running beside it (an upper bound).", "", "## Chosen on: held-out training data", "", head,
+            *_rows(records, ("heldout_synthetic", "heldout_real")), "", "## Reported: test split", "", head,
+            *_rows(records, ("test",)), ""]
+    out = ROOT / "benchmarks/results/recipe.md"
+    out.write_text("\n".join(text))
+    print(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("screen", help="train one variant and score it on the held-out check sets and the test split")
+    p.add_argument("--dataset", choices=sorted(DATA), required=True)
+    p.add_argument("--setting", choices=sorted(BASE), default="unsupervised")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], help="extra recipe override KEY=VALUE")
+    p.add_argument("--adopt-from", metavar="VARIANT", help="take over this variant's finished run of the same seed "
+                   "when its training was the same (it differs only in what is decided after training)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=screen)
+    q = sub.add_parser("int8", help="export a finished screen run (defaults) and score FP32 / INT8 on the test split")
+    for a in ("--dataset", "--setting", "--variant", "--seed", "--set"):
+        q._add_action(next(x for x in p._actions if a in x.option_strings))
+    q.set_defaults(func=int8)
+    t = sub.add_parser("table", help="write benchmarks/results/recipe.md from the records")
+    t.set_defaults(func=table)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
