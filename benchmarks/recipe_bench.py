@@ -41,8 +41,6 @@ VARIANTS: dict[str, dict] = {
     "sigma_0.5": {"noise.sigma": 0.5},
     "sigma_0.25": {"noise.sigma": 0.25},
     "sigma_0.1": {"noise.sigma": 0.1},
-    "mix_0.1_1.0": {"noise.sigma_min": 0.1, "noise.sigma": 1.0},
-    "mix_0.05_0.5": {"noise.sigma_min": 0.05, "noise.sigma": 0.5},
     "anchor": {"model.score_anchor": "map_max"},
     "anchor_none": {"model.score_anchor": "none"},
     "perlin_0.6": {"noise.perlin_threshold": 0.6},
@@ -207,7 +205,7 @@ def _mean(values: list) -> str:
 def _rows(records: list[dict], splits: tuple[str, ...]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        if r.get("split") in splits and r.get("precision", "fp32") == "fp32":
+        if r.get("split") in splits and r.get("runtime") == "torch":
             groups.setdefault((r["setting"], r["dataset"], r["split"], r["variant"]), []).append(r)
     lines = []
     for (setting, dataset, split, variant), rs in sorted(groups.items()):
@@ -215,6 +213,28 @@ def _rows(records: list[dict], splits: tuple[str, ...]) -> list[str]:
         lever = ", ".join(f"{k}={v}" for k, v in rs[0].get("overrides", {}).items()) or "the base recipe"
         lines.append(f"| {setting} | {dataset} | {split} | {variant} | {lever} | {len(rs)} | " + " | ".join(cells)
                      + f" | {_mean([r.get('train_s') for r in rs])} |")
+    return lines
+
+
+def _reference_rows() -> list[str]:
+    """The memory-bank reference (knn_bench.py, its defaults) on the same test splits, beside SSN's rows."""
+    knn = [r for r in json.loads((ROOT / "benchmarks/results/knn.json").read_text())
+           if r.get("variant") == "default" and r.get("runtime") == "torch" and not r.get("split")]
+    return ["Memory-bank reference on the same test split (`knn_bench.py accuracy`, results/knn.json, FP32): "
+            + "; ".join(f"{r['dataset']} image AUROC {r['image_auroc']:.2f}, AUPRO {r['pixel_aupro']:.2f}, pixel AP "
+                        f"{r['pixel_ap']:.2f}, fit {r['train_s']} s" for r in sorted(knn, key=lambda r: r["dataset"]))]
+
+
+def _int8_rows(records: list[dict]) -> list[str]:
+    fp32 = {(r["setting"], r["dataset"], r["variant"], r["seed"]): r for r in records
+            if r.get("runtime") == "openvino" and r.get("precision") == "fp32"}
+    lines = []
+    for r in sorted((r for r in records if r.get("runtime") == "openvino" and r.get("precision") == "int8"),
+                    key=lambda r: (r["setting"], r["dataset"], r["variant"], r["seed"])):
+        f = fp32.get((r["setting"], r["dataset"], r["variant"], r["seed"]), {})
+        lines.append(f"| {r['setting']} | {r['dataset']} | {r['variant']} | {r['seed']} | {f.get('image_auroc')} / "
+                     f"{f.get('pixel_aupro')} | {r['image_auroc']} / {r['pixel_aupro']} | {r['drop_image_auroc']} / "
+                     f"{r['drop_pixel_aupro']} | {r['flips']} | {r['latency_ms']} | {f.get('latency_ms')} |")
     return lines
 
 
@@ -232,7 +252,10 @@ def table(args) -> None:  # noqa: ARG001
             "these two; `test` is reported, never chosen on. train s: wall time on this 2-core machine, with other "
             "jobs running beside it (an upper bound).", "", "## Chosen on: held-out training data", "", head,
             *_rows(records, ("heldout_synthetic", "heldout_real")), "", "## Reported: test split", "", head,
-            *_rows(records, ("test",)), ""]
+            *_rows(records, ("test",)), "", *_reference_rows(), "", "## INT8 against FP32: test split, OpenVINO (f32 hint for FP32), export defaults",
+            "", "| setting | data set | variant | seed | FP32 image AUROC / AUPRO | INT8 image AUROC / AUPRO | drop (points) "
+            "| decision flips | INT8 ms | FP32 ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *_int8_rows(records), ""]
     out = ROOT / "benchmarks/results/recipe.md"
     out.write_text("\n".join(text))
     print(out.read_text())
