@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import RESULTS, command_line, peak_rss_mb, record_results  # noqa: E402
-from benchmarks.runs import bench_recipe  # noqa: E402
+from benchmarks.runs import bench_recipe, bundle_rows  # noqa: E402
 from ssn_edge.config import parse_override  # noqa: E402
 
 METRICS = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap")
@@ -391,27 +391,6 @@ def latency(args) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _bundle_rows(bundle_path: Path, arrays) -> dict[str, dict]:
-    """FP32 (f32 hint) and INT8 of a bundle on the arrays through the runtime: metrics, scores, latency."""
-    from ssn_edge.report.build import compare_scores, variant_metrics
-    from ssn_edge.report.variants import openvino_variant
-    from ssn_edge.runtime.bench import bench_bundle
-    from ssn_edge.runtime.bundle import load_bundle
-
-    bundle = load_bundle(bundle_path)
-    rows = {p: openvino_variant(bundle, p, arrays) for p in ("fp32", "int8")}
-    timing = {r["precision"]: r for r in bench_bundle(bundle, precisions=["fp32", "int8"], warmup=5, runs=30,
-                                                       throughput_seconds=0)}
-    out = {}
-    for p, v in rows.items():
-        cmp = compare_scores(v.scores, rows["fp32"].scores, bundle.image_threshold)
-        out[p] = {"precision": p, "runtime": "openvino", "inference_precision_hint": v.hint,
-                  **_rounded({k: x for k, x in variant_metrics(arrays, v.scores, v.maps).items() if x is not None}),
-                  "flips": cmp["flips"], "score_max_abs_diff": round(cmp["score_max_abs_diff"], 5),
-                  "latency_ms": round(timing[p]["latency_ms"], 2), "file_mb": timing[p].get("file_mb")}
-    return out
-
-
 def int8(args) -> None:
     from ssn_edge.evaluation.evaluate import evaluate_model
     from ssn_edge.evaluation.job import split_arrays
@@ -441,7 +420,7 @@ def int8(args) -> None:
                                                                     thresholds=ThresholdChoice(source="test-f1")))
         finally:
             quantize.FLOAT_SCOPES = saved
-        rows = _bundle_rows(out, test)
+        rows = bundle_rows(out, test, METRICS)
         fp32 = {f"fp32_{k}": rows["fp32"][k] for k in METRICS if k in rows["fp32"]}
         drops = {f"drop_{k}": round(rows["fp32"][k] - rows["int8"][k], 3) for k in METRICS if k in rows["int8"]}
         records.append({**base, "variant": variant, **rows["int8"], **fp32, **drops,

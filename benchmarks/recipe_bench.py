@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import command_line, peak_rss_mb, record_results  # noqa: E402
-from benchmarks.runs import bench_recipe, train_once  # noqa: E402
+from benchmarks.runs import bench_recipe, bundle_rows, train_once  # noqa: E402
 
 DATA = {"mvtec_bottle": "../shared/data/mvtec_ad_512/bottle", "magnetic_tile": "../shared/data/magnetic_tile/manifest.csv"}
 BASE = {"unsupervised": "recipes/ssn_cpu_unsupervised.yaml", "supervised": "recipes/ssn_cpu_supervised.yaml"}
@@ -87,16 +87,16 @@ def _check_sets(recipe) -> dict:
 _DECIDED_AFTER = ("model.score_anchor", "train.steps", "train.on_collapse")
 
 
-def _resolved(recipe, samples, split):
-    """recipe with train.steps resolved to this data's epochs, as ssn_edge.train.loop.resolve_epochs does."""
+def _resolved(recipe, split):
+    """An unsupervised recipe with train.steps resolved to this data's epochs, as ssn_edge.train.loop.resolve_epochs
+    does (normal images only: adopt takes unsupervised runs)."""
     import dataclasses
-    import math
 
-    from ssn_edge.train.schedule import epochs_for_steps
+    from ssn_edge.train.schedule import batches_per_epoch, epochs_for_steps
 
-    normal = sum(1 for x in split.train if x.label == 0)
     t = recipe.train
-    return dataclasses.replace(recipe, train=epochs_for_steps(t, math.ceil(normal / t.batch_size)))
+    batches = batches_per_epoch(t, sum(1 for x in split.train if x.label == 0), with_defects=False)
+    return dataclasses.replace(recipe, train=epochs_for_steps(t, batches))
 
 
 def _without(values: dict, keys: tuple[str, ...]) -> dict:
@@ -125,7 +125,7 @@ def adopt(src: Path, out: Path, recipe) -> None:
     d = recipe.data
     samples = load_dataset(d.path)
     split = split_validation(samples, d.val_fraction, d.val_min, d.val_seed)
-    ours = _resolved(recipe, samples, split)
+    ours = _resolved(recipe, split)
     loaded = load_model(src / "checkpoint.pt")
     if _without(loaded.recipe.to_dict(), _DECIDED_AFTER) != _without(ours.to_dict(), _DECIDED_AFTER):
         raise SystemExit(f"--adopt-from {src}: its training differs from this variant's")
@@ -173,7 +173,6 @@ def screen(args) -> None:
 def int8(args) -> None:
     """Export a finished screen run with the export defaults (thresholds from the held-out normals) and score its
     FP32 (f32 hint) and INT8 models on the test split through the runtime: the drop and the decision flips."""
-    from benchmarks.knn_bench import _bundle_rows
     from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.export.exporter import ExportOptions, export_bundle
 
@@ -181,7 +180,8 @@ def int8(args) -> None:
     run = ROOT / "runs" / "recipe" / f"{args.dataset}_{recipe.train.setting}_{args.variant}_s{args.seed}"
     out = run / "bundle_int8"
     export_bundle(run / "checkpoint.pt", out, ExportOptions(int8=True, overwrite=True))
-    rows = _bundle_rows(out, split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False))
+    rows = bundle_rows(out, split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False),
+                       METRICS)
     base = {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
             "variant": args.variant, "seed": args.seed, "split": "test", "overrides": _overrides(args),
             "command": command_line()}

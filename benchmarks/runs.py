@@ -80,3 +80,26 @@ def train_once(recipe, out: Path, reuse_from: str | None, quiet: bool, evaluate:
     trained = {"train_s": round(time.perf_counter() - t0, 1), "history": result.history, "metrics": result.metrics}
     atomic_write(done, json.dumps(trained, indent=2))
     return trained
+
+
+def bundle_rows(bundle_path: Path, arrays, keys: tuple[str, ...]) -> dict[str, dict]:
+    """FP32 (f32 hint) and INT8 of a bundle on the arrays through the runtime, as the report scores them: the
+    metrics named in keys (3 decimals), decision flips and the largest score difference against FP32, latency."""
+    from ssn_edge.report.build import compare_scores, variant_metrics
+    from ssn_edge.report.variants import openvino_variant
+    from ssn_edge.runtime.bench import bench_bundle
+    from ssn_edge.runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    rows = {p: openvino_variant(bundle, p, arrays) for p in ("fp32", "int8")}
+    timing = {r["precision"]: r for r in bench_bundle(bundle, precisions=["fp32", "int8"], warmup=5, runs=30,
+                                                       throughput_seconds=0)}
+    out = {}
+    for p, v in rows.items():
+        cmp = compare_scores(v.scores, rows["fp32"].scores, bundle.image_threshold)
+        metrics = variant_metrics(arrays, v.scores, v.maps)
+        out[p] = {"precision": p, "runtime": "openvino", "inference_precision_hint": v.hint,
+                  **{k: round(float(metrics[k]), 3) for k in keys if metrics.get(k) is not None},
+                  "flips": cmp["flips"], "score_max_abs_diff": round(cmp["score_max_abs_diff"], 5),
+                  "latency_ms": round(timing[p]["latency_ms"], 2), "file_mb": timing[p].get("file_mb")}
+    return out

@@ -486,6 +486,16 @@ def _child(code: Path | None, *argv: str) -> dict:
     return out
 
 
+def compared_codes(before: str | None) -> list[tuple[str, Path | None]]:
+    """The code a speed measure runs: this checkout ("after", None) and, with --before REF, REF's tree."""
+    return [("after", None)] + ([(f"before_{before}", code_tree(before))] if before else [])
+
+
+def frame_side(size: tuple[int, int]) -> str:
+    """A frame's name in variants: its side when square ("8192"), else WxH ("5472x3648")."""
+    return f"{size[1]}" if size[0] == size[1] else f"{size[1]}x{size[0]}"
+
+
 def code_tree(ref: str) -> Path:
     """ssn_edge as it was at git commit `ref`, unpacked read-only from the repository (git archive)."""
     out = SPEED / "code" / ref
@@ -502,12 +512,12 @@ def profile(args) -> None:
     interleaved so load drifts hit both alike. Each run is a fresh process."""
     _require_data()
     bundles = speed_bundles()
-    codes = [("after", None)] + ([(f"before_{args.before}", code_tree(args.before))] if args.before else [])
+    codes = compared_codes(args.before)
     print(f"{'frame':>10} {'model':<7} {'code':<16} {'ms':>9} {'MP/s':>6} {'ratio':>5} {'RSS MB':>6}  stages (ms, main thread)")
     for text in args.frames:
         size = parse_frame(text)
         frame = speed_frame(size)
-        side = f"{size[1]}" if size[0] == size[1] else f"{size[1]}x{size[0]}"
+        side = frame_side(size)
         for model in args.models:
             bundle = bundles["single" if model == "single" else "ens9_image"]
             for code, tree in codes:
@@ -581,12 +591,12 @@ def overhead(args) -> None:
     """The runner's own cost per tile (null model, so inference is nearly free), this code and --before REF's,
     interleaved run by run; fresh processes."""
     _require_data()
-    codes = [("after", None)] + ([(f"before_{args.before}", code_tree(args.before))] if args.before else [])
+    codes = compared_codes(args.before)
     records = []
     for text in args.frames:
         size = parse_frame(text)
         frame = speed_frame(size)
-        side = f"{size[1]}" if size[0] == size[1] else f"{size[1]}x{size[0]}"
+        side = frame_side(size)
         for code, tree in codes:
             r = _child(tree, "overhead-one", "--frame", str(frame), "--runs", str(args.runs))
             per_tile = r["latency_ms"] / r["tiles"]
@@ -637,14 +647,14 @@ def memory(args) -> None:
     own memory does not depend on the frame: every request has the same batch shape). A fresh process per frame,
     this code's and --before REF's interleaved."""
     _require_data()
-    codes = [("after", None)] + ([(f"before_{args.before}", code_tree(args.before))] if args.before else [])
+    codes = compared_codes(args.before)
     base = {**SPEED_BASE, "backbone": "null_tile_model", "runtime": "openvino", "precision": "fp32", "model": NULL_MODEL}
     peaks: dict[tuple[str, str], float] = {}
     records = []
     for text in args.frames:
         size = parse_frame(text)
         frame = speed_frame(size)
-        side = f"{size[1]}" if size[0] == size[1] else f"{size[1]}x{size[0]}"
+        side = frame_side(size)
         for code, tree in codes:
             r = _child(tree, "memory-one", "--frame", str(frame))
             peaks[(code, side)] = r["peak_rss_mb"]

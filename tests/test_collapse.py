@@ -283,12 +283,15 @@ def test_the_bundle_schema_carries_the_check_and_reads_bundles_without_it():
         read_metadata(data, "m.json")
 
 
-def test_export_copies_the_checkpoints_check_into_the_metadata():
-    from ssn_edge.export.exporter import _collapse_check
+def test_export_copies_the_checkpoints_check_into_the_metadata(tiny_checkpoint, tmp_path):
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
+    from ssn_edge.model.checkpoint import load_checkpoint
 
     record = _collapsed_record()
-    assert dataclasses.asdict(_collapse_check(record)) == record
-    assert _collapse_check(None) is None
+    assert dataclasses.asdict(CollapseCheck.from_dict(record)) == record  # the checkpoint's record is the bundle's
+    check = load_checkpoint(tiny_checkpoint).collapse
+    assert check is not None
+    assert export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions()).metadata.collapse_check == check
 
 
 def test_bunched_scores_are_flagged_and_spread_ones_not():

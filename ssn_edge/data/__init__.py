@@ -1,6 +1,6 @@
 """Datasets: discovery (MVTec AD folders, CSV manifests) and decoding into arrays. Torch-free."""
 
-from .arrays import ArraySet, has_pixel_truth, load_arrays
+from .arrays import ArraySet, concat_arrays, has_pixel_truth, load_arrays
 from .samples import (
     SPLITS,
     DatasetError,
@@ -18,6 +18,7 @@ from .samples import (
 __all__ = [
     "SPLITS",
     "ArraySet",
+    "concat_arrays",
     "DatasetError",
     "has_pixel_truth",
     "Sample",

@@ -116,6 +116,17 @@ def load_arrays(samples: Sequence[Sample], size: tuple[int, int], progress: bool
     return ArraySet(images=images, masks=masks, labels=labels, mask_valid=mask_valid, paths=[str(s.image) for s in samples])
 
 
+def concat_arrays(*parts: ArraySet) -> ArraySet:
+    """The parts one after another (their ignore masks too, where any has one)."""
+    ignore = None
+    if any(p.ignore is not None for p in parts):
+        ignore = np.concatenate([p.ignore if p.ignore is not None else np.zeros_like(p.masks) for p in parts])
+    return ArraySet(images=np.concatenate([p.images for p in parts]), masks=np.concatenate([p.masks for p in parts]),
+                    labels=np.concatenate([p.labels for p in parts]),
+                    mask_valid=np.concatenate([p.mask_valid for p in parts]),
+                    paths=[path for p in parts for path in p.paths], ignore=ignore)
+
+
 def has_pixel_truth(arrays: ArraySet) -> bool:
     """True when pixel metrics are defined: some defective image has a usable, non-empty mask."""
     return bool(arrays.labels.any()) and bool((arrays.masks.any(axis=(1, 2)) & arrays.mask_valid).any())

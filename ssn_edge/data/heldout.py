@@ -17,7 +17,7 @@ import numpy as np
 
 from ssn_edge.runtime.preprocess import normalize, read_image, resize_image
 
-from .arrays import ArraySet, load_arrays
+from .arrays import ArraySet, concat_arrays, load_arrays
 from .samples import Sample
 from .synthetic import DEFECTS, paint_defect
 
@@ -50,30 +50,25 @@ def painted_copy(image: np.ndarray, kind: str, rng: np.random.Generator, contras
     return np.clip(image + shift[..., None], 0.0, 1.0).astype(np.float32), mask
 
 
-def check_set(held_out: Sequence[Sample], size: tuple[int, int], spec: CheckSetSpec = CheckSetSpec(),
-              defective: Sequence[Sample] = ()) -> ArraySet:
-    """The held-out normals at size=(H, W), each again with a painted defect (label 1, its mask), then any real
-    defective samples given (read as load_arrays reads them). Paths of painted copies end in '#<kind>'."""
+def painted_copies(held_out: Sequence[Sample], size: tuple[int, int], spec: CheckSetSpec = CheckSetSpec()) -> ArraySet:
+    """Each held-out normal at size=(H, W) with one painted defect (label 1, its mask), the kinds in turn. Paths end
+    in '#<kind>'."""
     rng = np.random.default_rng(spec.seed)
     h, w = size
     n = len(held_out)
-    images = np.empty((2 * n, 3, h, w), np.float32)
-    masks = np.zeros((2 * n, h, w), bool)
-    paths: list[str] = []
+    images = np.empty((n, 3, h, w), np.float32)
+    masks = np.zeros((n, h, w), bool)
     for i, sample in enumerate(held_out):
-        image = resize_image(read_image(sample.image), size)
         kind = DEFECTS[i % len(DEFECTS)]
-        painted, mask = painted_copy(image, kind, rng, spec.contrast)
-        images[i], images[n + i], masks[n + i] = normalize(image), normalize(painted), mask
-        paths.append(str(sample.image))
-    paths += [f"{p}#{DEFECTS[i % len(DEFECTS)]}" for i, p in enumerate(paths)]
-    labels = np.r_[np.zeros(n, np.int64), np.ones(n, np.int64)]
-    painted_set = ArraySet(images=images, masks=masks, labels=labels, mask_valid=np.ones(2 * n, bool), paths=paths)
-    if not defective:
-        return painted_set
-    real = load_arrays(list(defective), size)
-    return ArraySet(images=np.concatenate([painted_set.images, real.images]),
-                    masks=np.concatenate([painted_set.masks, real.masks]),
-                    labels=np.concatenate([painted_set.labels, real.labels]),
-                    mask_valid=np.concatenate([painted_set.mask_valid, real.mask_valid]),
-                    paths=painted_set.paths + real.paths)
+        painted, masks[i] = painted_copy(resize_image(read_image(sample.image), size), kind, rng, spec.contrast)
+        images[i] = normalize(painted)
+    paths = [f"{s.image}#{DEFECTS[i % len(DEFECTS)]}" for i, s in enumerate(held_out)]
+    return ArraySet(images=images, masks=masks, labels=np.ones(n, np.int64), mask_valid=np.ones(n, bool), paths=paths)
+
+
+def check_set(held_out: Sequence[Sample], size: tuple[int, int], spec: CheckSetSpec = CheckSetSpec(),
+              defective: Sequence[Sample] = ()) -> ArraySet:
+    """The held-out normals at size=(H, W) (read as load_arrays reads them), their painted copies, then any real
+    defective samples given."""
+    parts = [load_arrays(list(held_out), size), painted_copies(held_out, size, spec)]
+    return concat_arrays(*parts, *([load_arrays(list(defective), size)] if defective else []))

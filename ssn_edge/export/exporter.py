@@ -29,13 +29,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ssn_edge import __version__
-from ssn_edge.data import ArraySet, DatasetError, Sample, load_arrays, load_dataset, select, split_validation
+from ssn_edge.data import (ArraySet, DatasetError, Sample, concat_arrays, load_arrays, load_dataset, select,
+                           split_validation)
 from ssn_edge.export.accuracy import ACC_METRICS, accuracy_record, quantize_int8_acc
 from ssn_edge.export.calibration import CALIBRATION_FILE, CalibrationSpec, calibration_record, select_calibration
 from ssn_edge.export.graph import (FINAL_NAMES, MAP_STRIDE, GraphPlan, add_decisions, add_postprocess, convert,
                                    plan_graph, set_rt_info)
 from ssn_edge.export.inference import Predictions, compile_f32, infer, predict_arrays
-from ssn_edge.export.int8_check import compare, joined, painted_half
+from ssn_edge.export.int8_check import compare, joined
 from ssn_edge.export.quantize import Calibration, QuantizeOptions, prepare_calibration, quantize_int8
 from ssn_edge.export.thresholds import (
     SPLIT_OF,
@@ -55,7 +56,6 @@ from ssn_edge.runtime.schema import (
     BundleMetadata,
     CalibrationInfo,
     CalibrationSpecRecord,
-    CollapseCheck,
     InputSpec,
     MapOutput,
     ModelCalibration,
@@ -338,15 +338,14 @@ def _int8_checks(stage: Stage, data: ThresholdData) -> None:
     """Each INT8 model against FP32 on the held-out normals and their painted copies (export/int8_check.py), into
     its model entry; outside the bound, one warning line. The normals' predictions are those saving each
     precision already made; only the painted copies are run."""
-    from ssn_edge.data.heldout import check_set
+    from ssn_edge.data.heldout import painted_copies
 
     if data.held_out is None:
         log.info("INT8 check: not run, no held-out normal images to check INT8 against FP32 on")
         return
-    n = len(data.held_out)
-    arrays = check_set(data.held_out_samples, tuple(data.held_out.images.shape[-2:]))  # the normals, then painted
-    painted = painted_half(arrays, n)
-    where = f"the {n} held-out normal images and their painted copies"
+    painted = painted_copies(data.held_out_samples, tuple(data.held_out.images.shape[-2:]))
+    arrays = concat_arrays(data.held_out, painted)  # the check set (data.heldout.check_set), normals already read
+    where = f"the {len(data.held_out)} held-out normal images and their painted copies"
     fp32 = joined(stage.held_out_predictions["fp32"], predict_arrays(stage.xml("fp32"), stage.plan, painted))
     for precision in ("int8", "int8_acc"):
         if precision not in stage.entries:
@@ -377,13 +376,6 @@ def _supervision(record: Any) -> Supervision | None:
     if set(values) - known:
         log.warning("supervision fields %s have no place in the bundle schema; left out", sorted(set(values) - known))
     return Supervision(**{k: v for k, v in values.items() if k in known})
-
-
-def _collapse_check(record: dict | None) -> CollapseCheck | None:
-    if record is None:
-        return None
-    known = {f.name for f in dataclasses.fields(CollapseCheck)}
-    return CollapseCheck(**{k: v for k, v in record.items() if k in known})
 
 
 def _provenance(loaded: LoadedModel, checkpoint: Path) -> Provenance:
@@ -423,7 +415,7 @@ def _metadata(loaded: LoadedModel, checkpoint: Path, stage: Stage, data: Thresho
         score_range=score_range, map_range=map_range, models=models, calibration=calibration,
         tiling=Tiling(plan.tiling, loaded.trained_on) if plan.tiling is not None else None,
         supervision=_supervision(loaded.supervision), provenance=_provenance(loaded, checkpoint),
-        collapse_check=_collapse_check(loaded.collapse_check),
+        collapse_check=loaded.state.collapse,
     )
 
 

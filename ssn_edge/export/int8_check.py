@@ -27,13 +27,6 @@ HINT = {  # what to do when INT8 is outside the bound (exporter.py's ExportOptio
 LABEL = {"int8": "INT8", "int8_acc": "Accuracy-controlled INT8"}
 
 
-def painted_half(check: ArraySet, normal: int) -> ArraySet:
-    """The painted copies of a check set (``check_set`` puts the ``normal`` normals first)."""
-    tail = slice(normal, None)
-    return ArraySet(images=check.images[tail], masks=check.masks[tail], labels=check.labels[tail],
-                    mask_valid=check.mask_valid[tail], paths=check.paths[tail])
-
-
 def joined(first: Predictions, second: Predictions) -> Predictions:
     return Predictions(np.concatenate([first.scores, second.scores]), np.concatenate([first.maps, second.maps]))
 

@@ -31,7 +31,9 @@ MAP_KINDS = ("logits", "log_probability")
 MAP_GATES = ("none", "score")
 TRAINED_ON = ("shared_backbone", "independent_tiles")
 PLACEMENT = "middle of the gap below the f1_max score"
-COLLAPSE_ACTIONS = ("none", "kept", "anchored", "stopped")  # ssn_edge.train.collapse.ACTIONS (not imported: torch)
+# what training did after its collapse check (ssn_edge.train.collapse): "none" (nothing collapsed), "kept" (as
+# trained), "anchored" (the score made the map's maximum), "stopped" (train.on_collapse error)
+COLLAPSE_ACTIONS = ("none", "kept", "anchored", "stopped")
 _MISSING = object()
 
 
@@ -235,22 +237,33 @@ class Supervision:
 @dataclass(frozen=True)
 class CollapseCheck:
     """Training's collapse check (ssn_edge.train.collapse) on the held-out normal images and their painted copies:
-    whether the image score or the map's maximum collapsed, and what training did (none, kept, anchored, stopped)."""
+    whether the image score or the map's maximum collapsed, and what training did (COLLAPSE_ACTIONS). The one
+    record for the checkpoint, the bundle and the report; defined here because the bundle reader is torch-free."""
 
-    normal: int
-    defective: int
-    score_spread: float  # interquartile range of the score logits
-    score_auroc: float  # 0..1
-    map_max_auroc: float  # 0..1
-    map_spread: float  # interquartile range of each image's maximum map logit
+    normal: int  # held-out normal images
+    defective: int  # their painted copies
+    score_spread: float  # interquartile range of the score logits (ssn_edge.train.collapse.MIN_SPREAD)
+    score_auroc: float  # 0..1, painted vs normal, by the score
+    map_max_auroc: float  # 0..1, by each image's maximum map logit (what an anchored score would be)
+    map_spread: float  # interquartile range of those maxima, logits
     collapsed_score: bool
     collapsed_map: bool
-    action: str = "none"
-    message: str = ""
+    action: str = "none"  # COLLAPSE_ACTIONS
+    message: str = ""  # the line training logged
 
     @property
     def collapsed(self) -> bool:
         return self.collapsed_score or self.collapsed_map
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CollapseCheck:
+        """A checkpoint's record (the bundle's is read field by field, _read_collapse); a later writer's extra
+        fields are not ours and are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 @dataclass(frozen=True)

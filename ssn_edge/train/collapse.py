@@ -11,9 +11,7 @@ record goes into the checkpoint, the bundle's metadata and the report.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +19,7 @@ import torch
 from ssn_edge.data import ArraySet
 from ssn_edge.evaluation.evaluate import predict_raw
 from ssn_edge.runtime.postprocess import sigmoid
+from ssn_edge.runtime.schema import CollapseCheck
 
 # Spread = interquartile range over the check set, in logits (robust to one odd image, and half the set is painted,
 # so a score that separates the halves has its gap inside the range). Below 0.05 logits the score is one value:
@@ -36,41 +35,10 @@ MAP_WORKS_AUROC = 0.65
 # train.on_collapse: "warn" logs and keeps the model; "anchor" makes the score the map's max logit when only the
 # score collapsed (SSNHeads.anchor_to_map_max); "error" stops with a one-line error, the checkpoint kept.
 POLICIES = ("warn", "anchor", "error")
-ACTIONS = ("none", "kept", "anchored", "stopped")
 
 
 class CollapseError(ValueError):
     """train.on_collapse error: the check found a collapse; one line naming the check (the CLI prints it)."""
-
-
-@dataclass(frozen=True)
-class CollapseCheck:
-    """What the check measured on the check set and what training did about it."""
-
-    normal: int  # held-out normal images
-    defective: int  # their painted copies
-    score_spread: float  # interquartile range of the score logits (MIN_SPREAD)
-    score_auroc: float  # 0..1, painted vs normal, by the score
-    map_max_auroc: float  # 0..1, by each image's maximum map logit (what an anchored score would be)
-    map_spread: float  # interquartile range of those maxima, logits
-    collapsed_score: bool
-    collapsed_map: bool
-    # what training did (ACTIONS): "none" (nothing collapsed), "kept" (as trained), "anchored" (the score made the
-    # map's maximum), "stopped" (train.on_collapse error)
-    action: str = "none"
-    message: str = ""  # the line training logged
-
-    @property
-    def collapsed(self) -> bool:
-        return self.collapsed_score or self.collapsed_map
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> CollapseCheck:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})  # a later writer's extra fields: not ours
 
 
 def _spread(values: np.ndarray) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,8 @@ from ssn_edge.train.collapse import CollapseCheck, CollapseError, check_model, d
 from ssn_edge.train.features import FeatureSource, SharedFeatures
 from ssn_edge.train.learned import LearnedNoise
 from ssn_edge.train.pseudo import PseudoMaskConfig, with_pseudo_masks
-from ssn_edge.train.schedule import (Optimizer, Scheduler, autocast, build_optimizer, epochs_for_steps, restart_schedule,
-                                     seed_everything)
+from ssn_edge.train.schedule import (Optimizer, Scheduler, autocast, batches_per_epoch, build_optimizer, epochs_for_steps,
+                                     restart_schedule, seed_everything)
 from ssn_edge.train.step import check_finite, train_step
 
 log = logging.getLogger("ssn_edge")
@@ -72,11 +71,11 @@ def resolve_supervision(recipe: Recipe, arrays: ArraySet) -> tuple[Recipe, Array
 def resolve_epochs(recipe: Recipe, items: TrainItems) -> Recipe:
     """The recipe with train.steps (if set) turned into epochs of this data (what the checkpoint records)."""
     t = recipe.train
-    per_batch = t.batch_size if not len(items.defective) else max(1, t.batch_size // 2)
-    resolved = epochs_for_steps(t, math.ceil(len(items.normal) / per_batch))
+    batches = batches_per_epoch(t, len(items.normal), bool(len(items.defective)))
+    resolved = epochs_for_steps(t, batches)
     if resolved is not t:
-        log.info("train.steps %d: %d epochs of %d batches (%d on crops)", t.steps, resolved.epochs,
-                 math.ceil(len(items.normal) / per_batch), resolved.crop_epochs or 0)
+        log.info("train.steps %d: %d epochs of %d batches (%d on crops)", t.steps, resolved.epochs, batches,
+                 resolved.crop_epochs or 0)
     return dataclasses.replace(recipe, train=resolved)
 
 
@@ -195,11 +194,16 @@ def checkpoint_record(run: RunState, recipe: Recipe, backbone: BackboneIdentity,
                             collapse=collapse)
 
 
+def with_score_anchor(recipe: Recipe, anchor: str) -> Recipe:
+    """The recipe the checkpoint records once the score is settled (model.score_anchor none or map_max), so export
+    and eval rebuild the graph that was chosen."""
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, score_anchor=anchor))
+
+
 def anchored(model: SuperSimpleNet, recipe: Recipe) -> Recipe:
-    """The model's score made the map's maximum logit, and the recipe the checkpoint records saying so
-    (model.score_anchor map_max), so export and eval rebuild the same graph."""
+    """The model's score made the map's maximum logit, and the recipe saying so."""
     model.heads.anchor_to_map_max()
-    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, score_anchor="map_max"))
+    return with_score_anchor(recipe, "map_max")
 
 
 def choose_score(model: SuperSimpleNet, recipe: Recipe, check: CollapseCheck, check_arrays: ArraySet
@@ -216,7 +220,7 @@ def choose_score(model: SuperSimpleNet, recipe: Recipe, check: CollapseCheck, ch
         return recipe, check_model(model, check_arrays)
     log.info("model.score_anchor auto: the head's score ranks the check set at least as well as the map's maximum "
              "(AUROC %.3f vs %.3f): kept", check.score_auroc, check.map_max_auroc)
-    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, score_anchor="none")), check
+    return with_score_anchor(recipe, "none"), check
 
 
 def collapse_check(run: RunState, recipe: Recipe, check_arrays: ArraySet, ckpt: Path) -> tuple[Recipe, CollapseCheck]:
@@ -274,7 +278,7 @@ def train(
     collapse = None
     if check_arrays is None and recipe.model.score_anchor == "auto":
         log.info("model.score_anchor auto: no held-out images to choose on; the head's score is kept")
-        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, score_anchor="none"))
+        recipe = with_score_anchor(recipe, "none")
         save_checkpoint(ckpt, checkpoint_record(run, recipe, backbone, supervision, t.epochs))
     if check_arrays is not None:
         recipe, collapse = collapse_check(run, recipe, check_arrays, ckpt)

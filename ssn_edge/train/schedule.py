@@ -23,6 +23,13 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def batches_per_epoch(t: TrainConfig, normal: int, with_defects: bool) -> int:
+    """An epoch's batches (train.batches.epoch_batches): every normal image once, batch_size of them a batch, or
+    half that when the other half of each batch is defects."""
+    per_batch = max(1, t.batch_size // 2) if with_defects else t.batch_size
+    return math.ceil(normal / per_batch)
+
+
 def epochs_for_steps(t: TrainConfig, batches_per_epoch: int) -> TrainConfig:
     """t with train.steps turned into this data set's epochs (the nearest whole number, at least 2), so a run costs
     about the same whatever the number of images, and crop_epochs scaled to keep its share of whole-map epochs (at
