@@ -284,6 +284,7 @@ def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file,
 @click.option("--calibration-defects", type=float, help="Fraction of calibration images given a synthetic defect (default 1.0; 0: as they are).")
 @click.option("--act-range", default="minmax", show_default=True, type=click.Choice(["minmax", "nncf_default"]), help="INT8 activation range estimator.")
 @click.option("--score-offset/--no-score-offset", default=True, show_default=True, help="Correct the INT8 score's mean shift on the calibration images.")
+@click.option("--float-map", is_flag=True, help="Keep SSN's segmentation head in float in INT8 models: the map as FP32 gives it, at the head's cost in latency.")
 @click.option("--data", "data_path", type=click.Path(), help="Threshold/validation data (val split, else test); default: the recipe's data.path.")
 @click.option("--weights", help="Backbone weights file, if not where training found it.")
 @click.option("--map-gate", type=click.Choice(MAP_GATES), default=None, help=MAP_GATE_HELP)
@@ -353,7 +354,8 @@ def _export_options(opts: dict):
 
     return ExportOptions(
         fp16=opts["fp16"], int8=opts["int8"], int8_acc=opts["int8_acc"], calibration=_calibration_spec(opts),
-        quantize=QuantizeOptions(activation_range=opts["act_range"], score_offset=opts["score_offset"]),
+        quantize=QuantizeOptions(activation_range=opts["act_range"], score_offset=opts["score_offset"],
+                                 float_map=opts["float_map"]),
         max_drop=opts["max_drop"], acc_metric=opts["acc_metric"], threshold_data=opts["data_path"],
         weights=opts["weights"], map_gate=opts["map_gate"], overwrite=opts["overwrite"],
         thresholds=ThresholdChoice(opts["threshold_from"], opts["max_false_alarm"], opts["max_false_alarm_pixel"],

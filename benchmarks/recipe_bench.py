@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict] = {
     "sigma_0.1": {"noise.sigma": 0.1},
     "anchor": {"model.score_anchor": "map_max"},
     "anchor_none": {"model.score_anchor": "none"},
+    "raw_anchor": {"model.anchor_blur": 0.0},
     "perlin_0.6": {"noise.perlin_threshold": 0.6},
 }
 
@@ -84,18 +85,19 @@ def _check_sets(recipe) -> dict:
 
 # What the end of training decides (the score, the collapse check) and how long it trains (a step budget resolves to
 # epochs): a run that differs from another only in these trained exactly the same heads.
-_DECIDED_AFTER = ("model.score_anchor", "train.steps", "train.on_collapse")
+_DECIDED_AFTER = ("model.score_anchor", "model.anchor_blur", "train.steps", "train.on_collapse")
 
 
 def _resolved(recipe, split):
-    """An unsupervised recipe with train.steps resolved to this data's epochs, as ssn_edge.train.loop.resolve_epochs
-    does (normal images only: adopt takes unsupervised runs)."""
+    """The recipe with train.steps resolved to this data's epochs, as ssn_edge.train.loop.resolve_epochs does
+    (batches half defects when the setting trains on the training split's defective images)."""
     import dataclasses
 
     from ssn_edge.train.schedule import batches_per_epoch, epochs_for_steps
 
     t = recipe.train
-    batches = batches_per_epoch(t, sum(1 for x in split.train if x.label == 0), with_defects=False)
+    defects = t.setting != "unsupervised" and any(x.label == 1 for x in split.train)
+    batches = batches_per_epoch(t, sum(1 for x in split.train if x.label == 0), with_defects=defects)
     return dataclasses.replace(recipe, train=epochs_for_steps(t, batches))
 
 
@@ -108,7 +110,7 @@ def _without(values: dict, keys: tuple[str, ...]) -> dict:
 
 
 def adopt(src: Path, out: Path, recipe) -> None:
-    """Take over an unsupervised run whose training was this recipe's (same seed and resolved epochs; it differs at
+    """Take over a run whose training was this recipe's (same seed and resolved epochs; it differs at
     most in _DECIDED_AFTER) and make the end-of-training decisions as train() makes them (score_anchor auto, the
     collapse check), instead of training the same heads again."""
     import dataclasses
@@ -129,6 +131,12 @@ def adopt(src: Path, out: Path, recipe) -> None:
     loaded = load_model(src / "checkpoint.pt")
     if _without(loaded.recipe.to_dict(), _DECIDED_AFTER) != _without(ours.to_dict(), _DECIDED_AFTER):
         raise SystemExit(f"--adopt-from {src}: its training differs from this variant's")
+    heads = loaded.model.heads
+    if loaded.recipe.model.score_anchor == "map_max" and ours.model.score_anchor == "auto":
+        # The source's auto already replaced the head's score by the map's maximum (its fc zeroed): the head's own
+        # score is gone, so auto chooses between a constant and this variant's map maximum.
+        heads.score_anchor = "none"
+    heads.anchor_blur = ours.model.anchor_blur
     checks = check_set(split.held_out, tuple(d.image_size))
     chosen, check = choose_score(loaded.model, ours, check_model(loaded.model, checks), checks)
     check = decide(check, chosen.train.on_collapse, True, out / "checkpoint.pt")
@@ -170,27 +178,67 @@ def screen(args) -> None:
     print(f"done in {time.perf_counter() - t0:.0f} s")
 
 
+# INT8 variants, as QuantizeOptions overrides of the export defaults ("default": none).
+QUANT = {"default": {}, "float_map": {"float_map": True}, "nncf_default": {"activation_range": "nncf_default"}}
+
+
 def int8(args) -> None:
-    """Export a finished screen run with the export defaults (thresholds from the held-out normals) and score its
-    FP32 (f32 hint) and INT8 models on the test split through the runtime: the drop and the decision flips."""
+    """Export a finished screen run with the export defaults (or the --quant variant; thresholds from the held-out
+    normals) and score its FP32 (f32 hint) and INT8 models on the test split through the runtime: the drop and the
+    decision flips. The export's own INT8 check (held-out normals and their painted copies, what the choice is made
+    on) goes into the INT8 record as check_*."""
     from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.export.exporter import ExportOptions, export_bundle
+    from ssn_edge.export.quantize import QuantizeOptions
+    from ssn_edge.runtime.bundle import load_bundle
 
     recipe = _recipe(args)
     run = ROOT / "runs" / "recipe" / f"{args.dataset}_{recipe.train.setting}_{args.variant}_s{args.seed}"
-    out = run / "bundle_int8"
-    export_bundle(run / "checkpoint.pt", out, ExportOptions(int8=True, overwrite=True))
+    out = run / ("bundle_int8" if args.quant == "default" else f"bundle_int8_{args.quant}")
+    export_bundle(run / "checkpoint.pt", out, ExportOptions(int8=True, overwrite=True,
+                                                            quantize=QuantizeOptions(**QUANT[args.quant])))
+    check = load_bundle(out).metadata.models["int8"].check
     rows = bundle_rows(out, split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False),
                        METRICS)
     base = {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
             "variant": args.variant, "seed": args.seed, "split": "test", "overrides": _overrides(args),
-            "command": command_line()}
+            **({"int8_variant": args.quant} if args.quant != "default" else {}), "command": command_line()}
+    held = {"check_image_auroc_diff": round(check.image_auroc_diff, 3), "check_flips": check.flips,
+            "check_pixel_aupro_diff": None if check.pixel_aupro_diff is None else round(check.pixel_aupro_diff, 3)}
     records = []
     for precision, row in rows.items():
         drops = {f"drop_{k}": round(rows["fp32"][k] - row[k], 3) for k in METRICS if k in row and k in rows["fp32"]}
-        records.append({**base, **row, **(drops if precision != "fp32" else {})})
+        records.append({**base, **row, **({**drops, **held} if precision != "fp32" else {})})
         print({k: records[-1].get(k) for k in ("precision", *METRICS, *drops, "flips", "latency_ms")})
     record_results("recipe", records)
+
+
+def latency(args) -> None:
+    """INT8 batch-1 latency of a run's float_map bundle against its default INT8 bundle (and FP32), in one run:
+    the rounds alternate between the models so a busy machine slows each alike. The architecture sets the latency,
+    not the data or the seed, so one run answers for all."""
+    import numpy as np
+
+    from ssn_edge.runtime.bench import bench_bundle
+
+    recipe = _recipe(args)
+    run = ROOT / "runs" / "recipe" / f"{args.dataset}_{recipe.train.setting}_{args.variant}_s{args.seed}"
+    bundles = {"int8": (run / "bundle_int8", "int8"), "int8_float_map": (run / "bundle_int8_float_map", "int8"),
+               "fp32": (run / "bundle_int8", "fp32")}
+    times: dict[str, list[float]] = {k: [] for k in bundles}
+    for _ in range(args.rounds):
+        for name, (path, precision) in bundles.items():
+            times[name].append(bench_bundle(path, [precision], warmup=5, runs=20, throughput_seconds=0)[0]["latency_ms"])
+    ms = {k: float(np.median(v)) for k, v in times.items()}
+    base = {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
+            "variant": args.variant, "seed": args.seed, "runtime": "openvino", "precision": "int8",
+            "int8_variant": "float_map", "command": command_line()}
+    records = [{**base, "ratio_of": "float_map_vs_default_int8_latency", "ratio": round(ms["int8_float_map"] / ms["int8"], 3),
+                "details": {k: round(v, 2) for k, v in ms.items()}},
+               {**base, "ratio_of": "float_map_int8_vs_fp32_latency", "ratio": round(ms["int8_float_map"] / ms["fp32"], 3),
+                "details": {k: round(v, 2) for k, v in ms.items()}}]
+    record_results("recipe", records)
+    print(records)
 
 
 def _mean(values: list) -> str:
@@ -226,16 +274,24 @@ def _reference_rows() -> list[str]:
 
 
 def _int8_rows(records: list[dict]) -> list[str]:
-    fp32 = {(r["setting"], r["dataset"], r["variant"], r["seed"]): r for r in records
-            if r.get("runtime") == "openvino" and r.get("precision") == "fp32"}
+    def key(r: dict) -> tuple:
+        return r["setting"], r["dataset"], r["variant"], r.get("int8_variant") or "default", r["seed"]
+
+    fp32 = {key(r): r for r in records if r.get("runtime") == "openvino" and r.get("precision") == "fp32"}
     lines = []
-    for r in sorted((r for r in records if r.get("runtime") == "openvino" and r.get("precision") == "int8"),
-                    key=lambda r: (r["setting"], r["dataset"], r["variant"], r["seed"])):
-        f = fp32.get((r["setting"], r["dataset"], r["variant"], r["seed"]), {})
-        lines.append(f"| {r['setting']} | {r['dataset']} | {r['variant']} | {r['seed']} | {f.get('image_auroc')} / "
-                     f"{f.get('pixel_aupro')} | {r['image_auroc']} / {r['pixel_aupro']} | {r['drop_image_auroc']} / "
-                     f"{r['drop_pixel_aupro']} | {r['flips']} | {r['latency_ms']} | {f.get('latency_ms')} |")
+    for r in sorted((r for r in records if r.get("runtime") == "openvino" and r.get("precision") == "int8"), key=key):
+        f = fp32.get(key(r), {})
+        held = (f"{r['check_image_auroc_diff']} / {r['check_pixel_aupro_diff']} / {r['check_flips']}"
+                if "check_flips" in r else "-")
+        lines.append(f"| {' | '.join(str(k) for k in key(r))} | {f.get('image_auroc')} / {f.get('pixel_aupro')} | "
+                     f"{r['image_auroc']} / {r['pixel_aupro']} | {r['drop_image_auroc']} / {r['drop_pixel_aupro']} | "
+                     f"{r['flips']} | {held} | {r['latency_ms']} | {f.get('latency_ms')} |")
     return lines
+
+
+def _ratio_lines(records: list[dict]) -> list[str]:
+    return [f"- {r['ratio_of']} ({r['dataset']} seed {r['seed']}, `{r['command']}`): {r['ratio']} (median ms: "
+            + ", ".join(f"{k} {v}" for k, v in r["details"].items()) + ")" for r in records if r.get("ratio_of")]
 
 
 def table(args) -> None:  # noqa: ARG001
@@ -252,10 +308,15 @@ def table(args) -> None:  # noqa: ARG001
             "these two; `test` is reported, never chosen on. train s: wall time on this 2-core machine, with other "
             "jobs running beside it (an upper bound).", "", "## Chosen on: held-out training data", "", head,
             *_rows(records, ("heldout_synthetic", "heldout_real")), "", "## Reported: test split", "", head,
-            *_rows(records, ("test",)), "", *_reference_rows(), "", "## INT8 against FP32: test split, OpenVINO (f32 hint for FP32), export defaults",
-            "", "| setting | data set | variant | seed | FP32 image AUROC / AUPRO | INT8 image AUROC / AUPRO | drop (points) "
-            "| decision flips | INT8 ms | FP32 ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            *_int8_rows(records), ""]
+            *_rows(records, ("test",)), "", *_reference_rows(), "", "## INT8 against FP32: test split, OpenVINO (f32 hint for FP32)",
+            "", "INT8 variant `default`: the export defaults; `float_map`: the segmentation head kept in float "
+            "(`ssn-edge export --int8 --float-map`). held-out check: what the export's INT8 check saw on the held-out "
+            "normals and their painted copies (INT8 minus FP32, image AUROC / AUPRO, and flips), the only signal a "
+            "user has; drop: FP32 minus INT8 on the test split. Latencies: batch 1, loaded machine, compare within a row.",
+            "", "| setting | data set | variant | INT8 variant | seed | FP32 image AUROC / AUPRO | INT8 image AUROC / AUPRO "
+            "| drop (points) | decision flips | held-out check | INT8 ms | FP32 ms |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *_int8_rows(records), "", *_ratio_lines(records), ""]
     out = ROOT / "benchmarks/results/recipe.md"
     out.write_text("\n".join(text))
     print(out.read_text())
@@ -277,7 +338,13 @@ def main() -> None:
     q = sub.add_parser("int8", help="export a finished screen run (defaults) and score FP32 / INT8 on the test split")
     for a in ("--dataset", "--setting", "--variant", "--seed", "--set"):
         q._add_action(next(x for x in p._actions if a in x.option_strings))
+    q.add_argument("--quant", choices=sorted(QUANT), default="default", help="INT8 variant (export option overrides)")
     q.set_defaults(func=int8)
+    la = sub.add_parser("latency", help="INT8 latency with the segmentation head in float against the defaults, one run")
+    for a in ("--dataset", "--setting", "--variant", "--seed", "--set"):
+        la._add_action(next(x for x in p._actions if a in x.option_strings))
+    la.add_argument("--rounds", type=int, default=5)
+    la.set_defaults(func=latency)
     t = sub.add_parser("table", help="write benchmarks/results/recipe.md from the records")
     t.set_defaults(func=table)
     args = parser.parse_args()

@@ -19,9 +19,10 @@ from ssn_edge.runtime.atomic import atomic_write
 RESULTS = Path(__file__).resolve().parent / "results"
 # "recipe": a benchmark whose dataset moved to a new recipe keeps the earlier recipe's records beside the new ones;
 # "defect": one run's metrics restricted to one defect type (weak_bench by-defect) are records of their own;
-# "code": the same measurement of an earlier commit's code (before / after a speed change) is kept beside it
+# "code": the same measurement of an earlier commit's code (before / after a speed change) is kept beside it;
+# "int8_variant": an INT8 export with other quantization options than the defaults, kept beside the default's
 IDENTITY = ("dataset", "backbone", "setting", "variant", "runtime", "precision", "seed", "ratio_of", "recipe", "defect",
-            "code")
+            "code", "int8_variant")
 
 
 def command_line() -> str:

@@ -564,6 +564,26 @@ def null_tile_model(th: int, tw: int, map_stride: int = 4):
     return ov.Model([m, s], [x], "null_tile")
 
 
+def null_tiles_graph(count: int, th: int, tw: int, map_stride: int = 4):
+    """The null tile model as a whole-image "tiles" graph (1, T, 3, th, tw) -> map (T, 1, th/4, tw/4), score (T,):
+    the fixed-size (ensemble) path of the runner with inference nearly free."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, count, 3, th, tw], np.float32, name="tiles")
+    flat = ops.reshape(x, ops.constant(np.array([count, 3, th, tw], np.int64)), False)
+    mean = ops.reduce_mean(flat, ops.constant(np.array([1], np.int64)), True)
+    m = ops.avg_pool(mean, [map_stride] * 2, [0, 0], [0, 0], [map_stride] * 2, True)
+    m.output(0).get_tensor().set_names({"map"})
+    s = ops.reduce_max(m, ops.constant(np.array([1, 2, 3], np.int64)), False)
+    s.output(0).get_tensor().set_names({"score"})
+    return ov.Model([m, s], [x], "null_tiles")
+
+
+# --graph tiles: a 3 x 3 grid of 256-pixel tiles over a 768 x 768 image, as the 9-location ensemble bundles
+ENSEMBLE_TILING = {"tile": (256, 256), "stride": (256, 256), "image_size": (768, 768), "graph": "tiles"}
+
+
 def overhead_one(args) -> None:
     """Child of `overhead`: the runner on a BMP frame with the null tile model; prints a JSON line."""
     import openvino as ov
@@ -622,11 +642,16 @@ def memory_one(args) -> None:
     from ssn_edge.runtime.tiled import TiledRunner
     from ssn_edge.runtime.tiling import TilingConfig
 
-    compiled = ov.Core().compile_model(null_tile_model(256, 256), "CPU",
-                                       {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"})
-    runner = TiledRunner(compiled, TilingConfig((256, 256), (128, 128)), requests=2)
-    # warm-up: one row of tiles of the frame's width (the batch shape compiled), as profile-one warms up
-    runner.run(BmpStrips(args.frame).rows(0, 256))
+    if args.graph == "tiles":
+        cfg = TilingConfig(**ENSEMBLE_TILING)
+        model = null_tiles_graph(cfg.grid(cfg.image_size).count, *cfg.tile)
+    else:
+        cfg, model = TilingConfig((256, 256), (128, 128)), null_tile_model(256, 256)
+    compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"})
+    runner = TiledRunner(compiled, cfg, requests=2)
+    # warm-up: one row of tiles of the frame's width (the batch shape compiled), as profile-one warms up; a
+    # fixed-size graph on a frame of its own input size
+    runner.run(BmpStrips(args.frame).rows(0, 256) if args.graph == "tile" else np.zeros((768, 768, 3), np.uint8))
     warm = vm_hwm_mb()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -648,7 +673,10 @@ def memory(args) -> None:
     this code's and --before REF's interleaved."""
     _require_data()
     codes = compared_codes(args.before)
-    base = {**SPEED_BASE, "backbone": "null_tile_model", "runtime": "openvino", "precision": "fp32", "model": NULL_MODEL}
+    ensemble = args.graph == "tiles"
+    base = {**SPEED_BASE, "backbone": "null_tiles_model" if ensemble else "null_tile_model", "runtime": "openvino",
+            "precision": "fp32", "model": NULL_MODEL, **({"tiling": ENSEMBLE_TILING} if ensemble else {})}
+    name = "tiled_ens9" if ensemble else "tiled"
     peaks: dict[tuple[str, str], float] = {}
     records = []
     for text in args.frames:
@@ -656,9 +684,9 @@ def memory(args) -> None:
         frame = speed_frame(size)
         side = frame_side(size)
         for code, tree in codes:
-            r = _child(tree, "memory-one", "--frame", str(frame))
+            r = _child(tree, "memory-one", "--frame", str(frame), "--graph", args.graph)
             peaks[(code, side)] = r["peak_rss_mb"]
-            records.append({**base, "variant": f"tiled_{side}", "code": code, "image_width": size[1],
+            records.append({**base, "variant": f"{name}_{side}", "code": code, "image_width": size[1],
                             "image_height": size[0], "image_format": "bmp", "tiles": r["tiles"],
                             "map_scale": r["map_scale"], "peak_rss_mb": round(r["peak_rss_mb"], 1),
                             "peak_rss_after_warmup_mb": round(r["peak_rss_warm_mb"], 1),
@@ -668,7 +696,7 @@ def memory(args) -> None:
     for code, _ in codes:
         if (code, "8192") in peaks and (code, "2048") in peaks:
             ratio = peaks[(code, "8192")] / peaks[(code, "2048")]
-            records.append({**base, "variant": "tiled_8192", "code": code, "ratio": round(ratio, 3),
+            records.append({**base, "variant": f"{name}_8192", "code": code, "ratio": round(ratio, 3),
                             "ratio_of": "tiled_8192_vs_2048_peak_rss", "target": 1.2,
                             "peak_rss_2048_mb": round(peaks[(code, "2048")], 1),
                             "peak_rss_8192_mb": round(peaks[(code, "8192")], 1), "command": command_line()})
@@ -722,8 +750,11 @@ def main() -> None:
     me = sub.add_parser("memory", help="peak RSS per frame with the null tile model, before and after (issue 32)")
     me.add_argument("--frames", nargs="+", default=["2048", "5472x3648", "8192"], help="side or WxH")
     me.add_argument("--before", metavar="REF", help="also measure ssn_edge as of this git commit")
+    me.add_argument("--graph", choices=["tile", "tiles"], default="tile",
+                    help="tile: single-model tiles; tiles: a whole-image (ensemble) graph at 768 x 768")
     meo = sub.add_parser("memory-one")  # the child process of memory
     meo.add_argument("--frame", required=True)
+    meo.add_argument("--graph", choices=["tile", "tiles"], default="tile")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     {"train": train, "table": table, "shared-vs-independent": shared_vs_independent,

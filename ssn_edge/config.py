@@ -52,6 +52,9 @@ class ModelConfig:
     # "auto": trained as "none", then the score is made the map's maximum logit if that ranks the held-out check set
     # (held-out normals and their painted copies, ssn_edge.data.heldout) better; the checkpoint records the choice.
     score_anchor: str = "none"
+    # The anchored score's map maximum is taken after a Gaussian blur of this sigma, in map pixels (1.0: the map as
+    # post-processed; 0: the raw maximum logit, what recipes recorded before this option). Chosen on held-out data.
+    anchor_blur: float = 1.0
     # "none": the map output is the segmentation head's logits (paper). "score": the inference graph outputs
     # log P(pixel defective) = log sigmoid(map) + log sigmoid(score), the pixel's probability given a defect times
     # the image's: one image-wide shift, so each map's ranking is unchanged while the maps of images the classifier
@@ -283,11 +286,20 @@ def recorded_val_split(values: dict[str, Any]) -> dict[str, Any]:
     return {**values, "data": {**data, "val_fraction": 0.0}}
 
 
+def recorded_anchor_blur(values: dict[str, Any]) -> dict[str, Any]:
+    """A recorded recipe silent on model.anchor_blur anchored its score to the raw maximum logit (0), not the
+    blurred one the default now takes."""
+    model = values.get("model")
+    if not isinstance(model, dict) or "anchor_blur" in model:
+        return values
+    return {**values, "model": {**model, "anchor_blur": 0.0}}
+
+
 def upgrade_recipe_dict(values: dict[str, Any]) -> dict[str, Any]:
     """A recorded recipe (checkpoint, recipe.json) in the current layout. One of the earlier layout (no 'weak'
     section) gets its moved keys moved, its removed ones dropped and that layout's defaults where it is silent;
     one in the current layout is returned as it is."""
-    values = recorded_val_split(values)
+    values = recorded_anchor_blur(recorded_val_split(values))
     if "weak" in values:
         return values
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
@@ -463,6 +475,8 @@ def _check_train(t: TrainConfig) -> None:
 
 def _check_collapse(r: Recipe) -> None:
     """train.on_collapse other than warn only where the check runs and can act (knn recipes: _check_knn)."""
+    if r.model.anchor_blur < 0:
+        raise RecipeError(f"model.anchor_blur must be >= 0 (0: the raw maximum logit), got {r.model.anchor_blur}")
     if r.model.score_anchor == "auto" and r.tiling is not None:
         raise RecipeError("model.score_anchor auto: chosen on the held-out check set of whole-image models only, not "
                           "tiled ones; use none or map_max")

@@ -22,6 +22,14 @@ LABELS = np.r_[np.zeros(10, np.int64), np.ones(10, np.int64)]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+def blurred_max(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Each raw map's maximum after OpenCV's Gaussian blur (reflected edges): what an anchored score adds."""
+    import cv2
+
+    k = 2 * int(np.ceil(3 * sigma)) + 1
+    return np.array([cv2.GaussianBlur(m, (k, k), sigma, borderType=cv2.BORDER_REFLECT_101).max() for m in maps])
+
+
 def _separated(rng: np.random.Generator, gap: float = 4.0) -> np.ndarray:
     """Normals around 0, painted copies around gap: what a working score or map max looks like."""
     return np.r_[rng.normal(0.0, 0.5, 10), rng.normal(gap, 0.5, 10)]
@@ -104,6 +112,22 @@ def check_arrays(tiny_dataset):
     split = split_validation(load_dataset(tiny_dataset), 0.1, 10, 0)
     assert split.held_out
     return check_set(split.held_out, (64, 64))
+
+
+def test_painted_copies_paint_each_normal_spec_copies_times_with_the_kinds_in_turn(tiny_dataset, check_arrays):
+    from ssn_edge.data import load_dataset, split_validation
+    from ssn_edge.data.heldout import CheckSetSpec, painted_copies
+    from ssn_edge.data.synthetic import DEFECTS
+
+    held = split_validation(load_dataset(tiny_dataset), 0.1, 10, 0).held_out
+    one = painted_copies(held, (64, 64))
+    three = painted_copies(held, (64, 64), CheckSetSpec(copies=3))
+    assert len(one) == len(held) and len(three) == 3 * len(held) and three.labels.all() and three.masks.any((1, 2)).all()
+    assert [p.split("#")[1] for p in three.paths[:3]] == list(DEFECTS[:3])
+    assert [p.split("#")[0] for p in three.paths[:3]] == [str(held[0].image)] * 3
+    # the one-copy set is the check set's painted half, unchanged by the option
+    np.testing.assert_array_equal(one.images, check_arrays.images[len(held):])
+    assert not np.array_equal(three.images[0], three.images[1])  # different defects on the same normal
 
 
 def _tiny_model():
@@ -203,7 +227,7 @@ def test_on_collapse_anchor_makes_the_score_the_maps_maximum(tiny_dataset, tmp_p
     assert loaded.recipe.model.score_anchor == "map_max" and loaded.recipe.train.on_collapse == "anchor"
     images = np.random.default_rng(0).normal(0, 1, (4, 3, 64, 64)).astype(np.float32)
     maps, scores = predict_raw(loaded.model, images)
-    np.testing.assert_allclose(scores, maps.reshape(4, -1).max(1), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores, blurred_max(maps, loaded.recipe.model.anchor_blur), rtol=0, atol=1e-5)
     assert np.ptp(scores) > 0
 
 
@@ -359,7 +383,7 @@ def test_score_anchor_auto_takes_whichever_ranks_the_check_set_better_and_record
     assert len(calls) == (2 if map_better else 1)  # anchoring re-checks the model as it now scores
     images = np.random.default_rng(0).normal(0, 1, (4, 3, 64, 64)).astype(np.float32)
     maps, scores = predict_raw(loaded.model, images)
-    same = np.allclose(scores, maps.reshape(4, -1).max(1), rtol=0, atol=1e-5)
+    same = np.allclose(scores, blurred_max(maps, loaded.recipe.model.anchor_blur), rtol=0, atol=1e-5)
     assert same == map_better
 
 

@@ -19,7 +19,7 @@ from ssn_edge.model.complexity import head_macs
 from ssn_edge.train.generator import NoiseGenerator
 from ssn_edge.train.noise import apply_noise
 from ssn_edge.train.perlin import perlin_masks
-from ssn_edge.model.ssn import ClassificationHead, LightClassificationHead, SSNHeads, SuperSimpleNet
+from ssn_edge.model.ssn import ClassificationHead, LightClassificationHead, SSNHeads, SuperSimpleNet, anchor_max
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,20 +120,47 @@ def test_map_max_anchor_starts_at_the_map_max_and_learns_a_correction(kind):
     with torch.no_grad():
         m, s = heads(feats)
         _, s_plain = plain(feats)
-    # The fc starts at zero: the score is exactly the map's max logit, per image.
-    assert torch.allclose(s, m.amax(dim=(1, 2, 3)), atol=1e-6) and torch.all(s_plain == 0)
+    # The fc starts at zero: the score is exactly the map's (blurred) max logit, per image.
+    assert torch.allclose(s, anchor_max(m, 1.0), atol=1e-6) and torch.all(s_plain == 0)
     with torch.no_grad():
         heads.classification.fc.bias.fill_(0.5)
         plain.classification.fc.bias.fill_(0.5)
         m, s = heads(feats)
         _, s_plain = plain(feats)
-    assert torch.allclose(s, s_plain + m.amax(dim=(1, 2, 3)), atol=1e-6)
+    assert torch.allclose(s, s_plain + anchor_max(m, 1.0), atol=1e-6)
     # Unsupervised training detaches the map from the score: the anchor must not open a path into it.
     heads.train()
     adapted = heads.adaptor(feats)
     _, score = heads.decide(adapted, adapted, detach_map=True)
     score.sum().backward()
     assert all(p.grad is None for p in heads.segmentation.parameters())
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0, 1.5])
+def test_anchor_max_is_the_maximum_of_the_map_blurred_as_opencv_blurs_it(sigma):
+    import cv2
+
+    maps = torch.randn(3, 1, 12, 9)
+    k = 2 * int(np.ceil(3 * sigma)) + 1
+    want = [cv2.GaussianBlur(m[0].numpy(), (k, k), sigma, borderType=cv2.BORDER_REFLECT_101).max() if sigma else
+            m.max().item() for m in maps]
+    np.testing.assert_allclose(anchor_max(maps, sigma).numpy(), want, rtol=0, atol=1e-5)
+    # a lone spike weighs less than a patch of the same height once blurred
+    spike, patch = torch.zeros(1, 1, 12, 12), torch.zeros(1, 1, 12, 12)
+    spike[..., 6, 6] = 3.0
+    patch[..., 5:8, 5:8] = 3.0
+    assert sigma == 0 or anchor_max(spike, sigma) < anchor_max(patch, sigma)
+
+
+def test_recorded_recipes_without_anchor_blur_keep_the_raw_maximum():
+    from ssn_edge.config import recipe_from_dict, upgrade_recipe_dict
+
+    old = _recipe(model={"score_anchor": "map_max"}).to_dict()
+    del old["model"]["anchor_blur"]
+    assert recipe_from_dict(upgrade_recipe_dict(old)).model.anchor_blur == 0.0
+    assert _recipe(model={"score_anchor": "map_max"}).model.anchor_blur == 1.0
+    with pytest.raises(RecipeError, match="model.anchor_blur"):
+        _recipe(model={"anchor_blur": -1})
 
 
 def test_score_anchor_is_validated():

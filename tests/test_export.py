@@ -445,7 +445,7 @@ def test_int8_accuracy_control(tiny_checkpoint, tmp_path):
     assert report.fake_quantize_ops >= 0
     assert (b.path / CALIBRATION_FILE).is_file()
     check = b.metadata.models["int8_acc"].check  # held against FP32 on the held-out images too
-    assert check is not None and check.images == 8 and check.message.startswith("Accuracy-controlled INT8 ")
+    assert check is not None and check.images == 16 and check.message.startswith("Accuracy-controlled INT8 ")
 
 
 @pytest.mark.slow
@@ -650,13 +650,14 @@ def test_int8_export_records_quantization_and_centres_its_score_on_the_calibrati
 
 
 def _check_arrays(tiny_dataset, recipe):
-    """The held-out normals of the tiny run (4 of 8) and a painted copy of each, as the export builds them."""
+    """The held-out normals of the tiny run (4 of 8) and three painted copies of each, as the export builds them."""
     from ssn_edge.data import load_dataset, split_validation
-    from ssn_edge.data.heldout import check_set
+    from ssn_edge.data.heldout import CheckSetSpec, check_set
+    from ssn_edge.export.exporter import INT8_CHECK_COPIES
 
     d = recipe.data
     return check_set(split_validation(load_dataset(tiny_dataset), d.val_fraction, d.val_min, d.val_seed).held_out,
-                     (64, 64))
+                     (64, 64), CheckSetSpec(copies=INT8_CHECK_COPIES))
 
 
 @pytest.mark.slow
@@ -668,7 +669,7 @@ def test_int8_check_is_recorded_and_is_what_the_shipped_models_give(bundle, tiny
     models = bundle.metadata.models
     check = models["int8"].check
     assert models["fp32"].check is None and models["fp16"].check is None and check is not None
-    assert (check.images, check.defective, check.bound) == (8, 4, 0.5)
+    assert (check.images, check.defective, check.bound) == (16, 12, 0.5)
     assert check.threshold == pytest.approx(bundle.image_threshold)
     arrays = _check_arrays(tiny_dataset, recipe)
     scores, metrics = {}, {}
@@ -709,9 +710,12 @@ def test_int8_outside_the_bound_is_said_in_one_warning_line(tiny_checkpoint, tmp
     assert check.flips >= 4  # every held-out normal now scores 1.0, above the threshold set just above them
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "FP32" in r.getMessage()]
     assert warned == [check.message]
-    assert check.message.startswith("INT8 differs from FP32 on the 4 held-out normal images and their painted copies")
+    assert check.message.startswith("INT8 differs from FP32 on the 4 held-out normal images and 12 painted copies")
     assert f"image AUROC INT8 0.0 vs FP32 {check.fp32_image_auroc:.1f} ({check.image_auroc_diff:+.2f})" in check.message
-    assert f": {check.flips} of 8 flip" in check.message and check.message.endswith("Try --int8-acc (accuracy control) or keep FP32.")
+    assert f": {check.flips} of 16 flip" in check.message
+    # the map moved too, and the export quantized the segmentation head: --float-map is named first
+    assert check.message.endswith("Try --float-map (the segmentation head in float), --int8-acc (accuracy control) or "
+                                  "keep FP32.")
 
 
 @pytest.mark.slow
@@ -724,3 +728,52 @@ def test_without_held_out_images_the_int8_check_is_skipped_in_one_line(tiny_chec
         b = export_bundle(tiny_checkpoint, tmp_path / "b", options)
     assert b.metadata.models["int8"].check is None
     assert "INT8 check: not run, no held-out normal images" in caplog.text
+
+
+def _activation_quantized(xml: Path) -> dict[str, bool]:
+    """For the segmentation head's two convolutions and the backbone's first: is the activation they read an INT8
+    FakeQuantize's output?"""
+    import openvino as ov
+
+    from ssn_edge.export.quantize import segmentation_subgraph
+
+    model = ov.Core().read_model(xml)
+    ops = {n.get_friendly_name(): n for n in model.get_ordered_ops()}
+    head = segmentation_subgraph(model)
+    stem = next(n for n in model.get_ordered_ops() if n.get_type_name() == "Convolution")
+    names = {"head_first": head.inputs[0], "head_last": head.outputs[0], "backbone": stem.get_friendly_name()}
+    return {k: ops[n].input_value(0).get_node().get_type_name() == "FakeQuantize" for k, n in names.items()}
+
+
+@pytest.mark.slow
+def test_float_map_keeps_the_segmentation_head_in_float_and_says_so(bundle, tiny_checkpoint, tmp_path):
+    default = _activation_quantized(bundle.model_path("int8"))
+    assert default == {"head_first": True, "head_last": True, "backbone": True}
+    kept = export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(
+        int8=True, calibration=CalibrationSpec(size=2), quantize=QuantizeOptions(float_map=True)))
+    assert _activation_quantized(kept.model_path("int8")) == {"head_first": False, "head_last": False, "backbone": True}
+    assert kept.metadata.models["int8"].quantization.float_map is True
+    assert bundle.metadata.models["int8"].quantization.float_map is False
+
+
+def test_float_map_is_refused_without_int8():
+    with pytest.raises(ValueError, match="--float-map only applies to an INT8 export"):
+        ExportOptions(fp16=True, quantize=QuantizeOptions(float_map=True))
+
+
+@pytest.mark.parametrize("auroc_diff,aupro_diff,map_quantized,hint", [
+    (-2.0, -0.1, True, "Try --int8-acc (accuracy control) or keep FP32."),  # the score moved, not the map
+    (-0.1, -2.0, True, "Try --float-map (the segmentation head in float), --int8-acc (accuracy control) or keep FP32."),
+    (-0.1, -2.0, False, "Try --int8-acc (accuracy control) or keep FP32."),  # the head was in float already
+    (-0.1, 0.2, True, None),  # within the bound: no hint
+])
+def test_the_int8_check_names_float_map_only_when_the_quantized_map_moved(auroc_diff, aupro_diff, map_quantized, hint):
+    from ssn_edge.export.int8_check import message
+    from ssn_edge.runtime.schema import Int8Check
+
+    check = Int8Check(data="d", images=8, defective=4, fp32_image_auroc=90.0, int8_image_auroc=90.0 + auroc_diff,
+                      image_auroc_diff=auroc_diff, fp32_pixel_aupro=80.0, int8_pixel_aupro=80.0 + aupro_diff,
+                      pixel_aupro_diff=aupro_diff, flips=0, max_score_diff=0.1, threshold=0.5, bound=0.5,
+                      within_bound=abs(auroc_diff) <= 0.5 and abs(aupro_diff) <= 0.5)
+    line = message(check, "int8", map_quantized)
+    assert line.endswith(hint) if hint else line.endswith("flip.")

@@ -108,9 +108,9 @@ def test_tiled_int8_uses_and_records_the_quantize_options(tiled_checkpoint, tile
 def test_a_tiled_int8_bundle_is_checked_against_fp32_as_a_plain_one_is(tiled_bundle):
     """The INT8 check runs through the tiled runtime's merge: same images, same record as for a plain graph."""
     check = tiled_bundle.metadata.models["int8"].check
-    assert check is not None and (check.images, check.defective) == (8, 4)
+    assert check is not None and (check.images, check.defective) == (16, 12)  # 4 normals, 3 painted copies each
     assert 0.0 <= check.fp32_image_auroc <= 100.0 and check.pixel_aupro_diff is not None
-    assert check.threshold == pytest.approx(tiled_bundle.image_threshold) and 0 <= check.flips <= 8
+    assert check.threshold == pytest.approx(tiled_bundle.image_threshold) and 0 <= check.flips <= 16
     assert check.image_auroc_diff == pytest.approx(check.int8_image_auroc - check.fp32_image_auroc)
 
 
@@ -249,3 +249,10 @@ def test_a_v1_bundle_loads_predicts_as_v2_and_is_reported(kind, plain_bundle, ti
     html = report.report_html.read_text()
     assert "ssn-edge-bundle v1 (read as v2)" in html
     assert (NOT_RECORDED in html) == (kind == "tiled")  # the old tiled export dropped it
+
+
+def test_float_map_is_refused_for_a_tiled_checkpoint_before_any_output(tiled_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="--float-map keeps a plain SSN model's segmentation head in float; this is a "
+                                         "tiled model"):
+        export_bundle(tiled_checkpoint, tmp_path / "b", ExportOptions(int8=True, quantize=QuantizeOptions(float_map=True)))
+    assert not (tmp_path / "b").exists()

@@ -224,3 +224,49 @@ def test_a_fixed_size_graph_reads_a_large_bmp_in_strips_to_the_same_input(tmp_pa
         small = tmp_path / "small.bmp"
         cv2.imwrite(str(small), image[:40, :40])
         tiled.graph_input(BmpStrips(small), cfg)
+
+
+def tiny_tiles_graph(count: int, th: int, tw: int) -> "ov.Model":
+    """A "tiles" graph, (1, T, 3, th, tw) -> map (T, 1, th/4, tw/4), score (T,): tiny_tile_model on every tile."""
+    inner = tiny_tile_model(th, tw)
+    x = ops.parameter([1, count, 3, th, tw], np.float32, name="tiles")
+    flat = ops.reshape(x, ops.constant(np.array([count, 3, th, tw], np.int64)), False)
+    conv = next(n for n in inner.get_ordered_ops() if n.get_type_name() == "Convolution")
+    m = ops.convolution(flat, conv.input_value(1), [MAP_STRIDE, MAP_STRIDE], [2, 2], [1, 1], [1, 1])
+    m.output(0).get_tensor().set_names({"map"})
+    s = ops.reduce_mean(ops.multiply(m, m), ops.constant(np.array([1, 2, 3], np.int64)), False)
+    s.output(0).get_tensor().set_names({"score"})
+    return ov.Model([m, s], [x], "tiny_tiles")
+
+
+def test_a_fixed_size_graph_on_a_large_frame_streams_a_preview_without_the_full_map(tmp_path, monkeypatch):
+    """A whole-image graph on a frame larger than its input: the full map is the merged map resized to the frame
+    (as before), and past FULL_MAP_PIXELS the runner keeps a block-mean preview and streams the full map instead,
+    from the same rows."""
+    from ssn_edge.runtime import tiled
+
+    cfg = TilingConfig(TILE, STRIDE, image_size=(96, 112), graph="tiles")
+    grid = cfg.grid(cfg.image_size)
+    compiled = ov.Core().compile_model(tiny_tiles_graph(grid.count, *TILE), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    image = _image(700, 530, "uint8", seed=9)
+    full = TiledRunner(compiled, cfg).run(image, keep_full=True)
+    # the merged map at the graph's size, brought to the frame's by OpenCV as a whole
+    x = tiled.graph_input(image, cfg)
+    request = compiled.create_infer_request()
+    request.infer({0: x})
+    raw = request.get_tensor("map").data
+    merged, score = merge_outputs(raw.reshape(grid.count, *raw.shape[-2:]), request.get_tensor("score").data.reshape(-1),
+                                  grid, cfg, SIGMA, KERNEL)
+    want = cv2.resize(merged, (530, 700), interpolation=cv2.INTER_LINEAR)
+    assert full.map_scale == 1 and float(np.abs(full.anomaly_map - want).max()) < 1e-5 and abs(full.score - score) < 1e-6
+    monkeypatch.setattr(tiled, "FULL_MAP_PIXELS", 100 * 100)
+    monkeypatch.setattr(tiled, "PREVIEW_SIDE", 128)
+    stream = tmp_path / "map.npy"
+    small = TiledRunner(compiled, cfg).run(image, stream_to=stream)
+    f = small.map_scale
+    assert f == -(-700 // 128)
+    padded = np.pad(want, ((0, -700 % f), (0, -530 % f)), mode="edge")
+    expected = padded.reshape(-(-700 // f), f, -(-530 // f), f).mean(axis=(1, 3))
+    assert float(np.abs(small.anomaly_map - expected).max()) < 1e-5
+    np.testing.assert_allclose(np.load(stream).astype(np.float32), want, atol=2e-2)  # float16 on disk
+    assert abs(small.map_max - float(want.max())) < 1e-5 and small.score == full.score

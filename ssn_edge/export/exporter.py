@@ -116,6 +116,8 @@ class ExportOptions:
             raise ValueError(f"max_drop is an absolute drop in percentage points, 0..100; got {self.max_drop}")
         if self.calibration is not None and not self.quantizing:
             raise ValueError("a calibration set only applies to an INT8 export (--int8 or --int8-acc)")
+        if self.quantize.float_map and not self.quantizing:
+            raise ValueError("--float-map only applies to an INT8 export (--int8 or --int8-acc)")
         if self.graph is not None and self.graph not in GRAPHS:
             raise ValueError(f"graph {self.graph!r} is not one of {', '.join(GRAPHS)}")
 
@@ -239,6 +241,9 @@ def _load(checkpoint: Path, options: ExportOptions) -> LoadedModel:
     if options.int8_acc and loaded.tiled:
         raise ValueError(f"{checkpoint}: accuracy-controlled INT8 is not offered for tiled models "
                          "(NNCF's accuracy control needs whole-image outputs); use --int8")
+    if options.quantize.float_map and loaded.kind != "ssn":
+        raise ValueError(f"{checkpoint}: --float-map keeps a plain SSN model's segmentation head in float; this is a "
+                         f"{loaded.kind} model (a tiled graph holds one head per tile, a knn graph none)")
     return loaded
 
 
@@ -290,7 +295,7 @@ def _held_out(checkpoint: Path, loaded: LoadedModel, path: str | Path, needed: b
 
 
 def _quantization(options: QuantizeOptions, offset: float | None) -> Quantization:
-    return Quantization(options.activation_range, options.score_offset, offset)
+    return Quantization(options.activation_range, options.score_offset, offset, options.float_map)
 
 
 def _int8_acc(stage: Stage, calib: Calibration, entry: dict[str, Any], options: ExportOptions,
@@ -330,28 +335,33 @@ def _quantize_all(stage: Stage, loaded: LoadedModel, options: ExportOptions, dat
         stage.save("int8", quantized, **entry, quantization=_quantization(options.quantize, offset))
     if options.int8_acc:
         _int8_acc(stage, calib, entry, options, data, loaded.kind)
-    _int8_checks(stage, data)
+    # the map was quantized, so --float-map could keep it: a plain SSN graph exported without it
+    _int8_checks(stage, data, map_quantized=loaded.kind == "ssn" and not options.quantize.float_map)
     return CalibrationInfo(CALIBRATION_FILE, record["count"], CalibrationSpecRecord(**spec.to_dict()))
 
 
-def _int8_checks(stage: Stage, data: ThresholdData) -> None:
+INT8_CHECK_COPIES = 3  # painted copies per held-out normal in the INT8 check (CheckSetSpec.copies)
+
+
+def _int8_checks(stage: Stage, data: ThresholdData, map_quantized: bool = False) -> None:
     """Each INT8 model against FP32 on the held-out normals and their painted copies (export/int8_check.py), into
     its model entry; outside the bound, one warning line. The normals' predictions are those saving each
     precision already made; only the painted copies are run."""
-    from ssn_edge.data.heldout import painted_copies
+    from ssn_edge.data.heldout import CheckSetSpec, painted_copies
 
     if data.held_out is None:
         log.info("INT8 check: not run, no held-out normal images to check INT8 against FP32 on")
         return
-    painted = painted_copies(data.held_out_samples, tuple(data.held_out.images.shape[-2:]))
+    spec = CheckSetSpec(copies=INT8_CHECK_COPIES)
+    painted = painted_copies(data.held_out_samples, tuple(data.held_out.images.shape[-2:]), spec)
     arrays = concat_arrays(data.held_out, painted)  # the check set (data.heldout.check_set), normals already read
-    where = f"the {len(data.held_out)} held-out normal images and their painted copies"
+    where = f"the {len(data.held_out)} held-out normal images and {len(painted)} painted copies"
     fp32 = joined(stage.held_out_predictions["fp32"], predict_arrays(stage.xml("fp32"), stage.plan, painted))
     for precision in ("int8", "int8_acc"):
         if precision not in stage.entries:
             continue
         int8 = joined(stage.held_out_predictions[precision], predict_arrays(stage.xml(precision), stage.plan, painted))
-        check = compare(arrays, fp32, int8, stage.thresholds.image, where, precision)
+        check = compare(arrays, fp32, int8, stage.thresholds.image, where, precision, map_quantized)
         (log.info if check.within_bound else log.warning)(check.message)
         stage.entries[precision]["check"] = check
 

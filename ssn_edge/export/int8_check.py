@@ -24,6 +24,8 @@ HINT = {  # what to do when INT8 is outside the bound (exporter.py's ExportOptio
     "int8": "Try --int8-acc (accuracy control) or keep FP32.",
     "int8_acc": "Keep FP32, or give accuracy control data more like these (--data).",
 }
+# ... and when the map is what moved, on a model whose segmentation head was quantized
+MAP_HINT = "Try --float-map (the segmentation head in float), --int8-acc (accuracy control) or keep FP32."
 LABEL = {"int8": "INT8", "int8_acc": "Accuracy-controlled INT8"}
 
 
@@ -37,7 +39,7 @@ def _metrics(arrays: ArraySet, pred: Predictions) -> tuple[float, float | None]:
 
 
 def compare(arrays: ArraySet, fp32: Predictions, int8: Predictions, threshold: float, data: str,
-            precision: str = "int8") -> Int8Check:
+            precision: str = "int8", map_quantized: bool = False) -> Int8Check:
     """FP32 against one INT8 precision on the check set ``arrays`` (both predictions in its order)."""
     f_auroc, f_aupro = _metrics(arrays, fp32)
     i_auroc, i_aupro = _metrics(arrays, int8)
@@ -53,7 +55,7 @@ def compare(arrays: ArraySet, fp32: Predictions, int8: Predictions, threshold: f
         max_score_diff=float(np.max(np.abs(int8.scores.astype(np.float64) - fp32.scores))),
         threshold=float(threshold), bound=BOUND, within_bound=bool(within),
     )
-    return dataclasses.replace(check, message=message(check, precision))
+    return dataclasses.replace(check, message=message(check, precision, map_quantized))
 
 
 def _pair(name: str, int8: float | None, fp32: float | None, diff: float | None) -> str:
@@ -62,11 +64,14 @@ def _pair(name: str, int8: float | None, fp32: float | None, diff: float | None)
     return f"{name} INT8 {int8:.1f} vs FP32 {fp32:.1f} ({diff:+.2f})"
 
 
-def message(check: Int8Check, precision: str = "int8") -> str:
-    """One line: how INT8 compares with FP32 on the check set, and, outside the bound, what to do."""
+def message(check: Int8Check, precision: str = "int8", map_quantized: bool = False) -> str:
+    """One line: how INT8 compares with FP32 on the check set, and, outside the bound, what to do (map_quantized:
+    the map moved and --float-map could keep it)."""
     verdict = "differs from FP32" if not check.within_bound else f"is within {check.bound:g} points of FP32"
     numbers = (f"{_pair('image AUROC', check.int8_image_auroc, check.fp32_image_auroc, check.image_auroc_diff)}, "
                f"{_pair('pixel AUPRO', check.int8_pixel_aupro, check.fp32_pixel_aupro, check.pixel_aupro_diff)}")
     flips = f"decisions at the image threshold: {check.flips} of {check.images} flip"
     line = f"{LABEL.get(precision, precision)} {verdict} on {check.data}: {numbers}; {flips}"
-    return f"{line}. {HINT.get(precision, '')}".rstrip() if not check.within_bound else f"{line}."
+    map_moved = check.pixel_aupro_diff is not None and abs(check.pixel_aupro_diff) > check.bound
+    hint = MAP_HINT if map_quantized and map_moved else HINT.get(precision, "")
+    return f"{line}. {hint}".rstrip() if not check.within_bound else f"{line}."

@@ -46,25 +46,50 @@ ACTIVATION_RANGES = ("minmax", "nncf_default")
 FLOAT_SCOPES: dict[str, tuple[str, ...]] = {"knn": (r".*\.head/.*",)}
 
 
-def float_scope(model_kind: str):
-    """The nncf.IgnoredScope keeping the family's FLOAT_SCOPES in float, or None."""
+def segmentation_subgraph(ov_model):
+    """SSN's segmentation head in the graph, as an nncf.Subgraph (first conv -> logit conv): OpenVINO folds the
+    head's batch norm into its first convolution, which then has a generated name, so it is found by walking back
+    from the named logit convolution."""
     import nncf
 
-    patterns = FLOAT_SCOPES.get(model_kind)
-    return nncf.IgnoredScope(patterns=list(patterns), validate=False) if patterns else None
+    last = next((n for n in ov_model.get_ordered_ops() if n.get_type_name() == "Convolution"
+                 and "heads.segmentation.net.3" in n.get_friendly_name()), None)
+    if last is None:
+        raise ValueError("the graph has no segmentation head to keep in float (model.cls_head cam?)")
+    first = last.input_value(0).get_node()
+    while first.get_type_name() != "Convolution":
+        first = first.input_value(0).get_node()
+    return nncf.Subgraph(inputs=[first.get_friendly_name()], outputs=[last.get_friendly_name()])
+
+
+def float_scope(model_kind: str, ov_model=None, float_map: bool = False):
+    """The nncf.IgnoredScope keeping the family's FLOAT_SCOPES (and, with float_map, SSN's segmentation head) in
+    float, or None."""
+    import nncf
+
+    if float_map and model_kind != "ssn":
+        raise ValueError(f"--float-map keeps a plain SSN graph's segmentation head in float; this is a {model_kind} "
+                         "model (tiled graphs hold one head per tile, a knn graph none)")
+    patterns = list(FLOAT_SCOPES.get(model_kind, ()))
+    subgraphs = [segmentation_subgraph(ov_model)] if float_map else []
+    if not patterns and not subgraphs:
+        return None
+    return nncf.IgnoredScope(patterns=patterns, subgraphs=subgraphs, validate=False)
 
 
 @dataclass(frozen=True)
 class QuantizeOptions:
     activation_range: str = "minmax"  # "minmax" or "nncf_default" (NNCF's own estimators)
     score_offset: bool = True  # subtract the calibration images' mean INT8-vs-FP32 score shift in the graph
+    float_map: bool = False  # keep SSN's segmentation head in float (the map's precision at the head's cost)
 
     def __post_init__(self) -> None:
         if self.activation_range not in ACTIVATION_RANGES:
             raise ValueError(f"activation range {self.activation_range!r} is not one of {', '.join(ACTIVATION_RANGES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"activation_range": self.activation_range, "score_offset": self.score_offset}
+        return {"activation_range": self.activation_range, "score_offset": self.score_offset,
+                "float_map": self.float_map}
 
 
 def with_defects(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -151,7 +176,7 @@ def quantize(ov_model, inputs: list[np.ndarray], options: QuantizeOptions, model
     params = advanced_parameters(options)
     if params is not None:
         kwargs["advanced_parameters"] = params
-    scope = float_scope(model_kind)
+    scope = float_scope(model_kind, ov_model, options.float_map)
     if scope is not None:
         kwargs["ignored_scope"] = scope
     return nncf.quantize(ov_model, nncf.Dataset(inputs), subset_size=len(inputs), **kwargs)

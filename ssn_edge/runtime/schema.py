@@ -144,6 +144,7 @@ class Quantization:
     activation_range: str
     score_offset: bool
     score_offset_value: float | None = None  # subtracted from the score inside the graph
+    float_map: bool = False  # the segmentation head was kept in float
 
 
 @dataclass(frozen=True)
@@ -511,7 +512,7 @@ def _read_model(f: _Fields) -> ModelEntry:
         metrics_hint=f.str("metrics_hint", "f32"),
         calibration=ModelCalibration(cal.str("file"), cal.int("count", minimum=0)) if cal else None,
         quantization=Quantization(q.str("activation_range"), q.bool("score_offset"),
-                                  q.num("score_offset_value", None)) if q else None,
+                                  q.num("score_offset_value", None), q.bool("float_map", False)) if q else None,
         accuracy_control=AccuracyControl(
             metric=acc.str("metric"), max_drop=acc.num("max_drop"), drop_type=acc.str("drop_type"),
             data=acc.str("data"), fp32=acc.num("fp32", finite=False), int8_acc=acc.num("int8_acc", finite=False),

@@ -257,6 +257,25 @@ def _runs(values: np.ndarray) -> list[tuple[int, int, np.float32]]:
     return [(a, b, values[a]) for a, b in zip(starts, ends)]
 
 
+def resized_bands(m: np.ndarray, size: tuple[int, int], band: int = 128):
+    """(y0, rows) bands of cv2.resize(m, size, INTER_LINEAR) (half-pixel centres), top to bottom, the resized map
+    never held at once: each band blends its two source rows (at the source's width), then is resized across."""
+    h, w = size
+    if m.shape == (h, w):
+        yield 0, m
+        return
+    src = (np.arange(h, dtype=np.float64) + 0.5) * (m.shape[0] / h) - 0.5
+    src = np.clip(src, 0, m.shape[0] - 1)
+    top = np.floor(src).astype(np.int64)
+    bottom = np.minimum(top + 1, m.shape[0] - 1)
+    frac = (src - top).astype(np.float32)[:, None]
+    for y0 in range(0, h, band):
+        y1 = min(h, y0 + band)
+        f = frac[y0:y1]
+        rows = m[top[y0:y1]] * (1 - f) + m[bottom[y0:y1]] * f
+        yield y0, cv2.resize(rows, (w, y1 - y0), interpolation=cv2.INTER_LINEAR)
+
+
 def prepare_tile(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """(3, th, tw) model input for the box of an (H, W, 3) RGB image (uint8, uint16 or float in [0, 1]).
 
@@ -314,7 +333,7 @@ def graph_input(image, cfg: TilingConfig) -> np.ndarray:
 
 
 def area_shrink(rows_of: Callable[[int, int], np.ndarray], shape: tuple[int, ...], size: tuple[int, int],
-                strip: int = 256) -> np.ndarray:
+                strip: int = 64) -> np.ndarray:
     """An (H, W, 3) image read as rows_of(y0, y1) -> float32 (h, w, 3) in [0, 1], h <= H, w <= W: what
     resize_image(to_unit(image), size) gives (OpenCV's pixel-area filter), a strip of rows at a time. Each strip
     is shrunk across by OpenCV and its rows added into the output rows they overlap, weighted by the overlap,
@@ -511,11 +530,7 @@ class TiledRunner:
         if self.cfg.graph == "tile":
             rows_of, size = _row_source(image, self.cfg)
             return self._run_streaming(TileRows(rows_of, self.cfg.grid(size)), image.shape[:2], keep_full, stream_to)
-        result = self._run_fixed(image, graph_input(image, self.cfg), image.shape[:2])
-        if stream_to is not None:
-            with open(stream_to, "wb") as fh:
-                np.save(fh, result.anomaly_map.astype(np.float16))
-        return result
+        return self._run_fixed(image, graph_input(image, self.cfg), image.shape[:2], keep_full, stream_to)
 
     def run_normalized(self, x: np.ndarray) -> TiledResult:
         """The same for an already normalised (3, H, W) image at the tiling's image size (evaluation arrays)."""
@@ -524,7 +539,11 @@ class TiledRunner:
             return self._run_streaming(rows, x.shape[1:], True, None)
         return self._run_fixed(x, normalized_graph_input(x, self.cfg), x.shape[1:])
 
-    def _run_fixed(self, image: np.ndarray, inputs: np.ndarray, size: tuple[int, int]) -> TiledResult:
+    def _run_fixed(self, image: np.ndarray, inputs: np.ndarray, size: tuple[int, int], keep_full: bool | None = True,
+                   stream_to: Path | None = None) -> TiledResult:
+        """A whole-image graph ("image", "tiles"): one inference at cfg.image_size, the merged map brought to the
+        frame's size band by band, so a large frame gets the same preview and stream as the tile graph without its
+        full-resolution map being held (an 8192^2 float map is 268 MB)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         if self._request is None:  # one request per runner, reused: requests are not free to create
@@ -536,9 +555,21 @@ class TiledRunner:
         grid = cfg.grid(cfg.image_size)
         merged, score = merge_outputs(raw.reshape(grid.count, *raw.shape[-2:]), logits.reshape(-1), grid, cfg, self.blur_sigma, self.blur_kernel)
         h, w = size
-        if merged.shape != (h, w):
-            merged = cv2.resize(merged, (w, h), interpolation=cv2.INTER_LINEAR)
-        return TiledResult(score, merged, float(merged.max()), 1, grid.count, infer_ms)
+        if keep_full is None:
+            keep_full = h * w <= FULL_MAP_PIXELS
+        factor = 1 if keep_full else max(1, -(-max(h, w) // PREVIEW_SIDE))
+        stream = None
+        if stream_to is not None:
+            stream = open(stream_to, "wb")
+            np.lib.format.write_array_header_2_0(stream, {"descr": "<f2", "fortran_order": False, "shape": (h, w)})
+        sink = MapSink((h, w), full=factor == 1, preview_factor=factor, stream=stream)
+        try:
+            for y0, rows in resized_bands(merged, (h, w)):
+                sink(y0, rows)
+        finally:
+            if stream is not None:
+                stream.close()
+        return TiledResult(score, sink.map, float(sink.max), factor, grid.count, infer_ms)
 
     def _queue_for_image(self, on_done: Callable) -> Any:
         import openvino as ov
