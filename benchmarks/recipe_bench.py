@@ -279,7 +279,8 @@ def _int8_rows(records: list[dict]) -> list[str]:
 
     fp32 = {key(r): r for r in records if r.get("runtime") == "openvino" and r.get("precision") == "fp32"}
     lines = []
-    for r in sorted((r for r in records if r.get("runtime") == "openvino" and r.get("precision") == "int8"), key=key):
+    for r in sorted((r for r in records if r.get("runtime") == "openvino" and r.get("precision") == "int8"
+                     and not r.get("ratio_of")), key=key):
         f = fp32.get(key(r), {})
         held = (f"{r['check_image_auroc_diff']} / {r['check_pixel_aupro_diff']} / {r['check_flips']}"
                 if "check_flips" in r else "-")
