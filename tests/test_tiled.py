@@ -281,3 +281,30 @@ def test_bench_frame_times_a_tiled_bundle_beside_its_tile_model(single_run, tmp_
     assert out.exit_code == 0, out.output
     assert "100x70" in out.output and "ratio" in out.output
     assert json.loads((tmp_path / "b.json").read_text())["results"][0]["tiles"] == rec["tiles"]
+
+
+def test_a_whole_image_graph_reads_large_bmp_frames_in_strips_with_the_same_result(ensemble_run, tmp_path, monkeypatch):
+    """A shared-backbone bundle shrinks a BMP frame to its input a strip at a time (no whole-frame decode); a frame
+    smaller than its input is decoded whole (it is enlarged, not shrunk)."""
+    from ssn_edge.export.exporter import export_bundle
+    from ssn_edge.runtime import preprocess
+    from ssn_edge.runtime.predict import predict_paths
+
+    _, result = ensemble_run
+    bundle = export_bundle(result.checkpoint, tmp_path / "bundle")
+    assert bundle.tiling.graph == "image" and bundle.tiling.image_size == (64, 64)
+    rng = np.random.default_rng(2)
+    calls = []
+    real_rows = preprocess.BmpStrips.rows
+    monkeypatch.setattr(preprocess.BmpStrips, "rows", lambda self, y0, y1: calls.append(y1 - y0) or real_rows(self, y0, y1))
+    for name, shape in (("large", (300, 260, 3)), ("small", (50, 60, 3))):
+        frame = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        cv2.imwrite(str(tmp_path / f"{name}.bmp"), frame)
+        cv2.imwrite(str(tmp_path / f"{name}.png"), frame)
+        calls.clear()
+        (from_bmp,) = predict_paths(bundle.path, [tmp_path / f"{name}.bmp"], tmp_path / f"{name}_a", precision="fp32")
+        (from_png,) = predict_paths(bundle.path, [tmp_path / f"{name}.png"], tmp_path / f"{name}_b", precision="fp32")
+        assert (max(calls) <= 64) if name == "large" else not calls
+        assert from_bmp.score == pytest.approx(from_png.score, abs=1e-5)
+        assert from_bmp.anomaly_map.shape == shape[:2]
+        np.testing.assert_allclose(from_bmp.anomaly_map, from_png.anomaly_map, atol=1e-4)

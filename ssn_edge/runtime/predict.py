@@ -215,11 +215,15 @@ class _Run:
 
     def run_tiled(self) -> None:
         tiling = self.engine.tiling
-        streamable = tiling.graph == "tile" and tiling.image_size is None and not self.overlays
+        fixed = tiling.graph != "tile"  # a whole-image graph shrinks the frame to its input a strip at a time
+        streamable = (fixed or tiling.image_size is None) and not self.overlays
         for k, item in enumerate(self.items):
             try:
-                # An uncompressed BMP tiled at its own size is read a band at a time; anything else is decoded whole.
+                # An uncompressed BMP tiled at its own size, or at least as large as a whole-image graph's input, is
+                # read a band at a time; anything else is decoded whole.
                 strips = open_strips(item.path) if (streamable and item.problem is None) else None
+                if strips is not None and fixed and not _covers(strips.shape, tiling.image_size):
+                    strips = None
                 if strips is not None:
                     check_geometry(strips.shape, item.name, self.geometry)
                     image, info = strips, ImageInfo("BMP", 8)
@@ -329,3 +333,8 @@ def predict_paths(
     if run.failures:
         raise ImageError(run.failure_message(), run.failures[0].kind or "unusable")
     return kept
+
+
+def _covers(shape: tuple[int, ...], size: tuple[int, int]) -> bool:
+    """A frame of `shape` at least `size` (H, W) in both sides: shrunk, not enlarged, to a whole-image graph's input."""
+    return shape[0] >= size[0] and shape[1] >= size[1]
