@@ -551,6 +551,18 @@ def _profile_records(r: dict, model: str, side: str, size: tuple[int, int], code
     return out
 
 
+def _null_outputs(tiles, map_stride: int) -> list:
+    """(N, 3, th, tw) tiles -> [map (N, 1, th/stride, tw/stride): a strided mean of the input, score (N,): its max]."""
+    import openvino.opset13 as ops
+
+    mean = ops.reduce_mean(tiles, ops.constant(np.array([1], np.int64)), True)
+    m = ops.avg_pool(mean, [map_stride] * 2, [0, 0], [0, 0], [map_stride] * 2, True)
+    m.output(0).get_tensor().set_names({"map"})
+    s = ops.reduce_max(m, ops.constant(np.array([1, 2, 3], np.int64)), False)
+    s.output(0).get_tensor().set_names({"score"})
+    return [m, s]
+
+
 def null_tile_model(th: int, tw: int, map_stride: int = 4):
     """A tile graph that costs almost nothing (the map a strided average of the input): what the runner spends
     around inference (cutting, normalising, post-processing, merging, seams) is then nearly all there is."""
@@ -558,12 +570,7 @@ def null_tile_model(th: int, tw: int, map_stride: int = 4):
     import openvino.opset13 as ops
 
     x = ops.parameter([-1, 3, th, tw], np.float32, name="image")
-    mean = ops.reduce_mean(x, ops.constant(np.array([1], np.int64)), True)
-    m = ops.avg_pool(mean, [map_stride] * 2, [0, 0], [0, 0], [map_stride] * 2, True)
-    m.output(0).get_tensor().set_names({"map"})
-    s = ops.reduce_max(m, ops.constant(np.array([1, 2, 3], np.int64)), False)
-    s.output(0).get_tensor().set_names({"score"})
-    return ov.Model([m, s], [x], "null_tile")
+    return ov.Model(_null_outputs(x, map_stride), [x], "null_tile")
 
 
 def null_tiles_graph(count: int, th: int, tw: int, map_stride: int = 4):
@@ -574,12 +581,7 @@ def null_tiles_graph(count: int, th: int, tw: int, map_stride: int = 4):
 
     x = ops.parameter([1, count, 3, th, tw], np.float32, name="tiles")
     flat = ops.reshape(x, ops.constant(np.array([count, 3, th, tw], np.int64)), False)
-    mean = ops.reduce_mean(flat, ops.constant(np.array([1], np.int64)), True)
-    m = ops.avg_pool(mean, [map_stride] * 2, [0, 0], [0, 0], [map_stride] * 2, True)
-    m.output(0).get_tensor().set_names({"map"})
-    s = ops.reduce_max(m, ops.constant(np.array([1, 2, 3], np.int64)), False)
-    s.output(0).get_tensor().set_names({"score"})
-    return ov.Model([m, s], [x], "null_tiles")
+    return ov.Model(_null_outputs(flat, map_stride), [x], "null_tiles")
 
 
 # --graph tiles: a 3 x 3 grid of 256-pixel tiles over a 768 x 768 image, as the 9-location ensemble bundles

@@ -37,7 +37,8 @@ from ssn_edge.export.graph import (FINAL_NAMES, MAP_STRIDE, GraphPlan, add_decis
                                    plan_graph, set_rt_info)
 from ssn_edge.export.inference import Predictions, compile_f32, infer, predict_arrays
 from ssn_edge.export.int8_check import compare, joined
-from ssn_edge.export.quantize import Calibration, QuantizeOptions, prepare_calibration, quantize_int8
+from ssn_edge.export.quantize import (Calibration, QuantizeOptions, check_float_map, prepare_calibration,
+                                      quantize_int8)
 from ssn_edge.export.thresholds import (
     SPLIT_OF,
     ThresholdChoice,
@@ -241,9 +242,11 @@ def _load(checkpoint: Path, options: ExportOptions) -> LoadedModel:
     if options.int8_acc and loaded.tiled:
         raise ValueError(f"{checkpoint}: accuracy-controlled INT8 is not offered for tiled models "
                          "(NNCF's accuracy control needs whole-image outputs); use --int8")
-    if options.quantize.float_map and loaded.kind != "ssn":
-        raise ValueError(f"{checkpoint}: --float-map keeps a plain SSN model's segmentation head in float; this is a "
-                         f"{loaded.kind} model (a tiled graph holds one head per tile, a knn graph none)")
+    if options.quantize.float_map:
+        try:
+            check_float_map(loaded.kind)
+        except ValueError as exc:
+            raise ValueError(f"{checkpoint}: {exc}") from None
     return loaded
 
 

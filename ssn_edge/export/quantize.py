@@ -62,14 +62,20 @@ def segmentation_subgraph(ov_model):
     return nncf.Subgraph(inputs=[first.get_friendly_name()], outputs=[last.get_friendly_name()])
 
 
+def check_float_map(model_kind: str) -> None:
+    """--float-map applies to a plain SSN graph only: one segmentation head to keep in float."""
+    if model_kind != "ssn":
+        raise ValueError(f"--float-map keeps a plain SSN model's segmentation head in float; this is a {model_kind} "
+                         "model (a tiled graph holds one head per tile, a knn graph none)")
+
+
 def float_scope(model_kind: str, ov_model=None, float_map: bool = False):
     """The nncf.IgnoredScope keeping the family's FLOAT_SCOPES (and, with float_map, SSN's segmentation head) in
     float, or None."""
     import nncf
 
-    if float_map and model_kind != "ssn":
-        raise ValueError(f"--float-map keeps a plain SSN graph's segmentation head in float; this is a {model_kind} "
-                         "model (tiled graphs hold one head per tile, a knn graph none)")
+    if float_map:
+        check_float_map(model_kind)
     patterns = list(FLOAT_SCOPES.get(model_kind, ()))
     subgraphs = [segmentation_subgraph(ov_model)] if float_map else []
     if not patterns and not subgraphs:

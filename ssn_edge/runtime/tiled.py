@@ -119,6 +119,25 @@ class MapSink:
     def map(self) -> np.ndarray:
         return self.full if self.full is not None else self.preview
 
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+
+def frame_sink(size: tuple[int, int], keep_full: bool | None, stream_to: Path | None) -> MapSink:
+    """The sink a frame's map rows go to, either graph: the full map (keep_full; None: when the frame has at most
+    FULL_MAP_PIXELS), else a block-mean preview at most PREVIEW_SIDE a side (a frame no larger than that is its own
+    preview); with stream_to, the full map also written there as float16 .npy, band by band (MapSink.close)."""
+    h, w = size
+    if keep_full is None:
+        keep_full = h * w <= FULL_MAP_PIXELS
+    factor = 1 if keep_full else max(1, -(-max(h, w) // PREVIEW_SIDE))
+    stream = None
+    if stream_to is not None:
+        stream = open(stream_to, "wb")
+        np.lib.format.write_array_header_2_0(stream, {"descr": "<f2", "fortran_order": False, "shape": (h, w)})
+    return MapSink((h, w), full=factor == 1, preview_factor=factor, stream=stream)
+
 
 class BandMerger:
     """Merge post-processed tile maps in tile order (row by row, left to right); emit finished, seam-smoothed rows.
@@ -554,22 +573,13 @@ class TiledRunner:
         infer_ms = (time.perf_counter() - t0) * 1e3
         grid = cfg.grid(cfg.image_size)
         merged, score = merge_outputs(raw.reshape(grid.count, *raw.shape[-2:]), logits.reshape(-1), grid, cfg, self.blur_sigma, self.blur_kernel)
-        h, w = size
-        if keep_full is None:
-            keep_full = h * w <= FULL_MAP_PIXELS
-        factor = 1 if keep_full else max(1, -(-max(h, w) // PREVIEW_SIDE))
-        stream = None
-        if stream_to is not None:
-            stream = open(stream_to, "wb")
-            np.lib.format.write_array_header_2_0(stream, {"descr": "<f2", "fortran_order": False, "shape": (h, w)})
-        sink = MapSink((h, w), full=factor == 1, preview_factor=factor, stream=stream)
+        sink = frame_sink(size, keep_full, stream_to)
         try:
-            for y0, rows in resized_bands(merged, (h, w)):
+            for y0, rows in resized_bands(merged, size):
                 sink(y0, rows)
         finally:
-            if stream is not None:
-                stream.close()
-        return TiledResult(score, sink.map, float(sink.max), factor, grid.count, infer_ms)
+            sink.close()
+        return TiledResult(score, sink.map, float(sink.max), sink.factor, grid.count, infer_ms)
 
     def _queue_for_image(self, on_done: Callable) -> Any:
         import openvino as ov
@@ -587,15 +597,7 @@ class TiledRunner:
         and merges the rows already back, so merging hides behind inference instead of following it."""
         cfg, grid = self.cfg, rows.grid
         h, w = grid.image_size
-        if keep_full is None:
-            keep_full = h * w <= FULL_MAP_PIXELS
-        factor = 1 if keep_full else max(1, -(-max(h, w) // PREVIEW_SIDE))
-        keep_full = factor == 1  # an image no larger than a preview is its own preview (there was no map at all)
-        stream = None
-        if stream_to is not None:
-            stream = open(stream_to, "wb")
-            np.lib.format.write_array_header_2_0(stream, {"descr": "<f2", "fortran_order": False, "shape": (h, w)})
-        sink = MapSink((h, w), full=keep_full, preview_factor=factor, stream=stream)
+        sink = frame_sink((h, w), keep_full, stream_to)
         batch, row_chunks = balanced_chunks(grid.cols, self.tile_batch)
         collector = _RowCollector(grid, self, BandMerger(grid, cfg, sink), row_chunks)
         t0 = time.perf_counter()
@@ -619,14 +621,13 @@ class TiledRunner:
             # the queue's callback held this image's collector, its merger's buffers with it, into the next image,
             # whose own buffers are made before the callback is replaced: the two would add up
             self._on_done = None
-            if stream is not None:
-                stream.close()
+            sink.close()
         infer_ms = (time.perf_counter() - t0) * 1e3
         score = tiled_image_score(collector.logits, sink.max, cfg.score)
         m = sink.map
-        if keep_full and tuple(original) != (h, w):
+        if sink.full is not None and tuple(original) != (h, w):
             m = cv2.resize(m, (original[1], original[0]), interpolation=cv2.INTER_LINEAR)
-        return TiledResult(score, m, float(sink.max), factor, grid.count, infer_ms)
+        return TiledResult(score, m, float(sink.max), sink.factor, grid.count, infer_ms)
 
 
 class _RowCollector:
