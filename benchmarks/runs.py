@@ -83,16 +83,18 @@ def train_once(recipe, out: Path, reuse_from: str | None, quiet: bool, evaluate:
 
 
 def bundle_rows(bundle_path: Path, arrays, keys: tuple[str, ...]) -> dict[str, dict]:
-    """FP32 (f32 hint) and INT8 of a bundle on the arrays through the runtime, as the report scores them: the
-    metrics named in keys (3 decimals), decision flips and the largest score difference against FP32, latency."""
+    """FP32 (f32 hint) and the INT8 models (int8, int8_acc: those the bundle has) of a bundle on the arrays through the
+    runtime, as the report scores them: the metrics named in keys (3 decimals), decision flips and the largest
+    score difference against FP32, latency."""
     from ssn_edge.report.build import compare_scores, variant_metrics
     from ssn_edge.report.variants import openvino_variant
     from ssn_edge.runtime.bench import bench_bundle
     from ssn_edge.runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_path)
-    rows = {p: openvino_variant(bundle, p, arrays) for p in ("fp32", "int8")}
-    timing = {r["precision"]: r for r in bench_bundle(bundle, precisions=["fp32", "int8"], warmup=5, runs=30,
+    precisions = ["fp32", *(p for p in ("int8", "int8_acc") if p in bundle.precisions)]
+    rows = {p: openvino_variant(bundle, p, arrays) for p in precisions}
+    timing = {r["precision"]: r for r in bench_bundle(bundle, precisions=precisions, warmup=5, runs=30,
                                                        throughput_seconds=0)}
     out = {}
     for p, v in rows.items():

@@ -10,6 +10,7 @@ independent tiles, and peak memory of `ssn-edge predict` on an 8192x8192 vs a 20
   python benchmarks/tiling_bench.py profile --before REF                 # issue 32: where a frame's time goes
   python benchmarks/tiling_bench.py overhead --before REF                # issue 32: the runner's own ms per tile
   python benchmarks/tiling_bench.py memory --before REF                  # issue 32: peak RSS per frame (null model)
+  python benchmarks/tiling_bench.py layouts                              # issue 32: each stride's time and accuracy
   python benchmarks/tiling_bench.py shared-vs-independent --speed-bundles --precision int8 --images 20
 
 profile / overhead / --speed-bundles use the speed bundles (runs/bench/tiling/speed, made by `speed-bundles`
@@ -122,18 +123,27 @@ def rss_of_predict(bundle: Path, image: Path, precision: str, out: Path) -> floa
 
 
 def evaluate_variant(variant: str, precision: str, arrays, images: list[np.ndarray]) -> dict:
-    from ssn_edge.export.inference import Predictions
-    from ssn_edge.export.thresholds import metrics_from_predictions
     from ssn_edge.runtime.engine import Engine
 
-    engine = Engine(bundle_of(variant), precision=precision, mode="latency")
-    scores, maps, times = [], [], []
+    return evaluate_engine(Engine(bundle_of(variant), precision=precision, mode="latency"), arrays, images)
+
+
+def frame_times(engine, images: list[np.ndarray]) -> tuple[list, list[float]]:
+    """Each image through the engine (tiled or not): its prediction and milliseconds."""
+    predictions, times = [], []
     for image in images:
         t0 = time.perf_counter()
-        p = engine.predict_tiled(image) if engine.tiling is not None else engine.predict_images([image])[0]
+        predictions.append(engine.predict_tiled(image) if engine.tiling is not None else engine.predict_images([image])[0])
         times.append((time.perf_counter() - t0) * 1e3)
-        scores.append(p.score)
-        maps.append(p.anomaly_map)
+    return predictions, times
+
+
+def evaluate_engine(engine, arrays, images: list[np.ndarray]) -> dict:
+    from ssn_edge.export.inference import Predictions
+    from ssn_edge.export.thresholds import metrics_from_predictions
+
+    predictions, times = frame_times(engine, images)
+    scores, maps = [p.score for p in predictions], [p.anomaly_map for p in predictions]
     metrics = metrics_from_predictions(arrays, Predictions(np.asarray(scores, dtype=np.float32), np.stack(maps)))
     return {**metrics, "latency_ms": float(np.median(times)), "latency_p90_ms": float(np.percentile(times, 90)),
             "inference_precision": engine.inference_precision, "tiling_graph": engine.tiling.graph if engine.tiling else None,
@@ -708,6 +718,73 @@ def memory(args) -> None:
     record_results("tiling", records)
 
 
+def relaid(engine, stride: int):
+    """The engine's single-model tile graph laid out at another stride. One model runs any layout: the recipe's
+    tiling.stride picks it (the tiles training sees, and the layout the bundle runs)."""
+    from dataclasses import replace
+
+    engine.tiling = replace(engine.tiling, stride=(stride, stride))
+    engine._runners.clear()  # the runner keeps the layout it was made with
+    return engine
+
+
+def layouts(args) -> None:
+    """Issue 32: what the tiling layout costs. tiled_single9's model (256 tiles) re-laid at each stride (overlap =
+    256 - stride): accuracy and frame latency on bottle's test images at 512, and latency on the same images
+    upsampled to 1024 (the model was trained at 512's scale, so accuracy there would measure the scale, not the
+    layout). Strides alternate image by image, so load drifts reach every stride alike."""
+    import cv2
+
+    from ssn_edge.data import load_dataset, select
+    from ssn_edge.data.arrays import load_arrays
+    from ssn_edge.export.inference import Predictions
+    from ssn_edge.export.thresholds import metrics_from_predictions
+    from ssn_edge.runtime.engine import Engine
+    from ssn_edge.runtime.preprocess import read_image
+    from ssn_edge.runtime.tiling import TileGrid
+
+    _require_data()
+    if not checkpoint_of("tiled_single9").is_file():
+        sys.exit("no tiled_single9 model: run `python benchmarks/tiling_bench.py train --variant tiled_single9` first")
+    samples = select(load_dataset(DATA), "test")
+    arrays = load_arrays(samples, (512, 512))
+    frames = {512: [read_image(s.image) for s in samples]}
+    frames[1024] = [cv2.resize(im, (1024, 1024), interpolation=cv2.INTER_LINEAR) for im in frames[512][: args.images_1024]]
+    records = []
+    for precision in args.precisions:
+        engines = {st: relaid(Engine(bundle_of("tiled_single9"), precision=precision, mode="latency"), st)
+                   for st in args.strides}
+        for side, images in frames.items():
+            runs = {st: ([], []) for st in args.strides}
+            for image in images:
+                for st, engine in engines.items():
+                    (pred,), (ms,) = frame_times(engine, [image])
+                    runs[st][0].append(pred), runs[st][1].append(ms)
+            base_ms = float(np.median(runs[max(args.strides)][1]))
+            for st, (preds, times) in runs.items():
+                ms, tile = float(np.median(times)), engines[st].tiling.tile
+                grid = TileGrid((side, side), tile, (st, st))
+                fill = engines[st].tiling.fill  # records without it: zeros, the code before the mirror fill
+                rec = {**BASE, "variant": f"layout_{side}_stride{st}_{fill}", "runtime": "openvino",
+                       "precision": precision, "inference_precision": engines[st].inference_precision,
+                       "fill": fill, "tile": tile[0], "stride": st,
+                       "overlap_px": tile[0] - st, "tiles": grid.count,
+                       "coverage": round(grid.count * tile[0] * tile[1] / side**2, 3),
+                       "latency_ms": round(ms, 2), "megapixels_per_s": round(side**2 / 1e6 / (ms / 1e3), 3),
+                       "ratio": round(ms / base_ms, 3), "ratio_of": f"latency_vs_stride_{max(args.strides)}",
+                       "images": len(images), "command": command_line()}
+                if side == 512:
+                    m = metrics_from_predictions(arrays, Predictions(np.asarray([p.score for p in preds], np.float32),
+                                                                     np.stack([p.anomaly_map for p in preds])))
+                    rec.update({k: round(v, 3) for k, v in m.items() if k in ("image_auroc", "image_ap", "pixel_aupro",
+                                                                            "pixel_ap", "pixel_auroc")})
+                records.append(rec)
+                acc = f"I-AUROC {rec['image_auroc']:6.2f}  AUPRO {rec['pixel_aupro']:6.2f}" if side == 512 else ""
+                print(f"{side:>5} {precision:<5} stride {st:>3} ({grid.count:>3} tiles, coverage {rec['coverage']:5.2f}x) "
+                      f"{ms:8.1f} ms  x{rec['ratio']:.2f}  {acc}")
+    record_results("tiling", records)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -759,12 +836,16 @@ def main() -> None:
     meo = sub.add_parser("memory-one")  # the child process of memory
     meo.add_argument("--frame", required=True)
     meo.add_argument("--graph", choices=["tile", "tiles"], default="tile")
+    la = sub.add_parser("layouts", help="what each tiling stride costs in time and accuracy (issue 32)")
+    la.add_argument("--strides", nargs="+", type=int, default=[256, 192, 128, 64])
+    la.add_argument("--precisions", nargs="+", default=["int8", "fp32"], choices=["int8", "fp32"])
+    la.add_argument("--images-1024", type=int, default=20, help="test images upsampled to 1024 for the latency")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     {"train": train, "table": table, "shared-vs-independent": shared_vs_independent,
      "edge-profile": edge_profile, "graph-match": graph_match, "rss": rss, "profile": profile,
      "profile-one": profile_one, "speed-bundles": speed_bundles, "overhead": overhead,
-     "overhead-one": overhead_one, "memory": memory, "memory-one": memory_one}[args.what](args)
+     "overhead-one": overhead_one, "memory": memory, "memory-one": memory_one, "layouts": layouts}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -438,14 +438,46 @@ def test_int8_accuracy_control(tiny_checkpoint, tmp_path):
     assert b.precisions == ["fp32", "int8_acc"]
     report = b.metadata.models["int8_acc"].accuracy_control
     assert report.max_drop == 0.5 and report.metric == "image_auroc" and report.drop_type == "absolute"
-    assert report.data == "test"
-    assert report.fp32 == pytest.approx(b.metadata.models["fp32"].metrics["image_auroc"])
+    # no 'val' split: the metric is held on the held-out normals and their painted copies, never on the test split
+    assert report.data == "heldout_check"
+    check = b.metadata.models["int8_acc"].check  # the INT8 check scores that same set
+    assert check is not None and check.images == 16 and check.message.startswith("Accuracy-controlled INT8 ")
+    assert report.fp32 == pytest.approx(check.fp32_image_auroc, abs=1e-3)
+    assert report.fp32 != pytest.approx(b.metadata.models["fp32"].metrics["image_auroc"], abs=1e-3)  # not the test's
     assert report.drop == pytest.approx(report.fp32 - report.int8_acc)
     assert report.met == (report.drop <= 0.5)
     assert report.fake_quantize_ops >= 0
     assert (b.path / CALIBRATION_FILE).is_file()
-    check = b.metadata.models["int8_acc"].check  # held against FP32 on the held-out images too
-    assert check is not None and check.images == 16 and check.message.startswith("Accuracy-controlled INT8 ")
+
+
+@pytest.mark.slow
+def test_int8_accuracy_control_holds_the_metric_on_a_val_split_when_there_is_one(tiny_checkpoint, tiny_dataset,
+                                                                                 tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    (data / "test").rename(data / "validation")  # its masks stay in ground_truth, as MVTec AD's layout has them
+    b = export_bundle(tiny_checkpoint, tmp_path / "acc", ExportOptions(
+        int8_acc=True, calibration=CalibrationSpec(size=CALIB_SIZE), threshold_data=str(data)))
+    report = b.metadata.models["int8_acc"].accuracy_control
+    assert report.data == "val"
+    assert report.fp32 == pytest.approx(b.metadata.models["fp32"].metrics["image_auroc"], abs=1e-3)  # val's metrics
+
+
+def test_int8_accuracy_control_without_val_or_held_out_images_is_refused_before_any_work(tiny_dataset, tmp_path):
+    from conftest import tiny_recipe_dict
+
+    from ssn_edge.config import recipe_from_dict
+    from ssn_edge.data import DatasetError
+    from ssn_edge.train.job import train_job
+
+    d = tiny_recipe_dict(tiny_dataset)
+    d["data"].update(val_fraction=0.0, val_min=0)  # trained on every normal image: none left to paint
+    checkpoint = train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False).checkpoint
+    options = ExportOptions(int8_acc=True, calibration=CalibrationSpec(size=4),
+                            thresholds=ThresholdChoice(source="test-f1"))  # thresholds need no held-out images
+    with pytest.raises(DatasetError, match="never tunes on a test split"):
+        export_bundle(checkpoint, tmp_path / "acc", options)
+    assert not (tmp_path / "acc").exists()
 
 
 @pytest.mark.slow

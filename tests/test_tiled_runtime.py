@@ -155,9 +155,26 @@ def test_prepare_tile_matches_tiling_a_normalised_image():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
     grid = TileGrid((70, 90), (32, 32), (24, 24))  # padding on both axes
-    reference = tile(normalize(image.astype(np.float32) / 255.0).transpose(1, 2, 0), grid)
-    for k, box in enumerate(grid.boxes):
-        np.testing.assert_allclose(prepare_tile(image, box), reference[k].transpose(2, 0, 1), atol=1e-6)
+    for fill in ("zero", "mirror"):
+        reference = tile(normalize(image.astype(np.float32) / 255.0).transpose(1, 2, 0), grid, fill)
+        for k, box in enumerate(grid.boxes):
+            np.testing.assert_allclose(prepare_tile(image, box, fill), reference[k].transpose(2, 0, 1), atol=1e-6)
+
+
+def test_a_single_models_tiles_mirror_the_image_where_they_leave_it_and_an_ensembles_hold_zeros():
+    from ssn_edge.runtime.tiling import TilingConfig
+
+    x = np.arange(5 * 7, dtype=np.float32).reshape(5, 7)
+    grid = TileGrid((5, 7), (4, 4), (3, 3))  # rows 0-3 and 3-6 of 5, columns 0-3 and 3-6 of 7: 1 row, 0 columns out
+    last = tile(x, grid, "mirror")[-1]  # its own rows 3, 4, then reflected within itself: 3, 4 (columns 3..6)
+    np.testing.assert_array_equal(last, x[[3, 4, 3, 4]][:, 3:7])
+    assert not tile(x, grid, "zero")[-1][2:].any()
+    thin = tile(x, TileGrid((5, 7), (4, 4), (4, 4)), "mirror")[-1]  # one image row (repeated), columns 4, 5, 6, 5
+    np.testing.assert_array_equal(thin, np.repeat(x[4:5, [4, 5, 6, 5]], 4, axis=0))
+    single = TilingConfig(tile=(4, 4), stride=(3, 3))
+    ensemble = TilingConfig(tile=(4, 4), stride=(3, 3), mode="ensemble", graph="tiles", image_size=(5, 7), locations=4)
+    assert (single.fill, ensemble.fill, TilingConfig(tile=(32, 32), stride=(32, 32), graph="image", image_size=(40, 40)).fill) \
+        == ("mirror", "zero", "zero")
 
 
 def test_graph_input_shapes_and_consistency():

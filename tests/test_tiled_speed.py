@@ -1,7 +1,7 @@
 """The fast tiled runtime (issue 32) gives what the straightforward tiled path gives.
 
-The reference below is today's behaviour written the slow, obvious way: every tile cut from the zero-padded
-normalised image, run alone and synchronously, upsampled and blurred on its own, the overlaps averaged in
+The reference below is today's behaviour written the slow, obvious way: every tile cut from the normalised image,
+its part beyond the image filled with its own part mirrored (a single model's tiles; numpy's reflect), run alone and synchronously, upsampled and blurred on its own, the overlaps averaged in
 float64 with an explicit count, the whole map blurred and the blur kept inside the seam bands. The runner
 (banded normalisation, batched asynchronous requests, row-band merging, analytic counts) must agree within 1e-5.
 """
@@ -95,16 +95,16 @@ def reference_merge(raw: np.ndarray, logits: np.ndarray, grid: TileGrid, cfg: Ti
 
 
 def reference_run(compiled, image: np.ndarray, cfg: TilingConfig) -> tuple[np.ndarray, float]:
-    """Every tile of the normalised, zero-padded image through the model one at a time, then reference_merge."""
+    """Every tile of the normalised image, mirrored beyond it, through the model one at a time, then reference_merge."""
     h, w = image.shape[:2]
     grid = cfg.grid((h, w))
-    ph, pw = grid.padded_size
-    canvas = np.zeros((3, ph, pw), dtype=np.float32)
-    canvas[:, :h, :w] = ((_unit(image).astype(np.float32) - MEAN) / STD).transpose(2, 0, 1)
+    normalised = ((_unit(image).astype(np.float32) - MEAN) / STD).transpose(2, 0, 1)
     request = compiled.create_infer_request()
     raws, logits = [], []
     for y0, x0, y1, x1 in grid.boxes:
-        request.infer({0: np.ascontiguousarray(canvas[None, :, y0:y1, x0:x1])})
+        part = normalised[:, y0:y1, x0:x1]
+        part = np.pad(part, ((0, 0), (0, y1 - y0 - part.shape[1]), (0, x1 - x0 - part.shape[2])), mode="reflect")
+        request.infer({0: np.ascontiguousarray(part[None])})
         raws.append(np.array(request.get_tensor("map").data)[0, 0])
         logits.append(float(np.array(request.get_tensor("score").data).reshape(-1)[0]))
     return reference_merge(np.stack(raws), np.array(logits), grid, cfg)

@@ -83,7 +83,7 @@ def predict_tiled_raw(model: TiledSSN, images: np.ndarray, graph: str, batch_siz
         if graph == "image":
             inp = torch.from_numpy(padded_images(x, grid))
         else:
-            tiles = np.stack([tile(img.transpose(1, 2, 0), grid).transpose(0, 3, 1, 2) for img in x])
+            tiles = np.stack([tile(img.transpose(1, 2, 0), grid, cfg.fill).transpose(0, 3, 1, 2) for img in x])
             inp = torch.from_numpy(np.ascontiguousarray(tiles))
         m, s = model(inp)
         maps.append(m.float().numpy())

@@ -145,6 +145,23 @@ class ThresholdData:
     held_out_from: str | None = None
     labelled: tuple[str, ArraySet] | None = None
     held_out_samples: list[Sample] = field(default_factory=list)  # held_out's samples: the INT8 check paints them
+    painted: ArraySet | None = None  # their painted copies, once made (check_arrays)
+
+    def check_arrays(self) -> tuple[ArraySet, ArraySet]:
+        """(the check set, its painted part): the held-out normals and INT8_CHECK_COPIES painted copies of each
+        (data.heldout.check_set), painted once; the normals are those already read."""
+        from ssn_edge.data.heldout import CheckSetSpec, painted_copies
+
+        if self.painted is None:
+            spec = CheckSetSpec(copies=INT8_CHECK_COPIES)
+            self.painted = painted_copies(self.held_out_samples, tuple(self.held_out.images.shape[-2:]), spec)
+        return concat_arrays(self.held_out, self.painted), self.painted
+
+    def acc_data(self) -> tuple[str, ArraySet]:
+        """What accuracy control holds the metric on: the 'val' split, else the check set, never a test split."""
+        if self.split == "val":
+            return "val", self.arrays
+        return ACC_CHECK_SPLIT, self.check_arrays()[0]
 
 
 @dataclass
@@ -208,9 +225,9 @@ class Stage:
         """A copy of one precision's raw graph (what NNCF quantizes)."""
         return self.raw[precision].clone()
 
-    def raw_outputs(self, precision: str) -> tuple[np.ndarray, np.ndarray]:
-        """The raw graph's (map logits, score logits) on the evaluation arrays: what accuracy control scores."""
-        return infer(compile_f32(self.raw[precision]), self.arrays.images)
+    def raw_outputs(self, precision: str, arrays: ArraySet) -> tuple[np.ndarray, np.ndarray]:
+        """The raw graph's (map logits, score logits) on arrays: what accuracy control scores."""
+        return infer(compile_f32(self.raw[precision]), arrays.images)
 
     def add_json(self, name: str, record: dict[str, Any]) -> None:
         (self.dir / name).write_text(json.dumps(record, indent=2))
@@ -261,11 +278,12 @@ def _threshold_data(checkpoint: Path, loaded: LoadedModel, options: ExportOption
     labelled = labelled_split(path, wanted) if wanted is not None else None
     evaluation = evaluation_split(path)
     split, arrays = (evaluation[0], load_arrays(evaluation[1], size)) if evaluation else (None, None)
-    if options.int8_acc and arrays is None:
-        raise DatasetError(f"{path}: accuracy-controlled INT8 needs a 'val' or 'test' split with normal and "
-                           "defective images")
-    if options.int8_acc and options.acc_metric.startswith("pixel_") and pixel_truth(arrays) is None:
-        raise DatasetError(f"{path}: '{split}' split has no defect masks; use an image_* accuracy metric")
+    if options.int8_acc and split != "val" and not held:
+        raise DatasetError(f"{path}: accuracy-controlled INT8 needs a 'val' split with normal and defective images, "
+                           "or normal training images that training held out (data.val_fraction) to paint defects "
+                           "into; it never tunes on a test split")
+    if options.int8_acc and split == "val" and options.acc_metric.startswith("pixel_") and pixel_truth(arrays) is None:
+        raise DatasetError(f"{path}: 'val' split has no defect masks; use an image_* accuracy metric")
     data = ThresholdData(split, str(path), arrays, load_arrays(held, size) if held else None, held_from,
                          held_out_samples=held)
     if wanted is not None and wanted != split:
@@ -303,10 +321,10 @@ def _quantization(options: QuantizeOptions, offset: float | None) -> Quantizatio
 
 def _int8_acc(stage: Stage, calib: Calibration, entry: dict[str, Any], options: ExportOptions,
               data: ThresholdData, model_kind: str) -> None:
-    arrays = data.arrays
-    log.info("quantizing to INT8 with accuracy control (%s, max drop %.2f points, %d validation images)",
-             options.acc_metric, options.max_drop, len(arrays))
-    fp32_raw = stage.raw_outputs("fp32")  # accuracy control is refused for tiled graphs, so a plain one
+    split, arrays = data.acc_data()
+    log.info("quantizing to INT8 with accuracy control (%s, max drop %.2f points, %d validation images: %s)",
+             options.acc_metric, options.max_drop, len(arrays), ACC_SPLIT_WORDS.get(split, f"the '{split}' split"))
+    fp32_raw = stage.raw_outputs("fp32", arrays)  # accuracy control is refused for tiled graphs, so a plain one
     agreement = None
     if options.acc_metric == "decision_agreement":
         threshold = stage.thresholds.image  # the bundle's own image threshold
@@ -314,8 +332,8 @@ def _int8_acc(stage: Stage, calib: Calibration, entry: dict[str, Any], options: 
     quantized, offset = quantize_int8_acc(stage.read("fp32"), calib, options.quantize, arrays, options.acc_metric,
                                           options.max_drop, agreement, model_kind)
     stage.save("int8_acc", quantized, **entry, quantization=_quantization(options.quantize, offset))
-    record = accuracy_record(options.acc_metric, options.max_drop, data.split, arrays, fp32_raw,
-                             stage.raw_outputs("int8_acc"), stage.xml("int8_acc"), agreement)
+    record = accuracy_record(options.acc_metric, options.max_drop, split, arrays, fp32_raw,
+                             stage.raw_outputs("int8_acc", arrays), stage.xml("int8_acc"), agreement)
     stage.entries["int8_acc"]["accuracy_control"] = record
 
 
@@ -344,20 +362,19 @@ def _quantize_all(stage: Stage, loaded: LoadedModel, options: ExportOptions, dat
 
 
 INT8_CHECK_COPIES = 3  # painted copies per held-out normal in the INT8 check (CheckSetSpec.copies)
+# accuracy_control.data when --int8-acc held its metric on the check set (no 'val' split)
+ACC_CHECK_SPLIT = "heldout_check"
+ACC_SPLIT_WORDS = {ACC_CHECK_SPLIT: "the held-out normals and their painted copies"}
 
 
 def _int8_checks(stage: Stage, data: ThresholdData, map_quantized: bool = False) -> None:
     """Each INT8 model against FP32 on the held-out normals and their painted copies (export/int8_check.py), into
     its model entry; outside the bound, one warning line. The normals' predictions are those saving each
     precision already made; only the painted copies are run."""
-    from ssn_edge.data.heldout import CheckSetSpec, painted_copies
-
     if data.held_out is None:
         log.info("INT8 check: not run, no held-out normal images to check INT8 against FP32 on")
         return
-    spec = CheckSetSpec(copies=INT8_CHECK_COPIES)
-    painted = painted_copies(data.held_out_samples, tuple(data.held_out.images.shape[-2:]), spec)
-    arrays = concat_arrays(data.held_out, painted)  # the check set (data.heldout.check_set), normals already read
+    arrays, painted = data.check_arrays()
     where = f"the {len(data.held_out)} held-out normal images and {len(painted)} painted copies"
     fp32 = joined(stage.held_out_predictions["fp32"], predict_arrays(stage.xml("fp32"), stage.plan, painted))
     for precision in ("int8", "int8_acc"):

@@ -80,7 +80,7 @@ class GraphPlan:
             return graph_input(image, self.tiling)
         if self.tiling.image_size is not None:
             image = resize_image(image, self.tiling.image_size)
-        return np.stack([prepare_tile(image, box) for box in self.tiling.grid(image.shape[:2]).boxes])
+        return np.stack([prepare_tile(image, box, self.tiling.fill) for box in self.tiling.grid(image.shape[:2]).boxes])
 
 
 def plan_graph(loaded: LoadedModel, dynamic_batch: bool = False) -> GraphPlan:

@@ -29,7 +29,7 @@ import numpy as np
 from ssn_edge.runtime.postprocess import BLUR_KERNEL, BLUR_SIGMA, anomaly_map, sigmoid
 from ssn_edge.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, prepare, resize_image
 from ssn_edge.runtime.seams import blur_radius, seam_band_axes
-from ssn_edge.runtime.tiling import TileGrid, TilingConfig, coverage, merge_scores, tile
+from ssn_edge.runtime.tiling import TileGrid, TilingConfig, coverage, merge_scores, mirrored, tile
 
 # Fixed-size graphs shrink frames of at least this many pixels a strip at a time (area_shrink), smaller ones whole.
 STRIP_SHRINK_PIXELS = 4 * 2**20
@@ -295,11 +295,12 @@ def resized_bands(m: np.ndarray, size: tuple[int, int], band: int = 128):
         yield y0, cv2.resize(rows, (w, y1 - y0), interpolation=cv2.INTER_LINEAR)
 
 
-def prepare_tile(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+def prepare_tile(image: np.ndarray, box: tuple[int, int, int, int], fill: str = "zero") -> np.ndarray:
     """(3, th, tw) model input for the box of an (H, W, 3) RGB image (uint8, uint16 or float in [0, 1]).
 
-    Where the box leaves the image the input is 0 *after* normalisation (the ImageNet mean colour), exactly
-    what `tile` gives on a normalised image, which is how training and evaluation cut their tiles.
+    Where the box leaves the image the input is 0 *after* normalisation (the ImageNet mean colour) or (fill
+    "mirror") the box's part of the image reflected: exactly what `tile` gives on a normalised image, which is how
+    training and evaluation cut their tiles.
     """
     y0, x0, y1, x1 = box
     h, w = image.shape[:2]
@@ -308,9 +309,11 @@ def prepare_tile(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarra
         part = part.astype(np.float32) / 255.0
     elif part.dtype == np.uint16:
         part = part.astype(np.float32) / 65535.0
-    part = (part.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+    part = ((part.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    if fill == "mirror":
+        return np.ascontiguousarray(mirrored(part, (y1 - y0, x1 - x0), axes=(1, 2)), dtype=np.float32)
     out = np.zeros((3, y1 - y0, x1 - x0), dtype=np.float32)
-    out[:, : part.shape[0], : part.shape[1]] = part.transpose(2, 0, 1)
+    out[:, : part.shape[1], : part.shape[2]] = part
     return out
 
 
@@ -334,7 +337,7 @@ def normalized_graph_input(x: np.ndarray, cfg: TilingConfig) -> np.ndarray:
         out = np.zeros((1, 3, ph, pw), dtype=np.float32)
         out[0, :, : x.shape[1], : x.shape[2]] = x
         return out
-    tiles = tile(np.ascontiguousarray(x.transpose(1, 2, 0)), grid)
+    tiles = tile(np.ascontiguousarray(x.transpose(1, 2, 0)), grid, cfg.fill)
     return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))[None]
 
 
@@ -410,8 +413,9 @@ class TileRows:
     normalised when `normalized`.
     """
 
-    def __init__(self, rows_of: Callable[[int, int], np.ndarray], grid: TileGrid, normalized: bool = False):
-        self.rows_of, self.grid, self.normalized = rows_of, grid, normalized
+    def __init__(self, rows_of: Callable[[int, int], np.ndarray], grid: TileGrid, normalized: bool = False,
+                 fill: str = "zero"):
+        self.rows_of, self.grid, self.normalized, self.fill = rows_of, grid, normalized, fill
         self.band: np.ndarray | None = None  # allocated at the first read: its dtype is the source's
         self.valid = 0  # rows of the band inside the image
         self.y0: int | None = None  # image row of band[0]
@@ -442,8 +446,12 @@ class TileRows:
         (th, tw), sw = self.grid.tile, self.grid.stride[1]
         span = self._normalized_span(sw * first, sw * (first + n - 1) + tw)
         out = np.empty((size, 3, th, tw), dtype=np.float32)
+        w, v = self.grid.image_size[1], self.valid
         for k in range(n):
             out[k] = span[:, :, sw * k : sw * k + tw]
+            inside = min(tw, w - sw * (first + k))  # the tile's columns within the image
+            if self.fill == "mirror" and (v < th or inside < tw):  # as `tile` fills it
+                out[k] = mirrored(out[k][:, :v, :inside], (th, tw), axes=(1, 2))
         out[n:] = out[n - 1]
         return out
 
@@ -548,13 +556,14 @@ class TiledRunner:
         float16 .npy, row band by row band."""
         if self.cfg.graph == "tile":
             rows_of, size = _row_source(image, self.cfg)
-            return self._run_streaming(TileRows(rows_of, self.cfg.grid(size)), image.shape[:2], keep_full, stream_to)
+            return self._run_streaming(TileRows(rows_of, self.cfg.grid(size), fill=self.cfg.fill), image.shape[:2],
+                                       keep_full, stream_to)
         return self._run_fixed(image, graph_input(image, self.cfg), image.shape[:2], keep_full, stream_to)
 
     def run_normalized(self, x: np.ndarray) -> TiledResult:
         """The same for an already normalised (3, H, W) image at the tiling's image size (evaluation arrays)."""
         if self.cfg.graph == "tile":
-            rows = TileRows(lambda y0, y1: x[:, y0:y1], self.cfg.grid(x.shape[1:]), normalized=True)
+            rows = TileRows(lambda y0, y1: x[:, y0:y1], self.cfg.grid(x.shape[1:]), normalized=True, fill=self.cfg.fill)
             return self._run_streaming(rows, x.shape[1:], True, None)
         return self._run_fixed(x, normalized_graph_input(x, self.cfg), x.shape[1:])
 

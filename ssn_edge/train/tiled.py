@@ -37,9 +37,10 @@ from ssn_edge.train.loop import TrainResult, resolve_supervision, train
 log = logging.getLogger("ssn_edge")
 
 
-def tile_arrays(arrays: ArraySet, grid: TileGrid, locations: list[int]) -> ArraySet:
-    """The tiles at `locations` of every image (image-major), with their masks; a tile's label is 1 when its
-    mask has a defect pixel (or, for a defective image without pixel truth, stays 1: unknown where it is)."""
+def tile_arrays(arrays: ArraySet, grid: TileGrid, locations: list[int], fill: str = "zero") -> ArraySet:
+    """The tiles at `locations` of every image (image-major), with their masks, filled beyond the image as the
+    tiling fills them (TilingConfig.fill; a mirrored defect is a defect); a tile's label is 1 when its mask has a
+    defect pixel (or, for a defective image without pixel truth, stays 1: unknown where it is)."""
     n, t = len(arrays), len(locations)
     th, tw = grid.tile
     images = np.empty((n * t, 3, th, tw), dtype=np.float32)
@@ -48,8 +49,8 @@ def tile_arrays(arrays: ArraySet, grid: TileGrid, locations: list[int]) -> Array
     valid = np.ones(n * t, dtype=bool)
     paths: list[str] = []
     for i in range(n):
-        tiles = tile(arrays.images[i].transpose(1, 2, 0), grid)  # zero padding of the normalised image
-        mtiles = tile(arrays.masks[i], grid)
+        tiles = tile(arrays.images[i].transpose(1, 2, 0), grid, fill)  # of the normalised image
+        mtiles = tile(arrays.masks[i], grid, fill)
         for j, k in enumerate(locations):
             r = i * t + j
             images[r] = tiles[k].transpose(2, 0, 1)
@@ -91,14 +92,14 @@ def _finished(path: Path, epochs: int) -> bool:
         return False
 
 
-def _train_location(sub: Recipe, train_arrays: ArraySet, grid: TileGrid, locations: list[int], folder: Path,
-                    shared: SharedFeatures | None, progress: bool) -> CheckpointRecord:
+def _train_location(sub: Recipe, train_arrays: ArraySet, grid: TileGrid, fill: str, locations: list[int],
+                    folder: Path, shared: SharedFeatures | None, progress: bool) -> CheckpointRecord:
     """The model of these tile locations, trained into folder (kept if finished, resumed if interrupted)."""
     ckpt = folder / "checkpoint.pt"
     if _finished(ckpt, sub.train.epochs):
         log.info("%s: already trained (%s), kept", folder.name, ckpt)
     else:
-        arrays = tile_arrays(train_arrays, grid, locations)
+        arrays = tile_arrays(train_arrays, grid, locations, fill)
         log.info("%s: training on %d tiles (%s)", folder.name, len(arrays),
                  "all locations" if len(locations) > 1 else f"location {locations[0]}")
         folder.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,7 @@ def train_tiled(
         if only is not None and name not in only:
             continue
         shared = None if padded is None else SharedFeatures(padded, [grid.boxes[k] for k in group])
-        locations[name] = _train_location(sub, train_arrays, grid, group, out_dir / name, shared, progress)
+        locations[name] = _train_location(sub, train_arrays, grid, cfg.fill, group, out_dir / name, shared, progress)
     if only is not None:
         return None
     first = next(iter(locations.values()))
