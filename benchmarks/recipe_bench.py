@@ -45,7 +45,6 @@ VARIANTS: dict[str, dict] = {
     "anchor_none": {"model.score_anchor": "none"},
     "raw_anchor": {"model.anchor_blur": 0.0},
     "perlin_0.6": {"noise.perlin_threshold": 0.6},
-    "sigma_mix_0.25": {"noise.sigma_min": 0.25},
 }
 
 

@@ -70,9 +70,6 @@ class NoiseConfig:
     # benchmarks/results/frontier.md). "learned": a generator trained against the heads (spec 4; beta and below).
     kind: str = "adaptive"
     sigma: float = 1.0
-    # adaptive only: each sample's sigma drawn log-uniformly in [sigma_min, sigma] (a mixture of noise scales);
-    # None: sigma for every sample.
-    sigma_min: float | None = None
     # Blur the unit noise spatially with this sigma (feature pixels), same variance: real anomalies reach the heads
     # through the 3x3 local-context pooling, spatially coherent, and i.i.d. noise is a texture the 5x5 head could
     # key on. None: i.i.d. (the paper).
@@ -427,8 +424,6 @@ def _check_ranges(r: Recipe) -> None:
     _refuse("model.adaptor_channels", m.adaptor_channels, m.adaptor_channels is None or m.adaptor_channels >= 1,
             ">= 1 (or null: the backbone's channels)")
     _refuse("noise.sigma", n.sigma, n.sigma >= 0.0, ">= 0")
-    _refuse("noise.sigma_min", n.sigma_min, n.sigma_min is None or 0.0 < n.sigma_min <= n.sigma,
-            "in (0, noise.sigma] (or null: one scale)")
     _refuse("noise.smooth", n.smooth, n.smooth is None or n.smooth > 0.0, "> 0 (or null: i.i.d. noise)")
     _refuse("noise.perlin_threshold", n.perlin_threshold, 0.0 <= n.perlin_threshold < 1.0, "in [0, 1)")
     _refuse("noise.gen_lr", n.gen_lr, n.gen_lr > 0.0, "> 0")

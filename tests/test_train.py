@@ -303,21 +303,3 @@ def test_a_step_budget_sets_the_epochs_by_the_data_size_and_is_recorded(tmp_path
     assert len(result.history) == 3
     recorded = load_checkpoint(result.checkpoint).recipe["train"]
     assert (recorded["epochs"], recorded["crop_epochs"], recorded["steps"]) == (3, 2, 9)
-
-
-def test_a_mixture_of_noise_scales_draws_each_samples_sigma_in_its_range():
-    from ssn_edge.config import NoiseConfig
-    from ssn_edge.train.noise import sample_noise, sample_sigmas
-
-    cfg = NoiseConfig(sigma=1.0, sigma_min=0.1, smooth=None)
-    sigmas = sample_sigmas(4000, cfg).flatten()
-    assert 0.1 <= float(sigmas.min()) and float(sigmas.max()) <= 1.0
-    # log-uniform: the median sits at the geometric mean (0.316), not the arithmetic one (0.55)
-    assert abs(float(sigmas.median()) - 0.316) < 0.03
-    feats = torch.ones(64, 8, 4, 4) * torch.arange(64.0).view(64, 1, 1, 1)  # each channel's spread: std over the batch
-    eps = sample_noise(feats, cfg)
-    per_sample = eps.flatten(1).std(1) / feats.std(dim=(0, 2, 3)).mean()
-    assert float(per_sample.max() / per_sample.min()) > 4  # scales differ by sample, not one sigma for all
-    assert sample_sigmas(5, NoiseConfig(sigma=0.7)) == 0.7  # without sigma_min: one scale
-    with pytest.raises(RecipeError, match="noise.sigma_min"):
-        recipe_from_dict({"noise": {"sigma": 0.5, "sigma_min": 0.6}})
