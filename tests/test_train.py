@@ -303,3 +303,4 @@ def test_a_step_budget_sets_the_epochs_by_the_data_size_and_is_recorded(tmp_path
     assert len(result.history) == 3
     recorded = load_checkpoint(result.checkpoint).recipe["train"]
     assert (recorded["epochs"], recorded["crop_epochs"], recorded["steps"]) == (3, 2, 9)
+
