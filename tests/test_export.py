@@ -451,6 +451,26 @@ def test_int8_accuracy_control(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_int8_check_adds_the_defective_training_images_an_unsupervised_model_never_saw(tiny_checkpoint,
+                                                                                          tiny_dataset, tmp_path):
+    from ssn_edge.data import load_dataset
+
+    samples = load_dataset(tiny_dataset)
+    moved = [s for s in samples if s.split == "test" and s.label == 1][:3]  # listed as training images
+    rows = ["image,label,split,mask,defect"] + [
+        f"{s.image},{s.label},{'train' if s in moved else s.split},{s.mask or ''},{s.defect}" for s in samples]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    b = export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(
+        int8=True, calibration=CalibrationSpec(size=CALIB_SIZE), threshold_data=str(manifest)))
+    check = b.metadata.models["int8"].check  # trained unsupervised: those 3 defects were never seen
+    assert (check.images, check.defective) == (4 + 12 + 3, 12 + 3)
+    assert check.data == "the 4 held-out normal images, 12 painted copies and 3 defective training images the model " \
+                         "never saw"
+    assert check.fp32_pixel_aupro is not None
+
+
+@pytest.mark.slow
 def test_int8_accuracy_control_holds_the_metric_on_a_val_split_when_there_is_one(tiny_checkpoint, tiny_dataset,
                                                                                  tmp_path):
     data = tmp_path / "data"

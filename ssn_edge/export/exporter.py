@@ -145,17 +145,27 @@ class ThresholdData:
     held_out_from: str | None = None
     labelled: tuple[str, ArraySet] | None = None
     held_out_samples: list[Sample] = field(default_factory=list)  # held_out's samples: the INT8 check paints them
-    painted: ArraySet | None = None  # their painted copies, once made (check_arrays)
+    # defective training images an unsupervised model never saw: real defects for the check set
+    unseen_defects: list[Sample] = field(default_factory=list)
+    added: ArraySet | None = None  # the painted copies and the unseen defects, once read (check_arrays)
 
     def check_arrays(self) -> tuple[ArraySet, ArraySet]:
-        """(the check set, its painted part): the held-out normals and INT8_CHECK_COPIES painted copies of each
-        (data.heldout.check_set), painted once; the normals are those already read."""
+        """(the check set, the part of it beyond the held-out normals): the held-out normals, INT8_CHECK_COPIES
+        painted copies of each and the unseen defective training images (data.heldout.check_set), read once; the
+        normals are those already read."""
         from ssn_edge.data.heldout import CheckSetSpec, painted_copies
 
-        if self.painted is None:
-            spec = CheckSetSpec(copies=INT8_CHECK_COPIES)
-            self.painted = painted_copies(self.held_out_samples, tuple(self.held_out.images.shape[-2:]), spec)
-        return concat_arrays(self.held_out, self.painted), self.painted
+        if self.added is None:
+            size = tuple(self.held_out.images.shape[-2:])
+            painted = painted_copies(self.held_out_samples, size, CheckSetSpec(copies=INT8_CHECK_COPIES))
+            self.added = concat_arrays(painted, *([load_arrays(self.unseen_defects, size)] if self.unseen_defects else []))
+        return concat_arrays(self.held_out, self.added), self.added
+
+    def check_words(self) -> str:
+        """The check set, in words."""
+        painted = len(self.held_out) * INT8_CHECK_COPIES
+        real = f" and {len(self.unseen_defects)} defective training images the model never saw" if self.unseen_defects else ""
+        return f"the {len(self.held_out)} held-out normal images{',' if real else ' and'} {painted} painted copies{real}"
 
     def acc_data(self) -> tuple[str, ArraySet]:
         """What accuracy control holds the metric on: the 'val' split, else the check set, never a test split."""
@@ -285,10 +295,18 @@ def _threshold_data(checkpoint: Path, loaded: LoadedModel, options: ExportOption
     if options.int8_acc and split == "val" and options.acc_metric.startswith("pixel_") and pixel_truth(arrays) is None:
         raise DatasetError(f"{path}: 'val' split has no defect masks; use an image_* accuracy metric")
     data = ThresholdData(split, str(path), arrays, load_arrays(held, size) if held else None, held_from,
-                         held_out_samples=held)
+                         held_out_samples=held, unseen_defects=_unseen_defects(loaded, path) if held else [])
     if wanted is not None and wanted != split:
         data.labelled = (wanted, load_arrays(labelled, size))
     return data
+
+
+def _unseen_defects(loaded: LoadedModel, path: str | Path) -> list[Sample]:
+    """The training split's defective images when training never used them (an unsupervised model: SSN trained
+    unsupervised, or knn): real defects for the check set, which painted ones only stand in for."""
+    if loaded.kind != "knn" and loaded.recipe.train.setting != "unsupervised":
+        return []
+    return [s for s in select(load_dataset(path), "train") if s.label == 1]
 
 
 def _held_out(checkpoint: Path, loaded: LoadedModel, path: str | Path, needed: bool) -> tuple[list, str | None]:
@@ -323,7 +341,8 @@ def _int8_acc(stage: Stage, calib: Calibration, entry: dict[str, Any], options: 
               data: ThresholdData, model_kind: str) -> None:
     split, arrays = data.acc_data()
     log.info("quantizing to INT8 with accuracy control (%s, max drop %.2f points, %d validation images: %s)",
-             options.acc_metric, options.max_drop, len(arrays), ACC_SPLIT_WORDS.get(split, f"the '{split}' split"))
+             options.acc_metric, options.max_drop, len(arrays),
+             data.check_words() if split == ACC_CHECK_SPLIT else f"the '{split}' split")
     fp32_raw = stage.raw_outputs("fp32", arrays)  # accuracy control is refused for tiled graphs, so a plain one
     agreement = None
     if options.acc_metric == "decision_agreement":
@@ -364,7 +383,6 @@ def _quantize_all(stage: Stage, loaded: LoadedModel, options: ExportOptions, dat
 INT8_CHECK_COPIES = 3  # painted copies per held-out normal in the INT8 check (CheckSetSpec.copies)
 # accuracy_control.data when --int8-acc held its metric on the check set (no 'val' split)
 ACC_CHECK_SPLIT = "heldout_check"
-ACC_SPLIT_WORDS = {ACC_CHECK_SPLIT: "the held-out normals and their painted copies"}
 
 
 def _int8_checks(stage: Stage, data: ThresholdData, map_quantized: bool = False) -> None:
@@ -374,13 +392,13 @@ def _int8_checks(stage: Stage, data: ThresholdData, map_quantized: bool = False)
     if data.held_out is None:
         log.info("INT8 check: not run, no held-out normal images to check INT8 against FP32 on")
         return
-    arrays, painted = data.check_arrays()
-    where = f"the {len(data.held_out)} held-out normal images and {len(painted)} painted copies"
-    fp32 = joined(stage.held_out_predictions["fp32"], predict_arrays(stage.xml("fp32"), stage.plan, painted))
+    arrays, added = data.check_arrays()
+    where = data.check_words()
+    fp32 = joined(stage.held_out_predictions["fp32"], predict_arrays(stage.xml("fp32"), stage.plan, added))
     for precision in ("int8", "int8_acc"):
         if precision not in stage.entries:
             continue
-        int8 = joined(stage.held_out_predictions[precision], predict_arrays(stage.xml(precision), stage.plan, painted))
+        int8 = joined(stage.held_out_predictions[precision], predict_arrays(stage.xml(precision), stage.plan, added))
         check = compare(arrays, fp32, int8, stage.thresholds.image, where, precision, map_quantized)
         (log.info if check.within_bound else log.warning)(check.message)
         stage.entries[precision]["check"] = check

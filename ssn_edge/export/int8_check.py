@@ -1,8 +1,10 @@
 """The INT8 check: each INT8 model set against FP32 at export, on images every user has.
 
-Accuracy control holds one metric on a labelled split, and a plain ``--int8`` holds nothing: neither says how INT8
-decides on the user's own parts. The check scores FP32 and INT8 on the held-out normal images the thresholds were
-set on and on a painted copy of each (``ssn_edge.data.heldout.check_set``), through the runtime's post-processing
+A plain ``--int8`` holds nothing, and accuracy control holds one metric: neither says how INT8 decides on the user's
+own parts. The check scores FP32 and INT8 on the held-out normal images the thresholds were set on, painted copies
+of each, and the training split's defective images when the model was trained without them (unsupervised, knn):
+real defects, which painted ones only stand in for (``ssn_edge.data.heldout.check_set``; the exporter's
+``ThresholdData.check_arrays``), through the runtime's post-processing
 and ``ssn_edge.evaluation.metrics`` (the numbers evaluation gives), and records image AUROC, pixel AUPRO, their
 differences, decision flips at the bundle's image threshold and the largest score difference. INT8 is within
 bound when both differences are at most ``BOUND`` points; outside it, export warns in one line.

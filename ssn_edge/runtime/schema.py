@@ -164,13 +164,13 @@ class AccuracyControl:
 
 @dataclass(frozen=True)
 class Int8Check:
-    """An INT8 model against FP32 at export (ssn_edge.export.int8_check) on the held-out normal images and a painted
-    copy of each: image AUROC and pixel AUPRO (percent; diff = INT8 - FP32), decisions that flip at the image
+    """An INT8 model against FP32 at export (ssn_edge.export.int8_check) on the held-out normal images, painted copies
+    of each and any defective training images the model never saw: image AUROC and pixel AUPRO (percent; diff = INT8 - FP32), decisions that flip at the image
     threshold, the largest |score difference|, and whether both differences are within ``bound`` points."""
 
     data: str  # which images, in words
     images: int
-    defective: int  # the painted copies among them
+    defective: int  # the painted copies and real defects among them
     fp32_image_auroc: float
     int8_image_auroc: float
     image_auroc_diff: float
