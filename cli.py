@@ -274,7 +274,7 @@ def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file,
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Bundle directory (default: 'bundle' beside the checkpoint).")
 @click.option("--fp16", is_flag=True, help="Also an FP16-weights model.")
 @click.option("--int8", is_flag=True, help="Also an INT8 model (NNCF post-training quantization).")
-@click.option("--int8-acc", "int8_acc", is_flag=True, help="Also an accuracy-controlled INT8 model (NNCF, reverts layers until --max-drop holds), held on the data's 'val' split, else on the held-out normal training images and painted copies of them (never the test split).")
+@click.option("--int8-acc", "int8_acc", is_flag=True, help="Also an accuracy-controlled INT8 model (NNCF, reverts layers until --max-drop holds), held on the data's 'val' split, else on the INT8 check's images: held-out normal training images, painted copies of them and, for a model trained unsupervised, the training split's defective images (never the test split).")
 @click.option("--max-drop", default=0.5, show_default=True, type=float, help="--int8-acc: largest drop of --acc-metric, in percentage points.")
 @click.option("--acc-metric", default="image_auroc", show_default=True, type=click.Choice(["image_auroc", "image_ap", "pixel_ap", "pixel_aupro", "decision_agreement"]), help="--int8-acc: the metric to hold; decision_agreement = %% of validation images deciding as FP32 does.")
 @click.option("--calibration", "calibration_yaml", type=click.Path(dir_okay=False), help="Calibration definition, e.g. calibration/mvtec_bottle.yaml.")

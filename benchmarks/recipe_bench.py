@@ -326,7 +326,7 @@ def table(args) -> None:  # noqa: ARG001
             *_rows(records, ("test",)), "", *_reference_rows(), "", "## INT8 against FP32: test split, OpenVINO (f32 hint for FP32)",
             "", "INT8 variant `default`: the export defaults; `float_map`: the segmentation head kept in float "
             "(`ssn-edge export --int8 --float-map`); `acc`, `acc_float_map`: accuracy-controlled INT8 "
-            "(`--int8-acc`, image AUROC held within 0.5 points on the held-out normals and their painted copies). "
+            "(`--int8-acc`, image AUROC held within 0.5 points on the export's check set, below). "
             "held-out check: what the export's INT8 check saw on the held-out "
             "normals and their painted copies (INT8 minus FP32, image AUROC / AUPRO, and flips), the only signal a "
             "user has; the `acc_float_map` rows' check set also holds Magnetic tile's defective training images, "
@@ -358,7 +358,7 @@ def main() -> None:
         q._add_action(next(x for x in p._actions if a in x.option_strings))
     q.add_argument("--quant", choices=sorted(QUANT), default="default", help="INT8 variant (export option overrides)")
     q.add_argument("--acc", action="store_true", help="accuracy-controlled INT8 (export --int8-acc: held on the "
-                   "held-out normals and their painted copies) instead of plain INT8")
+                   "export's check set) instead of plain INT8")
     q.add_argument("--acc-metric", default="image_auroc", help="--acc: the metric accuracy control holds")
     q.add_argument("--reuse-bundle", action="store_true", help="score the bundle an earlier run exported")
     q.set_defaults(func=int8)

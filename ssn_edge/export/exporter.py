@@ -283,7 +283,8 @@ def _threshold_data(checkpoint: Path, loaded: LoadedModel, options: ExportOption
         raise ValueError(f"{checkpoint}: the recipe has no data.path; pass the threshold/validation data with --data")
     size = tuple(int(v) for v in loaded.recipe.data.image_size)
     # what is missing is refused before any image is read
-    held, held_from = _held_out(checkpoint, loaded, path, options.thresholds.source == "normal")
+    samples = load_dataset(path)
+    held, held_from = _held_out(checkpoint, loaded, samples, path, options.thresholds.source == "normal")
     wanted = SPLIT_OF.get(options.thresholds.source)
     labelled = labelled_split(path, wanted) if wanted is not None else None
     evaluation = evaluation_split(path)
@@ -295,25 +296,27 @@ def _threshold_data(checkpoint: Path, loaded: LoadedModel, options: ExportOption
     if options.int8_acc and split == "val" and options.acc_metric.startswith("pixel_") and pixel_truth(arrays) is None:
         raise DatasetError(f"{path}: 'val' split has no defect masks; use an image_* accuracy metric")
     data = ThresholdData(split, str(path), arrays, load_arrays(held, size) if held else None, held_from,
-                         held_out_samples=held, unseen_defects=_unseen_defects(loaded, path) if held else [])
+                         held_out_samples=held,
+                         unseen_defects=_unseen_defects(loaded, samples) if held and options.quantizing else [])
     if wanted is not None and wanted != split:
         data.labelled = (wanted, load_arrays(labelled, size))
     return data
 
 
-def _unseen_defects(loaded: LoadedModel, path: str | Path) -> list[Sample]:
+def _unseen_defects(loaded: LoadedModel, samples: list[Sample]) -> list[Sample]:
     """The training split's defective images when training never used them (an unsupervised model: SSN trained
     unsupervised, or knn): real defects for the check set, which painted ones only stand in for."""
     if loaded.kind != "knn" and loaded.recipe.train.setting != "unsupervised":
         return []
-    return [s for s in select(load_dataset(path), "train") if s.label == 1]
+    return [s for s in select(samples, "train") if s.label == 1]
 
 
-def _held_out(checkpoint: Path, loaded: LoadedModel, path: str | Path, needed: bool) -> tuple[list, str | None]:
-    """Normal images the model never trained on: the training split's held-out part (the recipe's
-    data.val_fraction, val_min, val_seed: the one split training made) and the 'val' split's normal images."""
+def _held_out(checkpoint: Path, loaded: LoadedModel, samples: list[Sample], path: str | Path,
+              needed: bool) -> tuple[list, str | None]:
+    """Normal images the model never trained on, among the samples of the dataset at path: the training split's
+    held-out part (the recipe's data.val_fraction, val_min, val_seed: the one split training made) and the 'val'
+    split's normal images."""
     d = loaded.recipe.data
-    samples = load_dataset(path)
     held = split_validation(samples, d.val_fraction, d.val_min, d.val_seed).held_out
     val = [s for s in select(samples, "val") if s.label == 0]
     parts = ([f"{len(held)} held-out normal training images (data.val_fraction {d.val_fraction:g}, "
@@ -386,9 +389,9 @@ ACC_CHECK_SPLIT = "heldout_check"
 
 
 def _int8_checks(stage: Stage, data: ThresholdData, map_quantized: bool = False) -> None:
-    """Each INT8 model against FP32 on the held-out normals and their painted copies (export/int8_check.py), into
-    its model entry; outside the bound, one warning line. The normals' predictions are those saving each
-    precision already made; only the painted copies are run."""
+    """Each INT8 model against FP32 on the check set (ThresholdData.check_arrays, export/int8_check.py), into its
+    model entry; outside the bound, one warning line. The normals' predictions are those saving each precision
+    already made; only the rest of the check set (painted copies, unseen defects) is run."""
     if data.held_out is None:
         log.info("INT8 check: not run, no held-out normal images to check INT8 against FP32 on")
         return

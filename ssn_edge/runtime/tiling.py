@@ -22,7 +22,7 @@ IMAGE_SCORE_METHODS = ("mean", "max", "map_max")
 MODES = ("single", "ensemble")
 # What fills a tile where it leaves the image: "zero" (0 after normalisation: the ImageNet mean colour) or "mirror"
 # (the tile's own part of the image reflected). Bottle at 512, tiles of 256 every 192 (the last row and column
-# padded by 128), single model: pixel AUPRO 58.9 with zeros against 86.7 at stride 256 (no padding);
+# padded by 128), single model, INT8: pixel AUPRO 58.9 with zeros, 86.6 mirrored (86.7 at stride 256, no padding);
 # benchmarks/tiling_bench.py layouts.
 FILLS = ("zero", "mirror")
 # What the exported graph of a tiled bundle takes:
