@@ -73,6 +73,9 @@ TUNE_GRID = (
     ("greedy_10000_proj64", {"coreset": 10000, "projection": 64}),
     ("greedy_10000_ch192", {"coreset": 10000, "channels": 192}),
     ("random_10000", {"sampler": "random", "coreset": 10000}),
+    # the default bank (2 % of the patches) with greedy distances on the projection or on the features themselves
+    ("greedy_2pct", {"coreset": 0.02}),
+    ("greedy_2pct_exact", {"coreset": 0.02, "projection": None}),
 )
 # tune --grid map: (variant, knn overrides, the map's blur sigma; None: runtime.postprocess's, 4). How many nearest
 # bank patches the map averages (knn.neighbours), and the blur after it. They leave the bank as it is: it is fitted

@@ -1,6 +1,9 @@
 """Choosing SSN's default CPU recipe without a test split (issue 28): levers compared on held-out training data.
 
   python benchmarks/recipe_bench.py screen --dataset magnetic_tile --variant sigma_0.25 --seed 0
+  python benchmarks/recipe_bench.py screen --dataset magnetic_tile --setting supervised --variant memory_bank \
+      --seed 0 --adopt-from default
+  python benchmarks/recipe_bench.py bank_latency --dataset magnetic_tile --setting supervised --seed 0
   python benchmarks/recipe_bench.py table
 
 Every variant trains from recipes/ssn_cpu_unsupervised.yaml (or ssn_cpu_supervised.yaml) with only the data path
@@ -33,7 +36,7 @@ DATA = {"mvtec_bottle": "../shared/data/mvtec_ad_512/bottle", "magnetic_tile": "
 BASE = {"unsupervised": "recipes/ssn_cpu_unsupervised.yaml", "supervised": "recipes/ssn_cpu_supervised.yaml"}
 METRICS = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap", "image_auroc_map_max")
 
-# Levers, as overrides of the base recipe (the base itself is "default").
+# Levers, as overrides of the base recipe (the base itself is "default", without its memory bank: BANK_OFF).
 VARIANTS: dict[str, dict] = {
     "default": {},
     "sigma_1.0": {"noise.sigma": 1.0},
@@ -45,6 +48,15 @@ VARIANTS: dict[str, dict] = {
     "anchor_none": {"model.score_anchor": "none"},
     "raw_anchor": {"model.anchor_blur": 0.0},
     "perlin_0.6": {"noise.perlin_threshold": 0.6},
+    "memory_bank": {"model.memory_bank": True},
+}
+# Levers that are not recipe overrides: SSN's map fused with the memory-bank map (fusion_bench.py), no retraining.
+FUSIONS = {
+    "map_max_ssn": "fusion baseline: the default run alone, score = its map's max",
+    "map_max_knn": "fusion baseline: the knn default alone (at SSN's map size), score = its map's max",
+    "knn_fusion_sum": "SSN map + knn map, each standardised on the held-out normals; score = the sum's max",
+    "knn_fusion_max": "max(SSN map, knn map), each standardised on the held-out normals; score = its max",
+    "knn_fusion_sum_head": "SSN map + knn map as knn_fusion_sum; score = SSN's own (the head's or its anchor)",
 }
 
 
@@ -55,8 +67,15 @@ def _overrides(args) -> dict:
     return {**VARIANTS[args.variant], **dict(parse_override(text) for text in args.set)}
 
 
+# Every lever but memory_bank was measured on the base recipes before model.memory_bank joined them: those variants
+# turn it off again, so a re-run measures what their records say ("default": the base recipes without the bank).
+BANK_OFF = {"model.memory_bank": False}
+
+
 def _recipe(args):
-    return bench_recipe(BASE[args.setting], {"data.path": DATA[args.dataset], "train.seed": args.seed, **_overrides(args)})
+    bank = {} if args.variant == "memory_bank" else BANK_OFF
+    return bench_recipe(BASE[args.setting], {"data.path": DATA[args.dataset], "train.seed": args.seed, **bank,
+                                             **_overrides(args)})
 
 
 def _scores(loaded, arrays) -> dict:
@@ -83,9 +102,9 @@ def _check_sets(recipe) -> dict:
     return sets
 
 
-# What the end of training decides (the score, the collapse check) and how long it trains (a step budget resolves to
-# epochs): a run that differs from another only in these trained exactly the same heads.
-_DECIDED_AFTER = ("model.score_anchor", "model.anchor_blur", "train.steps", "train.on_collapse")
+# What the end of training decides or fits (the score, the collapse check, the memory bank) and how long it trains (a
+# step budget resolves to epochs): a run that differs from another only in these trained exactly the same heads.
+_DECIDED_AFTER = ("model.score_anchor", "model.anchor_blur", "train.steps", "train.on_collapse", "model.memory_bank")
 
 
 def _resolved(recipe, split):
@@ -111,8 +130,8 @@ def _without(values: dict, keys: tuple[str, ...]) -> dict:
 
 def adopt(src: Path, out: Path, recipe) -> None:
     """Take over a run whose training was this recipe's (same seed and resolved epochs; it differs at
-    most in _DECIDED_AFTER) and make the end-of-training decisions as train() makes them (score_anchor auto, the
-    collapse check), instead of training the same heads again."""
+    most in _DECIDED_AFTER) and do what train() does after the epochs (fit model.memory_bank, score_anchor auto,
+    the collapse check), instead of training the same heads again."""
     import dataclasses
 
     from ssn_edge.data import load_dataset, split_validation
@@ -138,6 +157,14 @@ def adopt(src: Path, out: Path, recipe) -> None:
         heads.score_anchor = "none"
     heads.anchor_blur = ours.model.anchor_blur
     checks = check_set(split.held_out, tuple(d.image_size))
+    t0 = time.perf_counter()
+    if ours.model.memory_bank:  # fitted after training, as train() fits it
+        from ssn_edge.data import load_arrays
+        from ssn_edge.train.memory_bank import fit_memory_bank, held_out_normals
+
+        fit_memory_bank(loaded.model, ours, load_arrays(split.train, tuple(d.image_size), progress=False),
+                        held_out_normals(checks), progress=False)
+    fit_s = time.perf_counter() - t0
     chosen, check = choose_score(loaded.model, ours, check_model(loaded.model, checks), checks)
     check = decide(check, chosen.train.on_collapse, True, out / "checkpoint.pt")
     record = dataclasses.replace(load_checkpoint(src / "checkpoint.pt"), recipe=chosen.to_dict(),
@@ -147,7 +174,8 @@ def adopt(src: Path, out: Path, recipe) -> None:
     (out / "recipe.json").write_text(json.dumps(chosen.to_dict(), indent=2))
     metrics = evaluate_model(loaded.model, split_arrays(d.path, "test", tuple(d.image_size), progress=False))
     source = json.loads((src / "trained.json").read_text())
-    (out / "trained.json").write_text(json.dumps({"train_s": source["train_s"], "reused_from": str(src.relative_to(ROOT)),
+    (out / "trained.json").write_text(json.dumps({"train_s": round(source["train_s"] + fit_s, 1),
+                                                  "reused_from": str(src.relative_to(ROOT)),
                                                   "history": source["history"], "metrics": metrics}, indent=2))
 
 
@@ -227,23 +255,46 @@ def int8(args) -> None:
     record_results("recipe", records)
 
 
-def latency(args) -> None:
-    """INT8 batch-1 latency of a run's float_map bundle against its default INT8 bundle (and FP32), in one run:
-    the rounds alternate between the models so a busy machine slows each alike. The architecture sets the latency,
-    not the data or the seed, so one run answers for all."""
+def _alternating(bundles: dict[str, tuple[Path, str]], rounds: int) -> dict[str, float]:
+    """Median batch-1 latency (ms) of each (bundle, precision), the rounds alternating between them so a busy machine
+    slows each alike."""
     import numpy as np
 
     from ssn_edge.runtime.bench import bench_bundle
 
-    recipe = _recipe(args)
-    run = ROOT / "runs" / "recipe" / f"{args.dataset}_{recipe.train.setting}_{args.variant}_s{args.seed}"
-    bundles = {"int8": (run / "bundle_int8", "int8"), "int8_float_map": (run / "bundle_int8_float_map", "int8"),
-               "fp32": (run / "bundle_int8", "fp32")}
     times: dict[str, list[float]] = {k: [] for k in bundles}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, (path, precision) in bundles.items():
             times[name].append(bench_bundle(path, [precision], warmup=5, runs=20, throughput_seconds=0)[0]["latency_ms"])
-    ms = {k: float(np.median(v)) for k, v in times.items()}
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def bank_latency(args) -> None:
+    """Batch-1 latency of a memory_bank run's bundle (INT8 and FP32) against the same seed's run without the bank
+    (variant default), in one run: what the bank's distances cost."""
+    recipe = _recipe(args)
+    runs = ROOT / "runs" / "recipe"
+    bank = runs / f"{args.dataset}_{recipe.train.setting}_memory_bank_s{args.seed}" / "bundle_int8"
+    plain = runs / f"{args.dataset}_{recipe.train.setting}_default_s{args.seed}" / "bundle_int8"
+    ms = _alternating({"int8_bank": (bank, "int8"), "int8": (plain, "int8"), "fp32_bank": (bank, "fp32"),
+                       "fp32": (plain, "fp32")}, args.rounds)
+    base = {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
+            "variant": "memory_bank", "seed": args.seed, "runtime": "openvino", "command": command_line(),
+            "details": {k: round(v, 2) for k, v in ms.items()}}
+    records = [{**base, "precision": p, "ratio_of": f"memory_bank_vs_default_{p}_latency",
+                "ratio": round(ms[f"{p}_bank"] / ms[p], 3)} for p in ("int8", "fp32")]
+    record_results("recipe", records)
+    print(records)
+
+
+def latency(args) -> None:
+    """INT8 batch-1 latency of a run's float_map bundle against its default INT8 bundle (and FP32), in one run:
+    the rounds alternate between the models so a busy machine slows each alike. The architecture sets the latency,
+    not the data or the seed, so one run answers for all."""
+    recipe = _recipe(args)
+    run = ROOT / "runs" / "recipe" / f"{args.dataset}_{recipe.train.setting}_{args.variant}_s{args.seed}"
+    ms = _alternating({"int8": (run / "bundle_int8", "int8"), "int8_float_map": (run / "bundle_int8_float_map", "int8"),
+                       "fp32": (run / "bundle_int8", "fp32")}, args.rounds)
     base = {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
             "variant": args.variant, "seed": args.seed, "runtime": "openvino", "precision": "int8",
             "int8_variant": "float_map", "command": command_line()}
@@ -272,7 +323,8 @@ def _rows(records: list[dict], splits: tuple[str, ...]) -> list[str]:
     lines = []
     for (setting, dataset, split, variant), rs in sorted(groups.items()):
         cells = [_mean([r.get(k) for r in rs]) for k in ("image_auroc", "pixel_aupro", "pixel_ap", "image_auroc_map_max")]
-        lever = ", ".join(f"{k}={v}" for k, v in rs[0].get("overrides", {}).items()) or "the base recipe"
+        lever = (FUSIONS.get(variant) or ", ".join(f"{k}={v}" for k, v in rs[0].get("overrides", {}).items())
+                 or "the base recipe without its memory bank")
         lines.append(f"| {setting} | {dataset} | {split} | {variant} | {lever} | {len(rs)} | " + " | ".join(cells)
                      + f" | {_mean([r.get('train_s') for r in rs])} |")
     return lines
@@ -317,7 +369,8 @@ def table(args) -> None:  # noqa: ARG001
             "| pixel AP | map-max AUROC | train s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     text = ["# SSN CPU recipe levers (written by `python benchmarks/recipe_bench.py table`)", "",
             "FP32, PyTorch, mean ± sd over seeds. Base recipes: recipes/ssn_cpu_unsupervised.yaml and "
-            "ssn_cpu_supervised.yaml, data path set per data set. `heldout_synthetic`: the normal training images "
+            "ssn_cpu_supervised.yaml, data path set per data set; every variant but `memory_bank` (the shipped "
+            "recipes) without their memory bank (`default`: the base recipes so). `heldout_synthetic`: the normal training images "
             "held out of training and their painted copies; `heldout_real`: the held-out normals and the training "
             "split's defective images (Magnetic tile; unsupervised training never sees them). Choices were made on "
             "these two; `test` is reported, never chosen on. train s: wall time on this 2-core machine, with other "
@@ -367,6 +420,11 @@ def main() -> None:
         la._add_action(next(x for x in p._actions if a in x.option_strings))
     la.add_argument("--rounds", type=int, default=5)
     la.set_defaults(func=latency)
+    bl = sub.add_parser("bank_latency", help="latency of a memory_bank run's bundle against the run without the bank")
+    for a in ("--dataset", "--setting", "--seed"):
+        bl._add_action(next(x for x in p._actions if a in x.option_strings))
+    bl.add_argument("--rounds", type=int, default=5)
+    bl.set_defaults(func=bank_latency, variant="memory_bank", set=[])
     t = sub.add_parser("table", help="write benchmarks/results/recipe.md from the records")
     t.set_defaults(func=table)
     args = parser.parse_args()

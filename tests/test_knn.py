@@ -351,8 +351,10 @@ def test_ssn_recipe_refuses_a_knn_section(tiny_dataset):
 
     values = tiny_recipe_dict(tiny_dataset)
     values["knn"] = {"coreset": 100}
-    with pytest.raises(RecipeError, match="applies to model.kind knn only"):
+    with pytest.raises(RecipeError, match="applies to model.kind knn, or ssn with model.memory_bank, only"):
         recipe_from_dict(values)
+    values["model"] = {**values.get("model", {}), "memory_bank": True}
+    assert recipe_from_dict(values).knn.coreset == 100  # the bank's settings
 
 
 def test_shipped_knn_recipes_load():

@@ -218,6 +218,18 @@ def test_keys_of_the_earlier_layout_say_where_they_went(tmp_path):
         load_recipe(bad)
 
 
+def test_a_recorded_removed_option_loads_when_it_was_off_and_is_refused_when_on():
+    from ssn_edge.config import upgrade_recipe_dict
+
+    off = Recipe().to_dict()
+    off["noise"]["sigma_min"] = None  # what checkpoints of the commits that had noise.sigma_min recorded by default
+    assert recipe_from_dict(upgrade_recipe_dict(off)) == Recipe()
+    on = Recipe().to_dict()
+    on["noise"]["sigma_min"] = 0.25
+    with pytest.raises(RecipeError, match="'noise.sigma_min' was removed: .*mixture of noise scales"):
+        recipe_from_dict(upgrade_recipe_dict(on))
+
+
 @pytest.mark.parametrize("epochs", [0, -1])
 def test_epochs_below_one_are_refused_in_one_line_and_nothing_is_written(epochs, tiny_dataset, tmp_path):
     from click.testing import CliRunner

@@ -24,6 +24,7 @@ switches each measure off.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -43,7 +44,9 @@ ACTIVATION_RANGES = ("minmax", "nncf_default")
 # of large, nearly equal terms, and the nearest distance is small next to the feature norms, so int8 steps on the
 # MatMul's inputs and on the sums after it are as large as the distances themselves. The backbone and the local
 # averaging before it are INT8 like SSN's; the head is a tiny share of the time (one MatMul against the bank).
-FLOAT_SCOPES: dict[str, tuple[str, ...]] = {"knn": (r".*\.head/.*",)}
+# ssn: the same distances where model.memory_bank is on, and the standardised sum with SSN's map after them (a
+# pattern that matches no node, in a graph without a bank, keeps nothing in float).
+FLOAT_SCOPES: dict[str, tuple[str, ...]] = {"knn": (r".*\.head/.*",), "ssn": (r".*\.memory_bank[./].*",)}
 
 
 def segmentation_subgraph(ov_model):
@@ -69,6 +72,13 @@ def check_float_map(model_kind: str) -> None:
                          "model (a tiled graph holds one head per tile, a knn graph none)")
 
 
+def _names_match(ov_model, pattern: str) -> bool:
+    """Whether any node of the graph is named by pattern: a scope that names none is left out, so an SSN graph
+    without a memory bank is quantized exactly as before the bank existed."""
+    rx = re.compile(pattern)
+    return any(rx.fullmatch(op.get_friendly_name()) for op in ov_model.get_ordered_ops())
+
+
 def float_scope(model_kind: str, ov_model=None, float_map: bool = False):
     """The nncf.IgnoredScope keeping the family's FLOAT_SCOPES (and, with float_map, SSN's segmentation head) in
     float, or None."""
@@ -76,7 +86,7 @@ def float_scope(model_kind: str, ov_model=None, float_map: bool = False):
 
     if float_map:
         check_float_map(model_kind)
-    patterns = list(FLOAT_SCOPES.get(model_kind, ()))
+    patterns = [p for p in FLOAT_SCOPES.get(model_kind, ()) if ov_model is None or _names_match(ov_model, p)]
     subgraphs = [segmentation_subgraph(ov_model)] if float_map else []
     if not patterns and not subgraphs:
         return None

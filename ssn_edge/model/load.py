@@ -14,6 +14,7 @@ from ssn_edge.model.backbones import weights_fingerprint
 from ssn_edge.model.checkpoint import (KIND_KNN, KIND_SSN, KIND_TILED, BackboneIdentity, CheckpointError,
                                        CheckpointRecord, load_checkpoint)
 from ssn_edge.model.knn import KnnDetector, KnnHead
+from ssn_edge.model.memory_bank import MemoryBank
 from ssn_edge.model.ssn import SuperSimpleNet
 from ssn_edge.model.tiled import TiledSSN
 from ssn_edge.runtime.tiling import TilingConfig
@@ -145,9 +146,24 @@ def _plain(path: Path, record: CheckpointRecord, weights: str | None, map_gate: 
         raise CheckpointError(f"{path}: a {record.kind} checkpoint, not a plain SSN one")
     recipe = _recipe(path, record, weights, map_gate)
     model = SuperSimpleNet(recipe.model)
+    if recipe.model.memory_bank:
+        model.heads.memory_bank = _memory_bank(path, record.heads, recipe)
     _load_heads(path, model.heads, record.heads)
     _check_backbone(path, model.features.trunk, record.backbone)
     return model.eval(), recipe, record
+
+
+def _memory_bank(path: Path, heads: dict, recipe: Recipe) -> MemoryBank:
+    """model.memory_bank's fitted bank, from the heads' state (keys memory_bank.*)."""
+    prefix = "memory_bank."
+    state = {k[len(prefix):]: v for k, v in heads.items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"{path}: model.memory_bank is on but the checkpoint holds no bank (it is fitted when "
+                              "training ends; this training did not finish)")
+    try:
+        return MemoryBank.from_state_dict(state, recipe.knn.neighbours)
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: memory bank unusable ({type(exc).__name__}: {exc})") from None
 
 
 def knn_from_checkpoint(path: Path, record: CheckpointRecord, weights: str | None = None, map_gate: str | None = None

@@ -4,6 +4,7 @@ classification heads. The inference graph is exactly this module; noise and loss
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,9 @@ from torch import Tensor, nn
 
 from ssn_edge.config import ModelConfig
 from ssn_edge.model.backbones import BACKBONES, build_backbone
+
+if TYPE_CHECKING:
+    from ssn_edge.model.memory_bank import MemoryBank
 
 
 def anchor_max(map_logits: Tensor, sigma: float) -> Tensor:
@@ -228,6 +232,8 @@ class SSNHeads(nn.Module):
             raise ValueError(f"model.cls_head {kind!r} is not one of {', '.join(CLASSIFICATION_HEADS)}")
         head = CLASSIFICATION_HEADS[kind]
         self.classification = head(cls_channels, cfg.cls_hidden, cfg.cls_kernel)
+        # model.memory_bank: fitted after training (ssn_edge/train/memory_bank.py), None until then
+        self.memory_bank: MemoryBank | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -255,11 +261,14 @@ class SSNHeads(nn.Module):
             self.classification.fc.bias.zero_()
         self.score_anchor = "map_max"
 
-    def decide(self, adapted: Tensor, cls_features: Tensor, detach_map: bool | Tensor = False) -> tuple[Tensor, Tensor]:
+    def decide(self, adapted: Tensor, cls_features: Tensor, detach_map: bool | Tensor = False,
+               features: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Map logits (B, 1, h, w) and score logits (B,) from (possibly noised) adapted features.
 
         detach_map: the unsupervised stop-grad, so the classification loss cannot bend the map; a (B,) bool
-        tensor stops it for those images only.
+        tensor stops it for those images only. features: the adaptor's input, which a fitted memory bank compares
+        with its normal patches; the classification head is given SSN's own map all the same, and an anchored score
+        takes the map that comes out.
         """
         if self.cam:
             return self.classification(cls_features)
@@ -269,6 +278,8 @@ class SSNHeads(nn.Module):
         else:
             cls_map = map_logits.detach() if detach_map else map_logits
         score = self.classification(cls_features, cls_map)
+        if self.memory_bank is not None and features is not None:
+            map_logits = cls_map = self.memory_bank(features, map_logits)
         if self.score_anchor == "map_max":
             score = score + anchor_max(cls_map, self.anchor_blur).to(score.dtype)
         return map_logits, score
@@ -277,7 +288,7 @@ class SSNHeads(nn.Module):
         """The inference outputs; gated=False: the segmentation logits whatever model.map_gate says."""
         adapted = self.adaptor(features)
         cls_features = features if self.cls_input == "backbone" else adapted
-        map_logits, score = self.decide(adapted, cls_features)
+        map_logits, score = self.decide(adapted, cls_features, features=features)
         if gated and self.map_gate == "score":
             map_logits = score_gated_map(map_logits, score)
         return map_logits, score

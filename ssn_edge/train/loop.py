@@ -275,6 +275,10 @@ def train(
         record = run_epoch(run, recipe, source, batches, arrays, epoch, bar)
         run.history.append({**record, "epoch_s": time.perf_counter() - t0, **pseudo})
         save_checkpoint(ckpt, checkpoint_record(run, recipe, backbone, supervision, epoch + 1))
+    if recipe.model.memory_bank:
+        from ssn_edge.train.memory_bank import fit_memory_bank, held_out_normals
+
+        fit_memory_bank(run.model, recipe, as_given, held_out_normals(check_arrays), progress)
     collapse = None
     if check_arrays is None and recipe.model.score_anchor == "auto":
         log.info("model.score_anchor auto: no held-out images to choose on; the head's score is kept")

@@ -1,0 +1,114 @@
+"""Issue 28 lever: SSN's map fused with the memory-bank (knn) map, measured before building it into a model.
+
+  python benchmarks/fusion_bench.py --dataset magnetic_tile --seeds 0 1 2
+  python benchmarks/fusion_bench.py --dataset magnetic_tile --setting supervised --seeds 0 1 2
+
+Takes the finished default runs of recipe_bench (runs/recipe/<dataset>_<setting>_default_s<seed>) and the knn
+default fit on the same training images (runs/bench/knn_<dataset>_default_s0: `ssn-edge train --recipe
+recipes/knn_resnet18.yaml`, whose data split holds out the same normals as SSN's). Each model's raw map is
+standardised on the held-out normals (mean and sd of their map values, what a fused model would fix at export),
+then the two are summed (or the larger taken); the image score is the post-processed map's maximum, or SSN's own
+score (knn_fusion_sum_head: the head's, or its map anchor where training chose that). Scored on
+recipe_bench's held-out check sets (choosing) and the test split (reporting), with each model alone beside it.
+Records go to benchmarks/results/recipe.json as variants knn_fusion_sum / knn_fusion_max / knn_fusion_sum_head (the
+single models: map_max_ssn / map_max_knn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.recipe_bench import DATA, FUSIONS, METRICS, _check_sets  # noqa: E402
+from benchmarks.results import command_line, record_results  # noqa: E402
+
+
+def _raw_maps(model, images: np.ndarray) -> np.ndarray:
+    return _raw(model, images)[0]
+
+
+def _raw(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from ssn_edge.evaluation.evaluate import predict_raw
+
+    return predict_raw(model, images)
+
+
+def _standardise(maps: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    return (maps - float(normals.mean())) / max(float(normals.std()), 1e-6)
+
+
+def _resized(maps: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """maps (N, h, w) bilinearly at like's (h', w'): knn's map is at layer2's stride, SSN's finer."""
+    import cv2
+
+    h, w = like.shape[-2:]
+    return np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps])
+
+
+def _fused(name: str, ssn: np.ndarray, knn: np.ndarray) -> np.ndarray:
+    knn = _resized(knn, ssn)
+    return {"map_max_ssn": ssn, "map_max_knn": knn, "knn_fusion_sum": ssn + knn, "knn_fusion_sum_head": ssn + knn,
+            "knn_fusion_max": np.maximum(ssn, knn)}[name]
+
+
+def _metrics(arrays, raw: np.ndarray, scores: np.ndarray | None = None) -> dict:
+    """Metrics of raw maps post-processed as the runtime does; the image score is the map's maximum unless given."""
+    from ssn_edge.evaluation.evaluate import metrics_from_predictions
+    from ssn_edge.runtime.postprocess import anomaly_map
+
+    maps = anomaly_map(raw, arrays.images.shape[-2:])
+    scores = maps.reshape(len(maps), -1).max(1) if scores is None else scores
+    return {k: round(float(v), 2) for k, v in metrics_from_predictions(arrays, scores, maps).items() if k in METRICS}
+
+
+def run(dataset: str, setting: str, seed: int) -> list[dict]:
+    from ssn_edge.data import load_arrays, load_dataset, split_validation
+    from ssn_edge.evaluation.job import split_arrays
+    from ssn_edge.model.load import load_model
+
+    ssn = load_model(ROOT / "runs" / "recipe" / f"{dataset}_{setting}_default_s{seed}" / "checkpoint.pt")
+    knn = load_model(ROOT / "runs" / "bench" / f"knn_{dataset}_default_s0" / "checkpoint.pt")
+    recipe = ssn.recipe
+    d = recipe.data
+    kd = knn.recipe.data
+    if (kd.val_fraction, kd.val_min, kd.val_seed, kd.image_size) != (d.val_fraction, d.val_min, d.val_seed, d.image_size):
+        raise SystemExit("the knn fit held out other normals than the SSN run: fit it with the same data.val_* keys")
+    split = split_validation(load_dataset(d.path), d.val_fraction, d.val_min, d.val_seed)
+    size = tuple(d.image_size)
+    normals = load_arrays(split.held_out, size, progress=False).images
+    ref = {"ssn": _raw_maps(ssn.model, normals), "knn": _raw_maps(knn.model, normals)}
+    sets = {**_check_sets(recipe), "test": split_arrays(d.path, "test", size, progress=False)}
+    base = {"model": "ssn", "dataset": dataset, "backbone": recipe.model.backbone, "setting": setting,
+            "runtime": "torch", "precision": "fp32", "seed": seed, "command": command_line()}
+    records = []
+    for split_name, arrays in sets.items():
+        ssn_maps, ssn_scores = _raw(ssn.model, arrays.images)
+        ssn_z = _standardise(ssn_maps, ref["ssn"])
+        knn_z = _standardise(_raw_maps(knn.model, arrays.images), ref["knn"])
+        for name in FUSIONS:
+            m = _metrics(arrays, _fused(name, ssn_z, knn_z), ssn_scores if name == "knn_fusion_sum_head" else None)
+            records.append({**base, "variant": name, "lever": FUSIONS[name], "split": split_name,
+                            "images": len(arrays), **m})
+            print(dataset, seed, split_name, name, {x: m.get(x) for x in ("image_auroc", "pixel_aupro", "pixel_ap")},
+                  flush=True)
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(DATA), required=True)
+    parser.add_argument("--setting", choices=("unsupervised", "supervised"), default="unsupervised")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args()
+    for seed in args.seeds:
+        record_results("recipe", run(args.dataset, args.setting, seed))
+
+
+if __name__ == "__main__":
+    main()
