@@ -1019,7 +1019,8 @@ train_refused("tiling_stride_zero", ("--set", "tiling={tile: [32, 32], stride: [
 train_refused("tiling_not_multiple_of_16", ("--set", "tiling={tile: [40, 40], stride: [40, 40]}"), r"recipe section 'tiling': .*multiples of 16")
 train_refused("tiling_stride_above_tile", ("--set", "tiling={tile: [32, 32], stride: [64, 64]}"), r"recipe section 'tiling': stride .* must be <= tile")
 train_refused("tiling_unknown_key", ("--set", "tiling={tile: [32, 32], stride: [32, 32], overlap: 2}"), r"unknown recipe key 'tiling\.overlap'")
-train_refused("knn_section_on_ssn", ("--set", "knn.pool=10"), r"recipe section 'knn' applies to model\.kind knn only")
+train_refused("knn_section_on_ssn", ("--set", "knn.pool=10"),
+              r"recipe section 'knn' applies to model\.kind knn, or ssn with model\.memory_bank, only")
 train_refused("override_without_value", ("--set", "train.epochs"), r"override 'train\.epochs': expected KEY=VALUE")
 train_refused("override_unknown_key", ("--set", "train.speed=2"), r"unknown recipe key 'train\.speed'")
 train_refused("override_unknown_section", ("--set", "optimizer.lr=2"), r"unknown recipe key 'optimizer\.lr'")
