@@ -29,16 +29,6 @@ from benchmarks.recipe_bench import DATA, FUSIONS, METRICS, _check_sets  # noqa:
 from benchmarks.results import command_line, record_results  # noqa: E402
 
 
-def _raw_maps(model, images: np.ndarray) -> np.ndarray:
-    return _raw(model, images)[0]
-
-
-def _raw(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from ssn_edge.evaluation.evaluate import predict_raw
-
-    return predict_raw(model, images)
-
-
 def _standardise(maps: np.ndarray, normals: np.ndarray) -> np.ndarray:
     return (maps - float(normals.mean())) / max(float(normals.std()), 1e-6)
 
@@ -52,9 +42,12 @@ def _resized(maps: np.ndarray, like: np.ndarray) -> np.ndarray:
 
 
 def _fused(name: str, ssn: np.ndarray, knn: np.ndarray) -> np.ndarray:
-    knn = _resized(knn, ssn)
-    return {"map_max_ssn": ssn, "map_max_knn": knn, "knn_fusion_sum": ssn + knn, "knn_fusion_sum_head": ssn + knn,
-            "knn_fusion_max": np.maximum(ssn, knn)}[name]
+    """The variant's map from the two standardised maps (knn's already at SSN's size)."""
+    if name == "map_max_ssn":
+        return ssn
+    if name == "map_max_knn":
+        return knn
+    return np.maximum(ssn, knn) if name == "knn_fusion_max" else ssn + knn
 
 
 def _metrics(arrays, raw: np.ndarray, scores: np.ndarray | None = None) -> dict:
@@ -69,6 +62,7 @@ def _metrics(arrays, raw: np.ndarray, scores: np.ndarray | None = None) -> dict:
 
 def run(dataset: str, setting: str, seed: int) -> list[dict]:
     from ssn_edge.data import load_arrays, load_dataset, split_validation
+    from ssn_edge.evaluation.evaluate import predict_raw
     from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.model.load import load_model
 
@@ -82,15 +76,16 @@ def run(dataset: str, setting: str, seed: int) -> list[dict]:
     split = split_validation(load_dataset(d.path), d.val_fraction, d.val_min, d.val_seed)
     size = tuple(d.image_size)
     normals = load_arrays(split.held_out, size, progress=False).images
-    ref = {"ssn": _raw_maps(ssn.model, normals), "knn": _raw_maps(knn.model, normals)}
+    ref = {"ssn": predict_raw(ssn.model, normals)[0], "knn": predict_raw(knn.model, normals)[0]}
     sets = {**_check_sets(recipe), "test": split_arrays(d.path, "test", size, progress=False)}
     base = {"model": "ssn", "dataset": dataset, "backbone": recipe.model.backbone, "setting": setting,
             "runtime": "torch", "precision": "fp32", "seed": seed, "command": command_line()}
     records = []
     for split_name, arrays in sets.items():
-        ssn_maps, ssn_scores = _raw(ssn.model, arrays.images)
+        ssn_maps, ssn_scores = predict_raw(ssn.model, arrays.images)
         ssn_z = _standardise(ssn_maps, ref["ssn"])
-        knn_z = _standardise(_raw_maps(knn.model, arrays.images), ref["knn"])
+        # standardising is affine and resizing linear: the knn map is brought to SSN's size once, after
+        knn_z = _resized(_standardise(predict_raw(knn.model, arrays.images)[0], ref["knn"]), ssn_z)
         for name in FUSIONS:
             m = _metrics(arrays, _fused(name, ssn_z, knn_z), ssn_scores if name == "knn_fusion_sum_head" else None)
             records.append({**base, "variant": name, "lever": FUSIONS[name], "split": split_name,

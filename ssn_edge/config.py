@@ -423,6 +423,7 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     _check_data(recipe.data)
     _check_ranges(recipe)
     _check_weak(recipe.weak)
+    _check_memory_bank(recipe)
     _check_knn(recipe)
     _check_tiling(recipe)
     return recipe
@@ -551,7 +552,6 @@ def _check_knn_section(k: KnnConfig) -> None:
 def _check_knn(recipe: Recipe) -> None:
     """A knn recipe must not carry SSN settings it would silently ignore, nor an SSN recipe knn ones (but the bank's
     settings where model.memory_bank is on)."""
-    _check_memory_bank(recipe)
     if recipe.model.kind != "knn":
         if recipe.knn != KnnConfig() and not recipe.model.memory_bank:
             raise RecipeError("recipe section 'knn' applies to model.kind knn, or ssn with model.memory_bank, only")

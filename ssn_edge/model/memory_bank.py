@@ -33,10 +33,8 @@ class MemoryBank(nn.Module):
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], neighbours: int = 1) -> MemoryBank:
         """The module a state_dict (keys 'head.bank', 'map_std', 'bank_std', ...) was saved from."""
-        bank = cls(state["head.bank"], Standardizer(*state["map_std"].tolist()),
+        return cls(state["head.bank"], Standardizer(*state["map_std"].tolist()),
                    Standardizer(*state["bank_std"].tolist()), neighbours)
-        bank.load_state_dict(state)
-        return bank
 
     @staticmethod
     def patches(features: Tensor) -> Tensor:

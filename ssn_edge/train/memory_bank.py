@@ -54,11 +54,11 @@ def fit_memory_bank(model: SuperSimpleNet, recipe: Recipe, arrays: ArraySet, nor
         return MemoryBank.patches(model.features(torch.from_numpy(arrays.images[idx])).float())
 
     candidates, total = candidate_patches(patches, np.flatnonzero(arrays.labels == 0), cfg, seed, progress)
-    k = bank_size(cfg, total, len(candidates))
+    pool, k = len(candidates), bank_size(cfg, total, len(candidates))
     raw = MemoryBank(select_bank(candidates, k, cfg, seed, progress).clone(), UNIT, UNIT, cfg.neighbours)
     del candidates
     map_std, bank_std = _standardisers(model, raw, normals, cfg.batch)
     model.heads.memory_bank = MemoryBank(raw.head.bank, map_std, bank_std, cfg.neighbours)
     model.train(was_training)
     log.info("model.memory_bank: %d of %d patches (%s, pool %d), scaled on %d held-out normal images, %.1f s",
-             k, total, cfg.sampler, min(total, cfg.pool), len(normals), time.perf_counter() - t0)
+             k, total, cfg.sampler, pool, len(normals), time.perf_counter() - t0)
