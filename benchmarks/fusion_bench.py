@@ -12,6 +12,15 @@ score (knn_fusion_sum_head: the head's, or its map anchor where training chose t
 recipe_bench's held-out check sets (choosing) and the test split (reporting), with each model alone beside it.
 Records go to benchmarks/results/recipe.json as variants knn_fusion_sum / knn_fusion_max / knn_fusion_sum_head (the
 single models: map_max_ssn / map_max_knn).
+
+  python benchmarks/fusion_bench.py --dataset magnetic_tile --seeds 0 1 2 --bank-weights 0 0.25 0.5 1 2
+
+--bank-weights: the weight of SSN's term in a finished memory_bank run's map (runs/recipe/<dataset>_<setting>_
+memory_bank_s<seed>), map = w * SSN's standardised map + the bank's standardised distances (w 1: the model as
+trained), the score as the model makes it (the head's logit plus the fused map's blurred maximum where the run
+anchored; variants bank_weight_<w>), and for a run that kept the head's score the fused map's blurred maximum alone
+(bank_weight_<w>_map; an anchored run's head adds a constant, its fc zeroed, so that would repeat the first).
+--bank-kernel K refits the bank first on patches averaged K x K (variants bank_k<K>_weight_<w>).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -95,14 +105,95 @@ def run(dataset: str, setting: str, seed: int) -> list[dict]:
     return records
 
 
+@torch.no_grad()
+def _bank_terms(model, images: np.ndarray, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A memory_bank model's two standardised map terms (N, 1, h, w) and its head's score logits before any anchor."""
+    heads, bank = model.heads, model.heads.memory_bank
+    ssn, dist, head = [], [], []
+    for start in range(0, len(images), batch):
+        features = model.features(torch.from_numpy(images[start : start + batch]))
+        adapted = heads.adaptor(features)
+        cls_features = features if heads.cls_input == "backbone" else adapted
+        map_logits = heads.segmentation(adapted)
+        head.append(heads.classification(cls_features, map_logits).float())
+        ssn.append((map_logits.float() - bank.map_std[0]) / bank.map_std[1])
+        dist.append((bank.distances(features.float()) - bank.bank_std[0]) / bank.bank_std[1])
+    return torch.cat(ssn), torch.cat(dist), torch.cat(head)
+
+
+SCORES = {"": "the model's (the head's logit, plus the map's blurred maximum where the run anchored)",
+          "_map": "the map's blurred maximum alone"}
+
+
+def _refit(model, recipe, kernel: int) -> None:
+    """The run's bank fitted again on patches averaged over kernel x kernel of SSN's features (stride 2): kernel 4
+    covers about 3x3 of layer2's grid, PatchCore's neighbourhood, where 2 covers 2x2."""
+    from ssn_edge.data import load_arrays, load_dataset, split_validation
+    from ssn_edge.data.heldout import check_set
+    from ssn_edge.model.memory_bank import MemoryBank
+    from ssn_edge.train.memory_bank import fit_memory_bank, held_out_normals
+
+    MemoryBank.kernel = kernel
+    d = recipe.data
+    split = split_validation(load_dataset(d.path), d.val_fraction, d.val_min, d.val_seed)
+    size = tuple(d.image_size)
+    fit_memory_bank(model, recipe, load_arrays(split.train, size, progress=False),
+                    held_out_normals(check_set(split.held_out, size)), progress=False)
+
+
+def run_weights(dataset: str, setting: str, seed: int, weights: list[float], kernel: int | None = None) -> list[dict]:
+    from ssn_edge.evaluation.job import split_arrays
+    from ssn_edge.model.load import load_model
+    from ssn_edge.model.ssn import anchor_max
+
+    loaded = load_model(ROOT / "runs" / "recipe" / f"{dataset}_{setting}_memory_bank_s{seed}" / "checkpoint.pt")
+    model, recipe = loaded.model.eval(), loaded.recipe
+    heads = model.heads
+    prefix = "bank_weight_" if kernel is None else f"bank_k{kernel}_weight_"
+    cached = f"{dataset}_{setting}_memory_bank_s{seed}" + ("" if kernel is None else f"_k{kernel}")
+    sets = {**_check_sets(recipe), "test": split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size),
+                                                        progress=False)}
+    base = {"model": "ssn", "dataset": dataset, "backbone": recipe.model.backbone, "setting": setting,
+            "runtime": "torch", "precision": "fp32", "seed": seed, "command": command_line()}
+    if kernel is not None and not all((ROOT / "runs" / "fusion" / f"{cached}_{s}.pt").is_file() for s in sets):
+        _refit(model, recipe, kernel)
+    records = []
+    for split_name, arrays in sets.items():
+        cache = ROOT / "runs" / "fusion" / f"{cached}_{split_name}.pt"
+        if not cache.is_file():  # the terms take minutes on Magnetic tile; the weights are free once they are kept
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(_bank_terms(model, arrays.images), cache)
+        ssn_z, bank_z, head = torch.load(cache)
+        for w in weights:
+            fused = w * ssn_z + bank_z
+            blurred_max = anchor_max(fused, heads.anchor_blur)
+            scores = {"": head + blurred_max} if heads.score_anchor == "map_max" else {"": head, "_map": blurred_max}
+            for suffix, score in scores.items():
+                m = _metrics(arrays, fused[:, 0].numpy(), score.numpy())
+                patches = "" if kernel is None else f" (patches averaged {kernel}x{kernel}, refitted)"
+                records.append({**base, "variant": f"{prefix}{w:g}{suffix}", "split": split_name,
+                                "images": len(arrays), "lever": f"memory_bank map = {w:g} x SSN's standardised map + "
+                                f"the bank's distances{patches}; score = {SCORES[suffix]}", **m})
+                print(dataset, setting, seed, split_name, w, suffix, {x: m.get(x) for x in (
+                    "image_auroc", "pixel_aupro", "pixel_ap")}, flush=True)
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(DATA), required=True)
     parser.add_argument("--setting", choices=("unsupervised", "supervised"), default="unsupervised")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--bank-weights", type=float, nargs="+",
+                        help="weigh SSN's term in the memory_bank runs' map instead of fusing with the knn default")
+    parser.add_argument("--bank-kernel", type=int,
+                        help="with --bank-weights: refit the bank on patches averaged over this many feature pixels")
     args = parser.parse_args()
     for seed in args.seeds:
-        record_results("recipe", run(args.dataset, args.setting, seed))
+        if args.bank_weights:
+            record_results("recipe", run_weights(args.dataset, args.setting, seed, args.bank_weights, args.bank_kernel))
+        else:
+            record_results("recipe", run(args.dataset, args.setting, seed))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,10 @@ VARIANTS: dict[str, dict] = {
     "anchor_none": {"model.score_anchor": "none"},
     "raw_anchor": {"model.anchor_blur": 0.0},
     "perlin_0.6": {"noise.perlin_threshold": 0.6},
-    "memory_bank": {"model.memory_bank": True},
+    "memory_bank": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 1.0},
+    "bank_ssn_0.5": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 0.5},
+    "bank_ssn_0.25": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 0.25},
+    "bank_ssn_0": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 0.0},
 }
 # Levers that are not recipe overrides: SSN's map fused with the memory-bank map (fusion_bench.py), no retraining.
 FUSIONS = {
@@ -69,11 +72,11 @@ def _overrides(args) -> dict:
 
 # Every lever but memory_bank was measured on the base recipes before model.memory_bank joined them: those variants
 # turn it off again, so a re-run measures what their records say ("default": the base recipes without the bank).
-BANK_OFF = {"model.memory_bank": False}
+BANK_OFF = {"model.memory_bank": False, "model.memory_bank_ssn_weight": 1.0}
 
 
 def _recipe(args):
-    bank = {} if args.variant == "memory_bank" else BANK_OFF
+    bank = {} if VARIANTS[args.variant].get("model.memory_bank") else BANK_OFF
     return bench_recipe(BASE[args.setting], {"data.path": DATA[args.dataset], "train.seed": args.seed, **bank,
                                              **_overrides(args)})
 
@@ -104,7 +107,8 @@ def _check_sets(recipe) -> dict:
 
 # What the end of training decides or fits (the score, the collapse check, the memory bank) and how long it trains (a
 # step budget resolves to epochs): a run that differs from another only in these trained exactly the same heads.
-_DECIDED_AFTER = ("model.score_anchor", "model.anchor_blur", "train.steps", "train.on_collapse", "model.memory_bank")
+_DECIDED_AFTER = ("model.score_anchor", "model.anchor_blur", "train.steps", "train.on_collapse", "model.memory_bank",
+                  "model.memory_bank_ssn_weight")
 
 
 def _resolved(recipe, split):
@@ -158,7 +162,10 @@ def adopt(src: Path, out: Path, recipe) -> None:
     heads.anchor_blur = ours.model.anchor_blur
     checks = check_set(split.held_out, tuple(d.image_size))
     t0 = time.perf_counter()
-    if ours.model.memory_bank:  # fitted after training, as train() fits it
+    bank = heads.memory_bank
+    if ours.model.memory_bank and bank is not None and loaded.recipe.knn == ours.knn:
+        bank.ssn_weight = ours.model.memory_bank_ssn_weight  # the same fit (deterministic from the seed), reweighed
+    elif ours.model.memory_bank:  # fitted after training, as train() fits it
         from ssn_edge.data import load_arrays
         from ssn_edge.train.memory_bank import fit_memory_bank, held_out_normals
 
@@ -207,7 +214,8 @@ def screen(args) -> None:
 
 
 # INT8 variants, as QuantizeOptions overrides of the export defaults ("default": none).
-QUANT = {"default": {}, "float_map": {"float_map": True}, "nncf_default": {"activation_range": "nncf_default"}}
+QUANT = {"default": {}, "float_map": {"float_map": True}, "nncf_default": {"activation_range": "nncf_default"},
+         "float_features": {"float_features": True}}
 
 
 def _int8_variant(args) -> str:

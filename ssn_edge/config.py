@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -65,6 +66,9 @@ class ModelConfig:
     # patch's distance to its nearest bank patch, each standardised on the held-out normals. Fitted, not trained;
     # the score is decided after it (score_anchor auto). Supervised Magnetic tile, test AUPRO: benchmarks/README.md.
     memory_bank: bool = False
+    # The weight of SSN's standardised map in that sum (1: equal terms; 0: the bank's distances alone). Applied after
+    # fitting, so it changes no trained weight. Chosen on held-out data per recipe: benchmarks/README.md.
+    memory_bank_ssn_weight: float = 1.0
 
 
 @dataclass
@@ -531,7 +535,12 @@ def _check_memory_bank(recipe: Recipe) -> None:
     """model.memory_bank: on a whole-image SSN with a segmentation map, standardised on held-out normals."""
     m = recipe.model
     if not m.memory_bank:
+        if m.memory_bank_ssn_weight != 1.0:
+            raise RecipeError("model.memory_bank_ssn_weight weighs SSN's map against the memory bank's distances: it "
+                              "needs model.memory_bank true")
         return
+    if not (math.isfinite(m.memory_bank_ssn_weight) and m.memory_bank_ssn_weight >= 0):
+        raise RecipeError(f"model.memory_bank_ssn_weight must be a number >= 0, got {m.memory_bank_ssn_weight}")
     for refused, why in ((m.kind != "ssn", "model.kind ssn"), (recipe.tiling is not None, "whole-image (untiled) models"),
                          (m.cls_head == "cam", "a segmentation head (not cam)"), (m.map_gate != "none", "map_gate none"),
                          (recipe.data.val_fraction <= 0, "held-out normal images (data.val_fraction > 0)")):

@@ -48,6 +48,9 @@ def test_map_is_ssn_map_plus_nearest_distance_each_standardised():
     up = F.interpolate(nearest, size=(8, 10), mode="bilinear", align_corners=False)
     want = (map_logits - 0.5) / 2.0 + (up - 1.5) / 0.25
     torch.testing.assert_close(module(features, map_logits), want, atol=1e-4, rtol=0)
+    weighted = MemoryBank(bank, Standardizer(0.5, 2.0), Standardizer(1.5, 0.25), ssn_weight=0.25)
+    torch.testing.assert_close(weighted(features, map_logits), 0.25 * (map_logits - 0.5) / 2.0 + (up - 1.5) / 0.25,
+                               atol=1e-4, rtol=0)
 
 
 def test_training_fits_the_bank_and_scales_it_on_held_out_normals(bank_run, tiny_dataset):
@@ -95,6 +98,26 @@ def test_the_classification_head_sees_ssn_map_and_the_output_map_is_fused(bank_r
         torch.testing.assert_close(score, plain_score)
 
 
+def test_the_recipe_weight_of_ssn_map_applies_to_a_fitted_checkpoint(bank_run, test_arrays, tmp_path):
+    import dataclasses
+
+    from ssn_edge.model.checkpoint import load_checkpoint, save_checkpoint
+    from ssn_edge.model.load import load_model
+
+    record = load_checkpoint(bank_run.checkpoint)
+    values = dict(record.recipe)
+    values["model"] = {**values["model"], "memory_bank_ssn_weight": 0.0}
+    save_checkpoint(tmp_path / "c.pt", dataclasses.replace(record, recipe=values))
+    model = load_model(tmp_path / "c.pt").model
+    x = torch.from_numpy(test_arrays.images[:3])
+    with torch.no_grad():
+        fused = model(x)[0]
+        bank = model.heads.memory_bank
+        distances = (bank.distances(model.features(x)) - bank.bank_std[0]) / bank.bank_std[1]
+    assert bank.ssn_weight == 0.0 and load_model(bank_run.checkpoint).model.heads.memory_bank.ssn_weight == 1.0
+    torch.testing.assert_close(fused, distances)  # weight 0: the map is the bank's distances alone
+
+
 def test_unfinished_training_checkpoint_is_refused(bank_run, tmp_path):
     from ssn_edge.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from ssn_edge.model.load import load_model
@@ -112,6 +135,9 @@ def test_unfinished_training_checkpoint_is_refused(bank_run, tmp_path):
     ({"model": {"map_gate": "score"}}, "map_gate none"),
     ({"data": {"val_fraction": 0.0}}, "held-out normal images"),
     ({"tiling": {"tile": [32, 32], "stride": [32, 32]}}, "untiled"),
+    ({"model": {"memory_bank_ssn_weight": -0.5}}, "a number >= 0"),
+    ({"model": {"memory_bank_ssn_weight": float("nan")}}, "a number >= 0"),
+    ({"model": {"memory_bank": False, "memory_bank_ssn_weight": 0.25}}, "needs model.memory_bank true"),
 ])
 def test_refused_where_it_cannot_work(tiny_dataset, values, message):
     from ssn_edge.config import RecipeError, recipe_from_dict

@@ -161,7 +161,7 @@ def _memory_bank(path: Path, heads: dict, recipe: Recipe) -> MemoryBank:
         raise CheckpointError(f"{path}: model.memory_bank is on but the checkpoint holds no bank (it is fitted when "
                               "training ends; this training did not finish)")
     try:
-        return MemoryBank.from_state_dict(state, recipe.knn.neighbours)
+        return MemoryBank.from_state_dict(state, recipe.knn.neighbours, recipe.model.memory_bank_ssn_weight)
     except (KeyError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{path}: memory bank unusable ({type(exc).__name__}: {exc})") from None
 

@@ -1,5 +1,6 @@
-"""A memory bank beside SSN's heads (model.memory_bank): the map becomes SSN's map plus each patch's distance to
-its nearest normal training patch, each standardised on held-out normal images.
+"""A memory bank beside SSN's heads (model.memory_bank): the map becomes SSN's map (weighted by
+model.memory_bank_ssn_weight) plus each patch's distance to its nearest normal training patch, each standardised on
+held-out normal images.
 
 SSN learns "unlike normal" from synthetic feature noise; a nearest-neighbour distance (PatchCore) measures it
 directly on the normal patches themselves. On supervised Magnetic tile the sum mapped real defects better than
@@ -20,26 +21,31 @@ UNIT = Standardizer(0.0, 1.0)
 
 class MemoryBank(nn.Module):
     """bank (N, C): normal patches of SSN's features (the adaptor's input) averaged over 2x2, layer2's resolution
-    as in PatchCore; map_std / bank_std: SSN's map and the nearest distances on held-out normals."""
+    as in PatchCore; map_std / bank_std: SSN's map and the nearest distances on held-out normals; ssn_weight: SSN's
+    term's weight in the sum (the recipe's, not the state's: it is chosen after fitting)."""
 
-    stride = 2  # the bank's patches are SSN's feature map averaged over stride x stride
+    stride = 2  # the bank's patches are SSN's feature map averaged over kernel x kernel, every stride locations
+    kernel = 2
 
-    def __init__(self, bank: Tensor, map_std: Standardizer, bank_std: Standardizer, neighbours: int = 1):
+    def __init__(self, bank: Tensor, map_std: Standardizer, bank_std: Standardizer, neighbours: int = 1,
+                 ssn_weight: float = 1.0):
         super().__init__()
+        self.ssn_weight = float(ssn_weight)
         self.head = KnnHead(bank, UNIT, UNIT, neighbours)  # unit standardisers: its map is the raw distances
         self.register_buffer("map_std", torch.tensor([map_std.center, map_std.scale], dtype=torch.float32))
         self.register_buffer("bank_std", torch.tensor([bank_std.center, bank_std.scale], dtype=torch.float32))
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor], neighbours: int = 1) -> MemoryBank:
+    def from_state_dict(cls, state: dict[str, Tensor], neighbours: int = 1, ssn_weight: float = 1.0) -> MemoryBank:
         """The module a state_dict (keys 'head.bank', 'map_std', 'bank_std', ...) was saved from."""
         return cls(state["head.bank"], Standardizer(*state["map_std"].tolist()),
-                   Standardizer(*state["bank_std"].tolist()), neighbours)
+                   Standardizer(*state["bank_std"].tolist()), neighbours, ssn_weight)
 
     @staticmethod
     def patches(features: Tensor) -> Tensor:
         """SSN's features (B, C, H, W) -> the bank's patches (B, C, H/2, W/2)."""
-        return F.avg_pool2d(features, MemoryBank.stride)
+        k, s = MemoryBank.kernel, MemoryBank.stride
+        return F.avg_pool2d(features, k, s, padding=(k - s) // 2, count_include_pad=False)
 
     def distances(self, features: Tensor) -> Tensor:
         """Each location's (mean over knn.neighbours) nearest-bank distance, at the features' size (B, 1, H, W)."""
@@ -49,4 +55,4 @@ class MemoryBank(nn.Module):
     def forward(self, features: Tensor, map_logits: Tensor) -> Tensor:
         ssn = (map_logits.float() - self.map_std[0]) / self.map_std[1]
         bank = (self.distances(features.float()) - self.bank_std[0]) / self.bank_std[1]
-        return ssn + bank
+        return self.ssn_weight * ssn + bank

@@ -58,7 +58,8 @@ def fit_memory_bank(model: SuperSimpleNet, recipe: Recipe, arrays: ArraySet, nor
     raw = MemoryBank(select_bank(candidates, k, cfg, seed, progress).clone(), UNIT, UNIT, cfg.neighbours)
     del candidates
     map_std, bank_std = _standardisers(model, raw, normals, cfg.batch)
-    model.heads.memory_bank = MemoryBank(raw.head.bank, map_std, bank_std, cfg.neighbours)
+    model.heads.memory_bank = MemoryBank(raw.head.bank, map_std, bank_std, cfg.neighbours,
+                                         recipe.model.memory_bank_ssn_weight)
     model.train(was_training)
     log.info("model.memory_bank: %d of %d patches (%s, pool %d), scaled on %d held-out normal images, %.1f s",
              k, total, cfg.sampler, pool, len(normals), time.perf_counter() - t0)
