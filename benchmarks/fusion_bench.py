@@ -20,7 +20,8 @@ memory_bank_s<seed>), map = w * SSN's standardised map + the bank's standardised
 trained), the score as the model makes it (the head's logit plus the fused map's blurred maximum where the run
 anchored; variants bank_weight_<w>), and for a run that kept the head's score the fused map's blurred maximum alone
 (bank_weight_<w>_map; an anchored run's head adds a constant, its fc zeroed, so that would repeat the first).
---bank-kernel K refits the bank first on patches averaged K x K (variants bank_k<K>_weight_<w>).
+(Variants bank_k4_weight_<w>: the bank refitted on patches averaged 4x4, about PatchCore's 3x3 of layer2's grid,
+`--bank-kernel 4` at commit 28fd0fd; held-out real defects fell, so it was removed.)
 """
 
 from __future__ import annotations
@@ -125,23 +126,7 @@ SCORES = {"": "the model's (the head's logit, plus the map's blurred maximum whe
           "_map": "the map's blurred maximum alone"}
 
 
-def _refit(model, recipe, kernel: int) -> None:
-    """The run's bank fitted again on patches averaged over kernel x kernel of SSN's features (stride 2): kernel 4
-    covers about 3x3 of layer2's grid, PatchCore's neighbourhood, where 2 covers 2x2."""
-    from ssn_edge.data import load_arrays, load_dataset, split_validation
-    from ssn_edge.data.heldout import check_set
-    from ssn_edge.model.memory_bank import MemoryBank
-    from ssn_edge.train.memory_bank import fit_memory_bank, held_out_normals
-
-    MemoryBank.kernel = kernel
-    d = recipe.data
-    split = split_validation(load_dataset(d.path), d.val_fraction, d.val_min, d.val_seed)
-    size = tuple(d.image_size)
-    fit_memory_bank(model, recipe, load_arrays(split.train, size, progress=False),
-                    held_out_normals(check_set(split.held_out, size)), progress=False)
-
-
-def run_weights(dataset: str, setting: str, seed: int, weights: list[float], kernel: int | None = None) -> list[dict]:
+def run_weights(dataset: str, setting: str, seed: int, weights: list[float]) -> list[dict]:
     from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.model.load import load_model
     from ssn_edge.model.ssn import anchor_max
@@ -149,14 +134,11 @@ def run_weights(dataset: str, setting: str, seed: int, weights: list[float], ker
     loaded = load_model(ROOT / "runs" / "recipe" / f"{dataset}_{setting}_memory_bank_s{seed}" / "checkpoint.pt")
     model, recipe = loaded.model.eval(), loaded.recipe
     heads = model.heads
-    prefix = "bank_weight_" if kernel is None else f"bank_k{kernel}_weight_"
-    cached = f"{dataset}_{setting}_memory_bank_s{seed}" + ("" if kernel is None else f"_k{kernel}")
+    cached = f"{dataset}_{setting}_memory_bank_s{seed}"
     sets = {**_check_sets(recipe), "test": split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size),
                                                         progress=False)}
     base = {"model": "ssn", "dataset": dataset, "backbone": recipe.model.backbone, "setting": setting,
             "runtime": "torch", "precision": "fp32", "seed": seed, "command": command_line()}
-    if kernel is not None and not all((ROOT / "runs" / "fusion" / f"{cached}_{s}.pt").is_file() for s in sets):
-        _refit(model, recipe, kernel)
     records = []
     for split_name, arrays in sets.items():
         cache = ROOT / "runs" / "fusion" / f"{cached}_{split_name}.pt"
@@ -170,10 +152,9 @@ def run_weights(dataset: str, setting: str, seed: int, weights: list[float], ker
             scores = {"": head + blurred_max} if heads.score_anchor == "map_max" else {"": head, "_map": blurred_max}
             for suffix, score in scores.items():
                 m = _metrics(arrays, fused[:, 0].numpy(), score.numpy())
-                patches = "" if kernel is None else f" (patches averaged {kernel}x{kernel}, refitted)"
-                records.append({**base, "variant": f"{prefix}{w:g}{suffix}", "split": split_name,
+                records.append({**base, "variant": f"bank_weight_{w:g}{suffix}", "split": split_name,
                                 "images": len(arrays), "lever": f"memory_bank map = {w:g} x SSN's standardised map + "
-                                f"the bank's distances{patches}; score = {SCORES[suffix]}", **m})
+                                f"the bank's distances; score = {SCORES[suffix]}", **m})
                 print(dataset, setting, seed, split_name, w, suffix, {x: m.get(x) for x in (
                     "image_auroc", "pixel_aupro", "pixel_ap")}, flush=True)
     return records
@@ -186,12 +167,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--bank-weights", type=float, nargs="+",
                         help="weigh SSN's term in the memory_bank runs' map instead of fusing with the knn default")
-    parser.add_argument("--bank-kernel", type=int,
-                        help="with --bank-weights: refit the bank on patches averaged over this many feature pixels")
     args = parser.parse_args()
     for seed in args.seeds:
         if args.bank_weights:
-            record_results("recipe", run_weights(args.dataset, args.setting, seed, args.bank_weights, args.bank_kernel))
+            record_results("recipe", run_weights(args.dataset, args.setting, seed, args.bank_weights))
         else:
             record_results("recipe", run(args.dataset, args.setting, seed))
 

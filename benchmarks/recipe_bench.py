@@ -3,6 +3,9 @@
   python benchmarks/recipe_bench.py screen --dataset magnetic_tile --variant sigma_0.25 --seed 0
   python benchmarks/recipe_bench.py screen --dataset magnetic_tile --setting supervised --variant memory_bank \
       --seed 0 --adopt-from default
+  python benchmarks/recipe_bench.py screen --dataset magnetic_tile --variant bank_ssn_0 --seed 0 \
+      --adopt-from memory_bank
+  python benchmarks/recipe_bench.py int8 --dataset magnetic_tile --variant bank_ssn_0 --seed 0
   python benchmarks/recipe_bench.py bank_latency --dataset magnetic_tile --setting supervised --seed 0
   python benchmarks/recipe_bench.py table
 
@@ -15,6 +18,8 @@ set per data set, plus the variant's overrides. The run holds out a tenth of the
     the training split's defective images, which unsupervised training never sees;
   - split `test`: the test split, recorded for the final table only, never used to choose.
 Records go to benchmarks/results/recipe.json; checkpoints to runs/recipe/<dataset>_<setting>_<variant>_s<seed>/.
+--adopt-from takes over a finished run whose training was the same (it differs only in what is decided after the
+epochs): a memory bank is fitted onto its heads, or a source's fitted bank is reweighed (bank_ssn_<w>).
 """
 
 from __future__ import annotations
@@ -214,8 +219,7 @@ def screen(args) -> None:
 
 
 # INT8 variants, as QuantizeOptions overrides of the export defaults ("default": none).
-QUANT = {"default": {}, "float_map": {"float_map": True}, "nncf_default": {"activation_range": "nncf_default"},
-         "float_features": {"float_features": True}}
+QUANT = {"default": {}, "float_map": {"float_map": True}, "nncf_default": {"activation_range": "nncf_default"}}
 
 
 def _int8_variant(args) -> str:
@@ -377,8 +381,10 @@ def table(args) -> None:  # noqa: ARG001
             "| pixel AP | map-max AUROC | train s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     text = ["# SSN CPU recipe levers (written by `python benchmarks/recipe_bench.py table`)", "",
             "FP32, PyTorch, mean ± sd over seeds. Base recipes: recipes/ssn_cpu_unsupervised.yaml and "
-            "ssn_cpu_supervised.yaml, data path set per data set; every variant but `memory_bank` (the shipped "
-            "recipes) without their memory bank (`default`: the base recipes so). `heldout_synthetic`: the normal training images "
+            "ssn_cpu_supervised.yaml, data path set per data set; every variant but `memory_bank` (the bank, SSN's map "
+            "weighing 1: the shipped supervised recipe) and `bank_ssn_<w>` (SSN's map weighing w; `bank_ssn_0`: the "
+            "shipped unsupervised recipe) without their memory bank (`default`: the base recipes so); `bank_weight_<w>`: "
+            "the memory_bank runs' maps reweighed offline (fusion_bench.py). `heldout_synthetic`: the normal training images "
             "held out of training and their painted copies; `heldout_real`: the held-out normals and the training "
             "split's defective images (Magnetic tile; unsupervised training never sees them). Choices were made on "
             "these two; `test` is reported, never chosen on. train s: wall time on this 2-core machine, with other "
@@ -387,7 +393,9 @@ def table(args) -> None:  # noqa: ARG001
             *_rows(records, ("test",)), "", *_reference_rows(), "", "## INT8 against FP32: test split, OpenVINO (f32 hint for FP32)",
             "", "INT8 variant `default`: the export defaults; `float_map`: the segmentation head kept in float "
             "(`ssn-edge export --int8 --float-map`); `acc`, `acc_float_map`: accuracy-controlled INT8 "
-            "(`--int8-acc`, image AUROC held within 0.5 points on the export's check set, below). "
+            "(`--int8-acc`, image AUROC held within 0.5 points on the export's check set, below); `nncf_default`: NNCF's "
+            "own activation-range estimators; `float_features`: the backbone's last layer2 and layer3 blocks kept in "
+            "float (`--quant float_features` at commit 28fd0fd, removed: no change). "
             "held-out check: what the export's INT8 check saw on the held-out "
             "normals and their painted copies (INT8 minus FP32, image AUROC / AUPRO, and flips), the only signal a "
             "user has; the `acc_float_map` rows' check set also holds Magnetic tile's defective training images, "

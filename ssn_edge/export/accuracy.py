@@ -89,7 +89,7 @@ def quantize_int8_acc(
         subset_size=len(calib.inputs),
         **({"advanced_quantization_parameters": params} if params is not None else {}),
         **({"ignored_scope": scope}
-           if (scope := float_scope(model_kind, ov_model, options.float_map, options.float_features)) is not None else {}),
+           if (scope := float_scope(model_kind, ov_model, options.float_map)) is not None else {}),
     )
     return correct_score_offset(quantized, calib)
 

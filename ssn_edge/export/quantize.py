@@ -72,39 +72,6 @@ def check_float_map(model_kind: str) -> None:
                          "model (a tiled graph holds one head per tile, a knn graph none)")
 
 
-def _block_convolutions(add, block: str) -> list[str]:
-    """The convolutions feeding a residual block's Add, walking back no further than the block's own nodes: the
-    block's input comes from a node named after another block, and OpenVINO's folded convolutions have generated
-    names, so they are found by the graph, not by name."""
-    convs, seen, stack = [], set(), [add]
-    while stack:
-        for port in stack.pop().inputs():
-            src = port.get_source_output().get_node()
-            name = src.get_friendly_name()
-            outside = "trunk." in name and not re.search(rf"trunk\.{re.escape(block)}[./]", name)
-            if name in seen or outside or src.get_type_name() == "Constant":
-                continue
-            seen.add(name)
-            if src.get_type_name() == "Convolution":
-                convs.append(name)
-            stack.append(src)
-    return convs
-
-
-def feature_convolutions(ov_model) -> list[str]:
-    """The convolutions of the backbone's last block in layer2 and in layer3: the features SSN's heads and a memory
-    bank read."""
-    names = []
-    for layer in ("layer2", "layer3"):
-        adds = [(m.group(1), op) for op in ov_model.get_ordered_ops() if op.get_type_name() == "Add"
-                and (m := re.search(rf"trunk\.({layer}\.\d+)/aten::add", op.get_friendly_name()))]
-        if not adds:
-            raise ValueError(f"the graph has no backbone {layer} block to keep in float")
-        block, add = max(adds, key=lambda a: int(a[0].rsplit(".", 1)[1]))
-        names += _block_convolutions(add, block)
-    return names
-
-
 def _names_match(ov_model, pattern: str) -> bool:
     """Whether any node of the graph is named by pattern: a scope that names none is left out, so an SSN graph
     without a memory bank is quantized exactly as before the bank existed."""
@@ -112,19 +79,18 @@ def _names_match(ov_model, pattern: str) -> bool:
     return any(rx.fullmatch(op.get_friendly_name()) for op in ov_model.get_ordered_ops())
 
 
-def float_scope(model_kind: str, ov_model=None, float_map: bool = False, float_features: bool = False):
-    """The nncf.IgnoredScope keeping the family's FLOAT_SCOPES (and, with float_map, SSN's segmentation head; with
-    float_features, the backbone's last block of each feature layer) in float, or None."""
+def float_scope(model_kind: str, ov_model=None, float_map: bool = False):
+    """The nncf.IgnoredScope keeping the family's FLOAT_SCOPES (and, with float_map, SSN's segmentation head) in
+    float, or None."""
     import nncf
 
     if float_map:
         check_float_map(model_kind)
     patterns = [p for p in FLOAT_SCOPES.get(model_kind, ()) if ov_model is None or _names_match(ov_model, p)]
     subgraphs = [segmentation_subgraph(ov_model)] if float_map else []
-    names = feature_convolutions(ov_model) if float_features else []
-    if not patterns and not subgraphs and not names:
+    if not patterns and not subgraphs:
         return None
-    return nncf.IgnoredScope(names=names, patterns=patterns, subgraphs=subgraphs, validate=False)
+    return nncf.IgnoredScope(patterns=patterns, subgraphs=subgraphs, validate=False)
 
 
 @dataclass(frozen=True)
@@ -132,7 +98,6 @@ class QuantizeOptions:
     activation_range: str = "minmax"  # "minmax" or "nncf_default" (NNCF's own estimators)
     score_offset: bool = True  # subtract the calibration images' mean INT8-vs-FP32 score shift in the graph
     float_map: bool = False  # keep SSN's segmentation head in float (the map's precision at the head's cost)
-    float_features: bool = False  # keep the backbone's last layer2 and layer3 blocks in float
 
     def __post_init__(self) -> None:
         if self.activation_range not in ACTIVATION_RANGES:
@@ -140,7 +105,7 @@ class QuantizeOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return {"activation_range": self.activation_range, "score_offset": self.score_offset,
-                "float_map": self.float_map, "float_features": self.float_features}
+                "float_map": self.float_map}
 
 
 def with_defects(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -227,7 +192,7 @@ def quantize(ov_model, inputs: list[np.ndarray], options: QuantizeOptions, model
     params = advanced_parameters(options)
     if params is not None:
         kwargs["advanced_parameters"] = params
-    scope = float_scope(model_kind, ov_model, options.float_map, options.float_features)
+    scope = float_scope(model_kind, ov_model, options.float_map)
     if scope is not None:
         kwargs["ignored_scope"] = scope
     return nncf.quantize(ov_model, nncf.Dataset(inputs), subset_size=len(inputs), **kwargs)

@@ -24,8 +24,7 @@ class MemoryBank(nn.Module):
     as in PatchCore; map_std / bank_std: SSN's map and the nearest distances on held-out normals; ssn_weight: SSN's
     term's weight in the sum (the recipe's, not the state's: it is chosen after fitting)."""
 
-    stride = 2  # the bank's patches are SSN's feature map averaged over kernel x kernel, every stride locations
-    kernel = 2
+    stride = 2  # the bank's patches are SSN's feature map averaged over stride x stride
 
     def __init__(self, bank: Tensor, map_std: Standardizer, bank_std: Standardizer, neighbours: int = 1,
                  ssn_weight: float = 1.0):
@@ -44,8 +43,7 @@ class MemoryBank(nn.Module):
     @staticmethod
     def patches(features: Tensor) -> Tensor:
         """SSN's features (B, C, H, W) -> the bank's patches (B, C, H/2, W/2)."""
-        k, s = MemoryBank.kernel, MemoryBank.stride
-        return F.avg_pool2d(features, k, s, padding=(k - s) // 2, count_include_pad=False)
+        return F.avg_pool2d(features, MemoryBank.stride)
 
     def distances(self, features: Tensor) -> Tensor:
         """Each location's (mean over knn.neighbours) nearest-bank distance, at the features' size (B, 1, H, W)."""
