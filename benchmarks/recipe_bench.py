@@ -335,7 +335,8 @@ def _rows(records: list[dict], splits: tuple[str, ...]) -> list[str]:
     lines = []
     for (setting, dataset, split, variant), rs in sorted(groups.items()):
         cells = [_mean([r.get(k) for r in rs]) for k in ("image_auroc", "pixel_aupro", "pixel_ap", "image_auroc_map_max")]
-        lever = (FUSIONS.get(variant) or ", ".join(f"{k}={v}" for k, v in rs[0].get("overrides", {}).items())
+        lever = (FUSIONS.get(variant) or rs[0].get("lever")
+                 or ", ".join(f"{k}={v}" for k, v in rs[0].get("overrides", {}).items())
                  or "the base recipe without its memory bank")
         lines.append(f"| {setting} | {dataset} | {split} | {variant} | {lever} | {len(rs)} | " + " | ".join(cells)
                      + f" | {_mean([r.get('train_s') for r in rs])} |")
