@@ -54,8 +54,6 @@ VARIANTS: dict[str, dict] = {
     "raw_anchor": {"model.anchor_blur": 0.0},
     "perlin_0.6": {"noise.perlin_threshold": 0.6},
     "memory_bank": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 1.0},
-    "bank_ssn_0.5": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 0.5},
-    "bank_ssn_0.25": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 0.25},
     "bank_ssn_0": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 0.0},
 }
 # Levers that are not recipe overrides: SSN's map fused with the memory-bank map (fusion_bench.py), no retraining.
