@@ -117,8 +117,9 @@ def _bank_terms(model, images: np.ndarray, batch: int = 16) -> tuple[torch.Tenso
         cls_features = features if heads.cls_input == "backbone" else adapted
         map_logits = heads.segmentation(adapted)
         head.append(heads.classification(cls_features, map_logits).float())
-        ssn.append((map_logits.float() - bank.map_std[0]) / bank.map_std[1])
-        dist.append((bank.distances(features.float()) - bank.bank_std[0]) / bank.bank_std[1])
+        ssn_z, bank_z = bank.terms(features, map_logits)
+        ssn.append(ssn_z)
+        dist.append(bank_z)
     return torch.cat(ssn), torch.cat(dist), torch.cat(head)
 
 

@@ -50,7 +50,12 @@ class MemoryBank(nn.Module):
         d, _ = self.head(self.patches(features))
         return F.interpolate(d, size=features.shape[-2:], mode="bilinear", align_corners=False)
 
-    def forward(self, features: Tensor, map_logits: Tensor) -> Tensor:
+    def terms(self, features: Tensor, map_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """SSN's map and the nearest-bank distances, each standardised on the held-out normals: the sum's two terms."""
         ssn = (map_logits.float() - self.map_std[0]) / self.map_std[1]
         bank = (self.distances(features.float()) - self.bank_std[0]) / self.bank_std[1]
+        return ssn, bank
+
+    def forward(self, features: Tensor, map_logits: Tensor) -> Tensor:
+        ssn, bank = self.terms(features, map_logits)
         return self.ssn_weight * ssn + bank
