@@ -207,9 +207,12 @@ def _pooled(feats, channels: int | None):
 
 
 def _grid_name(args) -> str:
-    """The map grid's variants are named after the bank they share: the knn keys given with --set, else default."""
-    knn = [parse_override(s) for s in args.set if s.startswith("knn.")]
-    return "_".join(f"{k[4:]}{v}" for k, v in knn) or "default"
+    """The map grid's variants are named after the bank they share: the knn keys (and image size) given with --set,
+    else default."""
+    sets = [parse_override(s) for s in args.set]
+    knn = [f"{k[4:]}{v}" for k, v in sets if k.startswith("knn.")]
+    size = [f"size{v[0]}" if isinstance(v, list) else f"size{v}" for k, v in sets if k == "data.image_size"]
+    return "_".join(size + knn) or "default"
 
 
 def tune(args) -> None:

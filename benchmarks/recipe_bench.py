@@ -217,7 +217,11 @@ def screen(args) -> None:
 
 
 # INT8 variants, as QuantizeOptions overrides of the export defaults ("default": none).
-QUANT = {"default": {}, "float_map": {"float_map": True}, "nncf_default": {"activation_range": "nncf_default"}}
+QUANT = {"default": {}, "float_map": {"float_map": True}, "nncf_default": {"activation_range": "nncf_default"},
+         "full_bias": {"fast_bias_correction": False},
+         "float_adaptor_map": {"float_map": True, "float_adaptor": True},
+         "full_bias_float_adaptor": {"fast_bias_correction": False, "float_adaptor": True},
+         "full_bias_float_adaptor_map": {"fast_bias_correction": False, "float_map": True, "float_adaptor": True}}
 
 
 def _int8_variant(args) -> str:

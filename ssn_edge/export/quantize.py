@@ -79,14 +79,18 @@ def _names_match(ov_model, pattern: str) -> bool:
     return any(rx.fullmatch(op.get_friendly_name()) for op in ov_model.get_ordered_ops())
 
 
-def float_scope(model_kind: str, ov_model=None, float_map: bool = False):
+ADAPTOR_SCOPE = r".*\.heads\.adaptor/.*"  # experiment: SSN's adaptor kept in float
+
+
+def float_scope(model_kind: str, ov_model=None, float_map: bool = False, float_adaptor: bool = False):
     """The nncf.IgnoredScope keeping the family's FLOAT_SCOPES (and, with float_map, SSN's segmentation head) in
     float, or None."""
     import nncf
 
     if float_map:
         check_float_map(model_kind)
-    patterns = [p for p in FLOAT_SCOPES.get(model_kind, ()) if ov_model is None or _names_match(ov_model, p)]
+    scopes = FLOAT_SCOPES.get(model_kind, ()) + ((ADAPTOR_SCOPE,) if float_adaptor else ())
+    patterns = [p for p in scopes if ov_model is None or _names_match(ov_model, p)]
     subgraphs = [segmentation_subgraph(ov_model)] if float_map else []
     if not patterns and not subgraphs:
         return None
@@ -98,6 +102,8 @@ class QuantizeOptions:
     activation_range: str = "minmax"  # "minmax" or "nncf_default" (NNCF's own estimators)
     score_offset: bool = True  # subtract the calibration images' mean INT8-vs-FP32 score shift in the graph
     float_map: bool = False  # keep SSN's segmentation head in float (the map's precision at the head's cost)
+    float_adaptor: bool = False  # experiment
+    fast_bias_correction: bool = True  # experiment: False runs NNCF's full bias correction
 
     def __post_init__(self) -> None:
         if self.activation_range not in ACTIVATION_RANGES:
@@ -105,7 +111,8 @@ class QuantizeOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return {"activation_range": self.activation_range, "score_offset": self.score_offset,
-                "float_map": self.float_map}
+                "float_map": self.float_map, "float_adaptor": self.float_adaptor,
+                "fast_bias_correction": self.fast_bias_correction}
 
 
 def with_defects(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -192,9 +199,11 @@ def quantize(ov_model, inputs: list[np.ndarray], options: QuantizeOptions, model
     params = advanced_parameters(options)
     if params is not None:
         kwargs["advanced_parameters"] = params
-    scope = float_scope(model_kind, ov_model, options.float_map)
+    scope = float_scope(model_kind, ov_model, options.float_map, options.float_adaptor)
     if scope is not None:
         kwargs["ignored_scope"] = scope
+    if not options.fast_bias_correction:
+        kwargs["fast_bias_correction"] = False
     return nncf.quantize(ov_model, nncf.Dataset(inputs), subset_size=len(inputs), **kwargs)
 
 
