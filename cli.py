@@ -284,7 +284,8 @@ def bench(bundle, precisions, runs, warmup, throughput_seconds, peak, json_file,
 @click.option("--calibration-defects", type=float, help="Fraction of calibration images given a synthetic defect (default 1.0; 0: as they are).")
 @click.option("--act-range", default="minmax", show_default=True, type=click.Choice(["minmax", "nncf_default"]), help="INT8 activation range estimator.")
 @click.option("--score-offset/--no-score-offset", default=True, show_default=True, help="Correct the INT8 score's mean shift on the calibration images.")
-@click.option("--float-map", is_flag=True, help="Keep SSN's segmentation head in float in INT8 models: the map as FP32 gives it, at the head's cost in latency.")
+@click.option("--bias-correction", default="full", show_default=True, type=click.Choice(["full", "fast"]), help="NNCF's INT8 bias correction: full (per layer, on the calibration images) or fast (quicker export, coarser).")
+@click.option("--float-map/--no-float-map", default=None, help="Keep SSN's segmentation head in float in INT8 models (the map as FP32 gives it, at the head's cost in latency). Default: on where the map adds the head's to a memory bank's float distances (model.memory_bank with SSN's map weighing > 0), off otherwise.")
 @click.option("--data", "data_path", type=click.Path(), help="Threshold/validation data (val split, else test); default: the recipe's data.path.")
 @click.option("--weights", help="Backbone weights file, if not where training found it.")
 @click.option("--map-gate", type=click.Choice(MAP_GATES), default=None, help=MAP_GATE_HELP)
@@ -355,7 +356,7 @@ def _export_options(opts: dict):
     return ExportOptions(
         fp16=opts["fp16"], int8=opts["int8"], int8_acc=opts["int8_acc"], calibration=_calibration_spec(opts),
         quantize=QuantizeOptions(activation_range=opts["act_range"], score_offset=opts["score_offset"],
-                                 float_map=opts["float_map"]),
+                                 float_map=opts["float_map"], bias_correction=opts["bias_correction"]),
         max_drop=opts["max_drop"], acc_metric=opts["acc_metric"], threshold_data=opts["data_path"],
         weights=opts["weights"], map_gate=opts["map_gate"], overwrite=opts["overwrite"],
         thresholds=ThresholdChoice(opts["threshold_from"], opts["max_false_alarm"], opts["max_false_alarm_pixel"],

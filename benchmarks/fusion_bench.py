@@ -21,7 +21,10 @@ trained), the score as the model makes it (the head's logit plus the fused map's
 anchored; variants bank_weight_<w>), and for a run that kept the head's score the fused map's blurred maximum alone
 (bank_weight_<w>_map; an anchored run's head adds a constant, its fc zeroed, so that would repeat the first).
 (Variants bank_k4_weight_<w>: the bank refitted on patches averaged 4x4, about PatchCore's 3x3 of layer2's grid,
-`--bank-kernel 4` at commit 28fd0fd; held-out real defects fell, so it was removed.)
+`--bank-kernel 4` at commit 28fd0fd; held-out real defects fell, so it was removed. Variants bank_weight_<w>_top_<f>:
+the image score as the mean of the blurred map's top fraction f of cells instead of its maximum, `--score-tops` with
+model.anchor_top at commit a9b9c91; Magnetic tile's held-out real defects rose and bottle's painted copies fell, so
+it was removed.)
 """
 
 from __future__ import annotations
@@ -127,11 +130,10 @@ SCORES = {"": "the model's (the head's logit, plus the map's blurred maximum whe
           "_map": "the map's blurred maximum alone"}
 
 
-def run_weights(dataset: str, setting: str, seed: int, weights: list[float], tops: list[float] | None = None
-                ) -> list[dict]:
+def run_weights(dataset: str, setting: str, seed: int, weights: list[float]) -> list[dict]:
     from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.model.load import load_model
-    from ssn_edge.model.ssn import anchor_score
+    from ssn_edge.model.ssn import anchor_max
 
     loaded = load_model(ROOT / "runs" / "recipe" / f"{dataset}_{setting}_memory_bank_s{seed}" / "checkpoint.pt")
     model, recipe = loaded.model.eval(), loaded.recipe
@@ -150,16 +152,13 @@ def run_weights(dataset: str, setting: str, seed: int, weights: list[float], top
         ssn_z, bank_z, head = torch.load(cache)
         for w in weights:
             fused = w * ssn_z + bank_z
-            blurred_max = anchor_score(fused, heads.anchor_blur)
+            blurred_max = anchor_max(fused, heads.anchor_blur)
             scores = {"": head + blurred_max} if heads.score_anchor == "map_max" else {"": head, "_map": blurred_max}
-            if tops:  # the score only: the map is the weight's
-                scores = {f"_top_{f:g}": anchor_score(fused, heads.anchor_blur, f) for f in tops}
             for suffix, score in scores.items():
                 m = _metrics(arrays, fused[:, 0].numpy(), score.numpy())
-                what = SCORES.get(suffix, f"the mean of the blurred map's top {suffix[5:]} of cells")
                 records.append({**base, "variant": f"bank_weight_{w:g}{suffix}", "split": split_name,
                                 "images": len(arrays), "lever": f"memory_bank map = {w:g} x SSN's standardised map + "
-                                f"the bank's distances; score = {what}", **m})
+                                f"the bank's distances; score = {SCORES[suffix]}", **m})
                 print(dataset, setting, seed, split_name, w, suffix, {x: m.get(x) for x in (
                     "image_auroc", "pixel_aupro", "pixel_ap")}, flush=True)
     return records
@@ -172,13 +171,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--bank-weights", type=float, nargs="+",
                         help="weigh SSN's term in the memory_bank runs' map instead of fusing with the knn default")
-    parser.add_argument("--score-tops", type=float, nargs="+",
-                        help="with --bank-weights: score each image by the mean of its blurred map's top fraction of "
-                        "cells (0: the maximum) instead of the model's score (variants bank_weight_<w>_top_<f>)")
     args = parser.parse_args()
     for seed in args.seeds:
         if args.bank_weights:
-            record_results("recipe", run_weights(args.dataset, args.setting, seed, args.bank_weights, args.score_tops))
+            record_results("recipe", run_weights(args.dataset, args.setting, seed, args.bank_weights))
         else:
             record_results("recipe", run(args.dataset, args.setting, seed))
 

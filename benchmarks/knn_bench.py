@@ -416,13 +416,17 @@ def int8(args) -> None:
     base = {"model": "knn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": "unsupervised",
             "seed": args.seed, "neighbours": recipe.knn.neighbours, "command": command_line(),
             "checkpoint_sha256": sha256_file(run / "checkpoint.pt"), **torch_fp32}
+    if args.bias_correction:  # the same export with this bias correction, its records beside the others
+        base["int8_variant"] = f"{args.bias_correction}_bias"
+    options = quantize.QuantizeOptions(**({"bias_correction": args.bias_correction} if args.bias_correction else {}))
+    variants = (("default", quantize.FLOAT_SCOPES),) + (() if args.bias_correction else (("int8_all_quantized", {}),))
     records = []
-    for variant, scopes in (("default", quantize.FLOAT_SCOPES), ("int8_all_quantized", {})):
+    for variant, scopes in variants:
         saved, quantize.FLOAT_SCOPES = quantize.FLOAT_SCOPES, scopes
         try:
-            out = run / f"bundle_{variant}_int8"
+            out = run / f"bundle_{variant}_int8{'_' + base['int8_variant'] if args.bias_correction else ''}"
             # thresholds (only the flips count uses them) from test F1, as for the fits that predate the held-out split
-            export_bundle(run / "checkpoint.pt", out, ExportOptions(int8=True, overwrite=True,
+            export_bundle(run / "checkpoint.pt", out, ExportOptions(int8=True, overwrite=True, quantize=options,
                                                                     thresholds=ThresholdChoice(source="test-f1")))
         finally:
             quantize.FLOAT_SCOPES = saved
@@ -585,6 +589,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=30, help="timed batch-1 runs")
     p.add_argument("--no-export", action="store_true", help="accuracy/bank: PyTorch only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--bias-correction", choices=["full", "fast"],
+                   help="int8: export with this NNCF bias correction only (records int8_variant <it>_bias)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--ssn-full", help="vs_ssn: an SSN bundle (full classification head) with an INT8 model")
     p.add_argument("--ssn-light", help="vs_ssn: an SSN bundle (light classification head) with an INT8 model")

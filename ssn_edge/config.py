@@ -56,9 +56,6 @@ class ModelConfig:
     # The anchored score's map maximum is taken after a Gaussian blur of this sigma, in map pixels (1.0: the map as
     # post-processed; 0: the raw maximum logit, what recipes recorded before this option). Chosen on held-out data.
     anchor_blur: float = 1.0
-    # The anchored score is the mean of the blurred map's largest fraction of cells (0: its maximum): a defect's
-    # extent counts, not only its peak. Chosen on held-out data: benchmarks/README.md.
-    anchor_top: float = 0.0
     # "none": the map output is the segmentation head's logits (paper). "score": the inference graph outputs
     # log P(pixel defective) = log sigmoid(map) + log sigmoid(score), the pixel's probability given a defect times
     # the image's: one image-wide shift, so each map's ranking is unchanged while the maps of images the classifier
@@ -506,9 +503,6 @@ def _check_collapse(r: Recipe) -> None:
     """train.on_collapse other than warn only where the check runs and can act (knn recipes: _check_knn)."""
     if r.model.anchor_blur < 0:
         raise RecipeError(f"model.anchor_blur must be >= 0 (0: the raw maximum logit), got {r.model.anchor_blur}")
-    if not 0 <= r.model.anchor_top < 1:
-        raise RecipeError(f"model.anchor_top must be a fraction in [0, 1) of the map's cells (0: its maximum), "
-                          f"got {r.model.anchor_top}")
     if r.model.score_anchor == "auto" and r.tiling is not None:
         raise RecipeError("model.score_anchor auto: chosen on the held-out check set of whole-image models only, not "
                           "tiled ones; use none or map_max")

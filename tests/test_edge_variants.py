@@ -19,7 +19,7 @@ from ssn_edge.model.complexity import head_macs
 from ssn_edge.train.generator import NoiseGenerator
 from ssn_edge.train.noise import apply_noise
 from ssn_edge.train.perlin import perlin_masks
-from ssn_edge.model.ssn import ClassificationHead, LightClassificationHead, SSNHeads, SuperSimpleNet, anchor_score
+from ssn_edge.model.ssn import ClassificationHead, LightClassificationHead, SSNHeads, SuperSimpleNet, anchor_max
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,13 +121,13 @@ def test_map_max_anchor_starts_at_the_map_max_and_learns_a_correction(kind):
         m, s = heads(feats)
         _, s_plain = plain(feats)
     # The fc starts at zero: the score is exactly the map's (blurred) max logit, per image.
-    assert torch.allclose(s, anchor_score(m, 1.0), atol=1e-6) and torch.all(s_plain == 0)
+    assert torch.allclose(s, anchor_max(m, 1.0), atol=1e-6) and torch.all(s_plain == 0)
     with torch.no_grad():
         heads.classification.fc.bias.fill_(0.5)
         plain.classification.fc.bias.fill_(0.5)
         m, s = heads(feats)
         _, s_plain = plain(feats)
-    assert torch.allclose(s, s_plain + anchor_score(m, 1.0), atol=1e-6)
+    assert torch.allclose(s, s_plain + anchor_max(m, 1.0), atol=1e-6)
     # Unsupervised training detaches the map from the score: the anchor must not open a path into it.
     heads.train()
     adapted = heads.adaptor(feats)
@@ -137,44 +137,19 @@ def test_map_max_anchor_starts_at_the_map_max_and_learns_a_correction(kind):
 
 
 @pytest.mark.parametrize("sigma", [0.0, 1.0, 1.5])
-def test_anchor_score_is_the_maximum_of_the_map_blurred_as_opencv_blurs_it(sigma):
+def test_anchor_max_is_the_maximum_of_the_map_blurred_as_opencv_blurs_it(sigma):
     import cv2
 
     maps = torch.randn(3, 1, 12, 9)
     k = 2 * int(np.ceil(3 * sigma)) + 1
     want = [cv2.GaussianBlur(m[0].numpy(), (k, k), sigma, borderType=cv2.BORDER_REFLECT_101).max() if sigma else
             m.max().item() for m in maps]
-    np.testing.assert_allclose(anchor_score(maps, sigma).numpy(), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(anchor_max(maps, sigma).numpy(), want, rtol=0, atol=1e-5)
     # a lone spike weighs less than a patch of the same height once blurred
     spike, patch = torch.zeros(1, 1, 12, 12), torch.zeros(1, 1, 12, 12)
     spike[..., 6, 6] = 3.0
     patch[..., 5:8, 5:8] = 3.0
-    assert sigma == 0 or anchor_score(spike, sigma) < anchor_score(patch, sigma)
-
-
-@pytest.mark.parametrize("sigma", [0.0, 1.0])
-def test_anchor_top_is_the_mean_of_the_blurred_maps_largest_cells(sigma):
-    import cv2
-
-    maps = torch.randn(2, 1, 10, 10)
-    k = 2 * int(np.ceil(3 * sigma)) + 1
-    blurred = [cv2.GaussianBlur(m[0].numpy(), (k, k), sigma, borderType=cv2.BORDER_REFLECT_101) if sigma else
-               m[0].numpy() for m in maps]
-    want = [np.sort(b.ravel())[-5:].mean() for b in blurred]  # 5 % of 100 cells
-    np.testing.assert_allclose(anchor_score(maps, sigma, 0.05).numpy(), want, rtol=0, atol=1e-5)
-    # a defect's extent counts: one spike scores below a patch of the same height, even unblurred
-    spike, patch = torch.zeros(1, 1, 10, 10), torch.zeros(1, 1, 10, 10)
-    spike[..., 5, 5] = 3.0
-    patch[..., 4:7, 4:7] = 3.0
-    assert anchor_score(spike, sigma, 0.05) < anchor_score(patch, sigma, 0.05)
-    # an anchored model scores with it, and the recipe refuses a fraction outside [0, 1)
-    heads = SSNHeads(384, _cfg(score_anchor="map_max", anchor_top=0.05)).eval()
-    with torch.no_grad():
-        m, s = heads(torch.randn(2, 384, 10, 10))
-    assert torch.allclose(s, anchor_score(m, 1.0, 0.05), atol=1e-6)
-    for bad in (1.0, -0.1, float("nan")):
-        with pytest.raises(RecipeError, match="model.anchor_top"):
-            _recipe(model={"anchor_top": bad})
+    assert sigma == 0 or anchor_max(spike, sigma) < anchor_max(patch, sigma)
 
 
 def test_recorded_recipes_without_anchor_blur_keep_the_raw_maximum():

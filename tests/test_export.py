@@ -679,7 +679,9 @@ def test_int8_export_records_quantization_and_centres_its_score_on_the_calibrati
     from ssn_edge.model.load import load_model
 
     spec = CalibrationSpec(source="recipe", size=8)
-    bundle = export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(int8=True, calibration=spec))
+    # fast bias correction leaves the larger shift to take out (full correction already removes most of it)
+    bundle = export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(
+        int8=True, calibration=spec, quantize=QuantizeOptions(bias_correction="fast")))
     q = bundle.metadata.models["int8"].quantization
     assert q.activation_range == "minmax" and q.score_offset and np.isfinite(q.score_offset_value)
     assert bundle.metadata.calibration.spec.defects == 1.0
@@ -694,6 +696,24 @@ def test_int8_export_records_quantization_and_centres_its_score_on_the_calibrati
     plain = export_bundle(tiny_checkpoint, tmp_path / "p", ExportOptions(
         int8=True, calibration=spec, quantize=QuantizeOptions(activation_range="nncf_default", score_offset=False)))
     assert plain.metadata.models["int8"].quantization.score_offset_value is None
+
+
+def test_bias_correction_reaches_nncf_and_the_bundle_records_it(tmp_path, tiny_checkpoint, monkeypatch):
+    import nncf
+
+    from ssn_edge.export.calibration import CalibrationSpec
+
+    seen, real = [], nncf.quantize
+    monkeypatch.setattr(nncf, "quantize", lambda *a, **kw: seen.append(kw["fast_bias_correction"]) or real(*a, **kw))
+    spec = CalibrationSpec(source="recipe", size=4)
+    full = export_bundle(tiny_checkpoint, tmp_path / "full", ExportOptions(int8=True, calibration=spec))
+    fast = export_bundle(tiny_checkpoint, tmp_path / "fast", ExportOptions(
+        int8=True, calibration=spec, quantize=QuantizeOptions(bias_correction="fast")))
+    assert seen == [False, True]  # the default is NNCF's full bias correction
+    assert full.metadata.models["int8"].quantization.bias_correction == "full"
+    assert fast.metadata.models["int8"].quantization.bias_correction == "fast"
+    with pytest.raises(ValueError, match="bias correction 'none'"):
+        QuantizeOptions(bias_correction="none")
 
 
 # --------------------------------------------------------------------------------------------------------------

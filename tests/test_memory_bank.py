@@ -118,6 +118,24 @@ def test_the_recipe_weight_of_ssn_map_applies_to_a_fitted_checkpoint(bank_run, t
     torch.testing.assert_close(fused, distances)  # weight 0: the map is the bank's distances alone
 
 
+def test_int8_keeps_the_segmentation_head_float_by_default_only_where_ssn_map_is_summed(bank_run, tmp_path):
+    import dataclasses
+
+    from ssn_edge.export.exporter import resolve_float_map
+    from ssn_edge.export.quantize import QuantizeOptions
+    from ssn_edge.model.checkpoint import load_checkpoint, save_checkpoint
+    from ssn_edge.model.load import load_model
+
+    record = load_checkpoint(bank_run.checkpoint)
+    values = dict(record.recipe)
+    values["model"] = {**values["model"], "memory_bank_ssn_weight": 0.0}
+    save_checkpoint(tmp_path / "w0.pt", dataclasses.replace(record, recipe=values))
+    summed, bank_only = load_model(bank_run.checkpoint), load_model(tmp_path / "w0.pt")
+    assert resolve_float_map(QuantizeOptions(), summed).float_map is True
+    assert resolve_float_map(QuantizeOptions(), bank_only).float_map is False  # SSN's head does not reach the map
+    assert resolve_float_map(QuantizeOptions(float_map=False), summed).float_map is False  # asked for: kept
+
+
 def test_unfinished_training_checkpoint_is_refused(bank_run, tmp_path):
     from ssn_edge.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from ssn_edge.model.load import load_model
@@ -176,3 +194,5 @@ def test_export_equals_torch_and_int8_keeps_the_distances_float(bank_run, test_a
     assert not [n.get_friendly_name() for n in fed if ".memory_bank" in n.get_friendly_name()]
     matmul = [op for op in int8.get_ops() if op.get_type_name() == "MatMul" and ".memory_bank" in op.get_friendly_name()]
     assert matmul and all(i.get_element_type() == ov.Type.f32 for op in matmul for i in op.inputs())
+    # SSN's map weighs 1 beside the bank: the export kept its segmentation head float by default, and says so
+    assert bundle.metadata.models["int8"].quantization.float_map is True

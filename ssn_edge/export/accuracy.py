@@ -87,6 +87,7 @@ def quantize_int8_acc(
         max_drop=max_drop,
         drop_type=nncf.DropType.ABSOLUTE,
         subset_size=len(calib.inputs),
+        fast_bias_correction=options.bias_correction == "fast",
         **({"advanced_quantization_parameters": params} if params is not None else {}),
         **({"ignored_scope": scope}
            if (scope := float_scope(model_kind, ov_model, options.float_map)) is not None else {}),

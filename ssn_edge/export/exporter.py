@@ -277,6 +277,17 @@ def _load(checkpoint: Path, options: ExportOptions) -> LoadedModel:
     return loaded
 
 
+def resolve_float_map(options: QuantizeOptions, loaded: LoadedModel) -> QuantizeOptions:
+    """float_map None (automatic) becomes True for an SSN model whose map adds its segmentation head's to a memory
+    bank's distances (model.memory_bank, SSN's map weighing > 0): those distances are float already, and the INT8
+    drift of that map came from the head (supervised Magnetic tile, benchmarks/README.md); False otherwise."""
+    if options.float_map is not None:
+        return options
+    model = loaded.recipe.model
+    mixed = (loaded.kind == "ssn" and not loaded.tiled and model.memory_bank and model.memory_bank_ssn_weight > 0)
+    return dataclasses.replace(options, float_map=bool(mixed))
+
+
 def _threshold_data(checkpoint: Path, loaded: LoadedModel, options: ExportOptions) -> ThresholdData:
     path = options.threshold_data or loaded.recipe.data.path
     if not path:
@@ -337,7 +348,8 @@ def _held_out(checkpoint: Path, loaded: LoadedModel, samples: list[Sample], path
 
 
 def _quantization(options: QuantizeOptions, offset: float | None) -> Quantization:
-    return Quantization(options.activation_range, options.score_offset, offset, options.float_map)
+    return Quantization(options.activation_range, options.score_offset, offset, options.float_map,
+                        options.bias_correction)
 
 
 def _int8_acc(stage: Stage, calib: Calibration, entry: dict[str, Any], options: ExportOptions,
@@ -525,6 +537,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, options: ExportOp
     _refuse_existing(out_dir, options.overwrite)  # before minutes of work, and before reading the checkpoint
     with signals_raise(f"export to {out_dir}"):  # SIGTERM/SIGINT: the temporary folders go, then the CLI exits
         loaded = _load(checkpoint, options)
+        options = dataclasses.replace(options, quantize=resolve_float_map(options.quantize, loaded))
         plan = plan_graph(loaded, options.dynamic_batch)
         data = _threshold_data(checkpoint, loaded, options)
         with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:

@@ -17,29 +17,19 @@ if TYPE_CHECKING:
     from ssn_edge.model.memory_bank import MemoryBank
 
 
-def gaussian_blur(map_logits: Tensor, sigma: float) -> Tensor:
-    """Maps (B, 1, h, w) blurred by a Gaussian of sigma map pixels, edges reflected (0: as they are)."""
-    if sigma <= 0:
-        return map_logits
-    r = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-r, r + 1, dtype=map_logits.dtype, device=map_logits.device)
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    map_logits = F.pad(map_logits, (r, r, r, r), mode="reflect")
-    return F.conv2d(F.conv2d(map_logits, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
-
-
-def anchor_score(map_logits: Tensor, sigma: float, top: float = 0.0) -> Tensor:
-    """Each map's anchored score (B, 1, h, w) -> (B,): its maximum logit, or with top > 0 the mean of its largest
-    `top` fraction of cells, taken after a Gaussian blur of sigma map pixels. sigma 1 is the post-processing's blur
-    (sigma 4 at the input size) at the map's stride of 4: the score then comes from the map the user sees, where one
-    stray logit weighs less than a defect's patch of them; a top fraction weighs a defect's extent, not only its
-    peak (both held out on Magnetic tile and bottle, benchmarks/results/recipe.md)."""
-    blurred = gaussian_blur(map_logits, sigma)
-    if top <= 0:
-        return blurred.amax(dim=(1, 2, 3))
-    k = max(1, round(top * blurred[0].numel()))
-    return blurred.flatten(1).topk(k, dim=1).values.mean(dim=1)
+def anchor_max(map_logits: Tensor, sigma: float) -> Tensor:
+    """Each map's maximum logit (B, 1, h, w) -> (B,), taken after a Gaussian blur of sigma map pixels (edges
+    reflected; 0: the raw maximum). sigma 1 is the post-processing's blur (sigma 4 at the input size) at the map's
+    stride of 4: the anchored score is then the maximum of the map the user sees, where one stray logit weighs less
+    than a defect's patch of them (held out on Magnetic tile, benchmarks/results/recipe.md)."""
+    if sigma > 0:
+        r = max(1, int(math.ceil(3 * sigma)))
+        x = torch.arange(-r, r + 1, dtype=map_logits.dtype, device=map_logits.device)
+        g = torch.exp(-(x**2) / (2 * sigma**2))
+        g = g / g.sum()
+        map_logits = F.pad(map_logits, (r, r, r, r), mode="reflect")
+        map_logits = F.conv2d(F.conv2d(map_logits, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+    return map_logits.amax(dim=(1, 2, 3))
 
 
 class FeatureExtractor(nn.Module):
@@ -231,7 +221,6 @@ class SSNHeads(nn.Module):
         self.cls_input = cfg.cls_input
         self.score_anchor = getattr(cfg, "score_anchor", "none")  # getattr: configs from before the option
         self.anchor_blur = getattr(cfg, "anchor_blur", 0.0)  # getattr: configs from before the option
-        self.anchor_top = getattr(cfg, "anchor_top", 0.0)  # getattr: configs from before the option
         self.map_gate = getattr(cfg, "map_gate", "none")  # getattr: configs from before the option
         self.adaptor = nn.Conv2d(channels, width, 1)
         kind = getattr(cfg, "cls_head", "full")  # getattr: a config object from before cls_head existed
@@ -292,7 +281,7 @@ class SSNHeads(nn.Module):
         if self.memory_bank is not None and features is not None:
             map_logits = cls_map = self.memory_bank(features, map_logits)
         if self.score_anchor == "map_max":
-            score = score + anchor_score(cls_map, self.anchor_blur, self.anchor_top).to(score.dtype)
+            score = score + anchor_max(cls_map, self.anchor_blur).to(score.dtype)
         return map_logits, score
 
     def forward(self, features: Tensor, gated: bool = True) -> tuple[Tensor, Tensor]:

@@ -145,6 +145,7 @@ class Quantization:
     score_offset: bool
     score_offset_value: float | None = None  # subtracted from the score inside the graph
     float_map: bool = False  # the segmentation head was kept in float
+    bias_correction: str = "fast"  # NNCF's full or fast bias correction (bundles silent on it: fast)
 
 
 @dataclass(frozen=True)
@@ -512,7 +513,8 @@ def _read_model(f: _Fields) -> ModelEntry:
         metrics_hint=f.str("metrics_hint", "f32"),
         calibration=ModelCalibration(cal.str("file"), cal.int("count", minimum=0)) if cal else None,
         quantization=Quantization(q.str("activation_range"), q.bool("score_offset"),
-                                  q.num("score_offset_value", None), q.bool("float_map", False)) if q else None,
+                                  q.num("score_offset_value", None), q.bool("float_map", False),
+                                  q.str("bias_correction", "fast", choices=("full", "fast"))) if q else None,
         accuracy_control=AccuracyControl(
             metric=acc.str("metric"), max_drop=acc.num("max_drop"), drop_type=acc.str("drop_type"),
             data=acc.str("data"), fp32=acc.num("fp32", finite=False), int8_acc=acc.num("int8_acc", finite=False),

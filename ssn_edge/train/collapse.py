@@ -18,7 +18,7 @@ import torch
 
 from ssn_edge.data import ArraySet
 from ssn_edge.evaluation.evaluate import predict_raw
-from ssn_edge.model.ssn import anchor_score
+from ssn_edge.model.ssn import anchor_max
 from ssn_edge.runtime.postprocess import sigmoid
 from ssn_edge.runtime.schema import CollapseCheck
 
@@ -72,11 +72,10 @@ def judge(score_logits: np.ndarray, map_max: np.ndarray, labels: np.ndarray) -> 
 
 def check_model(model: torch.nn.Module, arrays: ArraySet) -> CollapseCheck:
     """Score the check set with the model as exported (FP32, eval mode) and judge it. The map's maximum is taken
-    as model.score_anchor map_max adds it to the score (model.anchor_blur, model.anchor_top)."""
+    as model.score_anchor map_max adds it to the score (model.anchor_blur)."""
     raw_maps, logits = predict_raw(model, arrays.images)
-    heads = getattr(model, "heads", None)
-    sigma, top = getattr(heads, "anchor_blur", 0.0), getattr(heads, "anchor_top", 0.0)
-    map_max = anchor_score(torch.from_numpy(raw_maps)[:, None], sigma, top).numpy()
+    sigma = getattr(getattr(model, "heads", None), "anchor_blur", 0.0)
+    map_max = anchor_max(torch.from_numpy(raw_maps)[:, None], sigma).numpy()
     return judge(logits, map_max, arrays.labels)
 
 
