@@ -138,6 +138,9 @@ def test_the_report_carries_exports_int8_check(tiny_bundle, tiny_report):
     page = Path(tiny_report.report_html).read_text()
     assert f"<dt>INT8 check</dt><dd>int8: {html.escape(check.message)}</dd>" in page
     assert ("Export&#x27;s INT8 check" in page) == (not check.within_bound)
+    q = tiny_bundle.metadata.models["int8"].quantization
+    assert (f"<dt>INT8 quantization</dt><dd>int8: {q.activation_range} activation ranges, {q.bias_correction} bias "
+            f"correction, score offset {q.score_offset_value:+.4f} logits, segmentation head INT8</dd>") in page
 
 
 def test_an_int8_check_outside_the_bound_is_a_page_warning(tiny_bundle, tmp_path):

@@ -200,6 +200,19 @@ def int8_check_text(models: dict[str, ModelEntry]) -> str | None:
                      for p, e in quantized.items())
 
 
+def quantization_text(models: dict[str, ModelEntry]) -> str | None:
+    """How each INT8 model was quantized, so a reader of the report knows what the INT8 check measured."""
+    parts = []
+    for p, e in models.items():
+        q = e.quantization
+        if q is None:
+            continue
+        offset = f"{q.score_offset_value:+.4f} logits" if q.score_offset_value is not None else "off"
+        parts.append(f"{p}: {q.activation_range} activation ranges, {q.bias_correction} bias correction, score "
+                     f"offset {offset}, segmentation head {'float' if q.float_map else 'INT8'}")
+    return "; ".join(parts) or None
+
+
 def tiling_text(tiling: Tiling | None) -> str:
     if tiling is None:
         return "none (whole image at the input size)"
@@ -267,6 +280,7 @@ def metadata_items(bundle: Bundle, info: ReportInfo) -> list[tuple[str, Any]]:
         ("map output", map_text(bundle.map_gate)),
         ("training data", supervision_text(meta.supervision)),
         ("collapse check", collapse_text(meta.collapse_check)),
+        ("INT8 quantization", quantization_text(meta.models)),
         ("INT8 check", int8_check_text(meta.models)),
         ("tiling", tiling_text(meta.tiling)),
         ("source checkpoint", f"{src.name} (epoch {src.epoch}, sha256 {str(src.sha256)[:16]}...)" if src else None),
