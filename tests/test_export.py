@@ -519,6 +519,21 @@ def test_cli_export_fp32_only(tiny_checkpoint, tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output
 
 
+def test_cli_export_passes_the_quantization_choices_through(tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    out = tmp_path / "q"
+    args = ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--int8", "--calibration-size", "4"]
+    result = CliRunner().invoke(main, [*args, "--bias-correction", "fast", "--float-map"])
+    assert result.exit_code == 0, result.output
+    q = load_bundle(out).metadata.models["int8"].quantization
+    assert (q.bias_correction, q.float_map) == ("fast", True)
+    bad = CliRunner().invoke(main, [*args, "--bias-correction", "none", "--overwrite"])
+    assert bad.exit_code == 2 and "'none' is not one of 'full', 'fast'" in bad.output
+
+
 def test_cli_calibration_options_need_int8(tiny_checkpoint, tmp_path):
     from click.testing import CliRunner
 
