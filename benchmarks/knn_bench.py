@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.results import RESULTS, command_line, peak_rss_mb, record_results  # noqa: E402
 from benchmarks.runs import bench_recipe, bundle_rows  # noqa: E402
 from ssn_edge.config import parse_override  # noqa: E402
+from ssn_edge.runtime.schema import BIAS_CORRECTIONS  # noqa: E402
 
 METRICS = ("image_auroc", "image_ap", "pixel_aupro", "pixel_ap")
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -593,7 +594,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=30, help="timed batch-1 runs")
     p.add_argument("--no-export", action="store_true", help="accuracy/bank: PyTorch only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--bias-correction", choices=["full", "fast"],
+    p.add_argument("--bias-correction", choices=BIAS_CORRECTIONS,
                    help="int8: export with this NNCF bias correction only (records int8_variant <it>_bias)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--ssn-full", help="vs_ssn: an SSN bundle (full classification head) with an INT8 model")

@@ -284,7 +284,7 @@ def resolve_float_map(options: QuantizeOptions, loaded: LoadedModel) -> Quantize
     if options.float_map is not None:
         return options
     model = loaded.recipe.model
-    mixed = (loaded.kind == "ssn" and not loaded.tiled and model.memory_bank and model.memory_bank_ssn_weight > 0)
+    mixed = loaded.kind == "ssn" and model.memory_bank and model.memory_bank_ssn_weight > 0
     return dataclasses.replace(options, float_map=bool(mixed))
 
 

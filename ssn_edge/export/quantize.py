@@ -40,12 +40,12 @@ import cv2
 import numpy as np
 
 from ssn_edge.runtime.preprocess import read_image
+from ssn_edge.runtime.schema import BIAS_CORRECTIONS
 from ssn_edge.data.synthetic import DEFECTS, paint_defect
 
 log = logging.getLogger("ssn_edge")
 
 ACTIVATION_RANGES = ("minmax", "nncf_default")
-BIAS_CORRECTIONS = ("full", "fast")  # NNCF's BiasCorrection, or its FastBiasCorrection (nncf.quantize's default)
 
 # What stays float in each model family's INT8 graph (NNCF ignored scope, as node-name patterns), and why.
 # knn: the nearest-neighbour distances (model/knn/graph.py KnnHead): |q|^2 - 2 q.b + |b|^2 is a small difference

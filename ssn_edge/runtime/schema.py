@@ -34,6 +34,8 @@ PLACEMENT = "middle of the gap below the f1_max score"
 # what training did after its collapse check (ssn_edge.train.collapse): "none" (nothing collapsed), "kept" (as
 # trained), "anchored" (the score made the map's maximum), "stopped" (train.on_collapse error)
 COLLAPSE_ACTIONS = ("none", "kept", "anchored", "stopped")
+# models.<int8>.quantization.bias_correction: NNCF's BiasCorrection, or FastBiasCorrection (nncf.quantize's default)
+BIAS_CORRECTIONS = ("full", "fast")
 _MISSING = object()
 
 
@@ -514,7 +516,7 @@ def _read_model(f: _Fields) -> ModelEntry:
         calibration=ModelCalibration(cal.str("file"), cal.int("count", minimum=0)) if cal else None,
         quantization=Quantization(q.str("activation_range"), q.bool("score_offset"),
                                   q.num("score_offset_value", None), q.bool("float_map", False),
-                                  q.str("bias_correction", "fast", choices=("full", "fast"))) if q else None,
+                                  q.str("bias_correction", "fast", choices=BIAS_CORRECTIONS)) if q else None,
         accuracy_control=AccuracyControl(
             metric=acc.str("metric"), max_drop=acc.num("max_drop"), drop_type=acc.str("drop_type"),
             data=acc.str("data"), fp32=acc.num("fp32", finite=False), int8_acc=acc.num("int8_acc", finite=False),
