@@ -20,7 +20,7 @@ output mean is corrected on the calibration images with the layers before it alr
 not add up through the backbone. It held the map where the backbone's drift reached it: supervised Magnetic tile
 with the memory bank, test AUPRO drops of 1.15 / 1.45 / 1.21 became 0.29 / 0.86 / -0.25 (3 seeds), image AUROC
 unchanged (benchmarks/results/recipe.md, INT8 variant full_bias). Its cost is export time: 23-50 s on 2 loaded
-cores for these graphs, where the fast correction takes under one.
+cores for these graphs by NNCF's progress output (not a benchmark record), where the fast correction took under one.
 
 Tiled graphs get the same: defects are painted on the whole image before it is cut, and the offset is the
 mean shift over every tile's score. Not free: wider ranges mean coarser steps for the map. On Magnetic tile (unsupervised, seed 0) INT8 pixel AUPRO was
