@@ -92,6 +92,9 @@ MAP_GRID = (
     ("k5_sigma2", {"neighbours": 5}, 2.0),
     ("k5_sigma6", {"neighbours": 5}, 6.0),
 )
+# tune --grid map, score variants on the same bank: PatchCore's re-weighted image score (paper eq. 7, anomalib's
+# compute_anomaly_score) with this many bank neighbours of the nearest bank patch (the paper's b; anomalib's 9).
+REWEIGHT_GRID = (("k1_reweight3", 3), ("k1_reweight9", 9))
 
 
 def _recipe(args, extra: dict | None = None):
@@ -196,6 +199,29 @@ def _val_metrics(head, feats, arrays, blur_sigma: float | None = None) -> dict:
     return metrics_from_predictions(arrays, sigmoid(scores), anomaly_map(maps, size, blur_sigma, kernel))
 
 
+def reweighted_scores(head, feats, support: int) -> np.ndarray:
+    """PatchCore's image score (Roth et al. 2022, eq. 7): the largest nearest distance s* of the image's patch p*,
+    times 1 - softmax over p*'s distances to the `support` bank patches nearest to its own nearest bank patch m*
+    (m* first, so the weight is 1 - the softmax's first entry): a p* whose m* sits in a dense part of the bank
+    scores lower than one whose m* is a lone member. Eager, one image at a time (a (patches, bank) block)."""
+    import torch
+
+    bank = head.bank - head.bank_mean  # the centred bank, as the head's queries are
+    out = []
+    with torch.no_grad():
+        for f in feats:
+            q = f.flatten(1).T - head.bank_mean  # (hw, C)
+            d2 = torch.addmm(head.bank_sq, q, head.bank_t_neg2)  # |b|^2 - 2 q.b: the nearest row per patch
+            nearest = d2.argmin(1)
+            d = (q - bank[nearest]).norm(dim=1)  # exact distances to those rows
+            p = int(d.argmax())
+            m = bank[nearest[p]]
+            rows = torch.topk(((bank - m) ** 2).sum(1), min(support, len(bank)), largest=False).indices  # m* first
+            weight = 1.0 - torch.softmax((q[p] - bank[rows]).norm(dim=1), 0)[0]
+            out.append(float(weight * d[p]))
+    return np.asarray(out)
+
+
 def _pooled(feats, channels: int | None):
     """Features with their channels averaged down to knn.channels, as PatchFeatures does (None: as they are)."""
     import torch
@@ -253,6 +279,37 @@ def tune(args) -> None:
                "coreset_s": round(fit.coreset_s, 1), "score_s": round(time.perf_counter() - t1, 1)}
         record_results("knn", [rec])
         print({k: rec[k] for k in ("variant", *METRICS, "bank", "pool", "neighbours", "blur_sigma", "coreset_s")})
+    if args.grid == "map":
+        _reweight(args, recipe, split, banks)
+
+
+def _reweight(args, recipe, split, banks: dict) -> None:
+    """REWEIGHT_GRID on the grid's (first) bank: the k1 map, the image score re-weighted as PatchCore's."""
+    import dataclasses
+
+    import torch
+
+    from ssn_edge.evaluation.evaluate import metrics_from_predictions, outputs_to_predictions
+    from ssn_edge.train.knn import standardised_head
+
+    cfg = dataclasses.replace(recipe.knn, neighbours=1)
+    fit_f, val_f = _pooled(split.fit_features, cfg.channels), _pooled(split.val_features, cfg.channels)
+    bank, held, fit = next(iter(banks.values()))
+    head = standardised_head(lambda i: fit_f[torch.from_numpy(i)], held, bank, cfg)
+    with torch.no_grad():
+        maps = torch.cat([head(val_f[s : s + 16])[0] for s in range(0, len(val_f), 16)])[:, 0].numpy()
+    for variant, support in (g for g in REWEIGHT_GRID if not args.only or g[0] in args.only):
+        t1 = time.perf_counter()
+        scores = reweighted_scores(head, val_f, support)
+        _, amaps = outputs_to_predictions(maps, scores, tuple(split.val.images.shape[-2:]))
+        metrics = metrics_from_predictions(split.val, scores, amaps)
+        rec = {**_base(recipe, args, f"val_{_grid_name(args)}_{variant}"), "runtime": "torch", "precision": "fp32",
+               "split": "train_heldout", "val_kind": split.val_kind, "val_images": int(len(split.val)),
+               "val_defective": int((split.val.labels == 1).sum()), **_rounded(metrics), "bank": fit.bank,
+               "pool": fit.candidates, "neighbours": 1, "reweight_support": support, "blur_sigma": 4.0,
+               "coreset_s": round(fit.coreset_s, 1), "score_s": round(time.perf_counter() - t1, 1)}
+        record_results("knn", [rec])
+        print({k: rec[k] for k in ("variant", *METRICS, "bank", "reweight_support")})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -501,6 +558,26 @@ def _k(record: dict) -> int:
     return record.get("neighbours", 1)
 
 
+def _over_seeds(tested: list[dict]) -> list[str]:
+    """Mean ± sd over train.seed (the pool's draw, the coreset's first patch, the normals that set the scale) of the
+    PyTorch rows of each variant fitted with more than one seed."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in tested:
+        if r["runtime"] == "torch":
+            groups.setdefault((r["dataset"], r["variant"]), []).append(r)
+    lines = ["", "### Over fit seeds (PyTorch, mean ± sd)", "",
+             "| dataset | variant | seeds | bank | image AUROC | image AP | pixel AUPRO | pixel AP | fit s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (dataset, variant), rows in sorted(groups.items()):
+        if len(rows) < 2:
+            continue
+        values = {k: [r[k] for r in rows if isinstance(r.get(k), (int, float))] for k in (*METRICS, "train_s")}
+        cells = [f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "-" for v in values.values()]
+        lines.append(f"| {dataset} | {variant} | {len(rows)} | {int(np.mean([r.get('bank', 0) for r in rows]))} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def table(args) -> None:  # noqa: ARG001
     from ssn_edge.runtime.atomic import atomic_write
 
@@ -508,24 +585,26 @@ def table(args) -> None:  # noqa: ARG001
     lines = ["# knn (PatchCore-style) reference: measured on this machine", "",
              "Written by `python benchmarks/knn_bench.py table` from `knn.json` (each record has its command).", ""]
     lines += ["## Test split, FP32 (PyTorch and OpenVINO f32)", "",
-              "| dataset | variant | runtime | bank | k | image AUROC | image AP | pixel AUPRO | pixel AP | fit s | "
-              "latency ms |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| dataset | variant | seed | runtime | bank | k | image AUROC | image AP | pixel AUPRO | pixel AP | "
+              "fit s | latency ms |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     tested = sorted((r for r in records if r.get("split") != "train_heldout" and r.get("precision", "fp32") == "fp32"
                      and "ratio" not in r and not r["variant"].startswith("latency_")),
-                    key=lambda r: (r["dataset"], r.get("bank", 0), r["variant"], r["runtime"]))
+                    key=lambda r: (r["dataset"], r.get("bank", 0), r["variant"], r.get("seed", 0), r["runtime"]))
     for r in tested:
-        lines.append(f"| {r['dataset']} | {r['variant']} | {r['runtime']} | {r.get('bank', '-')} | {_k(r)} | "
-                     + " | ".join(_fmt(r.get(k)) for k in METRICS) + f" | {_fmt(r.get('train_s'), '.1f')} | "
+        lines.append(f"| {r['dataset']} | {r['variant']} | {r.get('seed', 0)} | {r['runtime']} | {r.get('bank', '-')} | "
+                     f"{_k(r)} | " + " | ".join(_fmt(r.get(k)) for k in METRICS) + f" | {_fmt(r.get('train_s'), '.1f')} | "
                      f"{_fmt(r.get('latency_ms'))} |")
+    lines += _over_seeds(tested)
     lines += ["", "## Defaults: the training split's held-out part (a fifth of its normal images + its defective ones, "
               "or painted copies of them: defects real / painted)", "",
-              "| dataset | variant | defects | bank | pool | k | blur sigma | image AUROC | image AP | pixel AUPRO | "
-              "pixel AP | coreset s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| dataset | variant | defects | bank | pool | k | blur sigma | image score | image AUROC | image AP | "
+              "pixel AUPRO | pixel AP | coreset s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in (r for r in records if r.get("split") == "train_heldout"):
+        score = f"re-weighted, b {r['reweight_support']}" if "reweight_support" in r else "max"
         lines.append(f"| {r['dataset']} | {r['variant']} | {r.get('val_kind', 'real')} | {r['bank']} | {r['pool']} | "
-                     f"{_k(r)} | {_fmt(r.get('blur_sigma', 4.0), '.0f')} | "
+                     f"{_k(r)} | {_fmt(r.get('blur_sigma', 4.0), '.0f')} | {score} | "
                      + " | ".join(_fmt(r.get(k)) for k in METRICS) + f" | {_fmt(r.get('coreset_s'), '.1f')} |")
     lines += ["", "## INT8 (OpenVINO, f32 hint for both; drop = FP32 - INT8, same run)", "",
               "Variant `default (full_bias)`: NNCF's full bias correction (the export default now, `int8 "

@@ -125,6 +125,37 @@ def test_map_averages_the_k_nearest_distances_and_the_score_takes_the_nearest(mo
     assert KnnHead(torch.from_numpy(bank[:2]), Standardizer(0, 1), Standardizer(0, 1), neighbours=5).neighbours == 2
 
 
+def test_benchmarked_reweighted_score_is_patchcore_eq7():
+    """knn_bench's re-weighted score (a measured lever, not the graph's): the largest nearest distance s* times
+    1 - softmax(distances of its patch to the b bank rows nearest its nearest bank row m*, m* first)[0]."""
+    from benchmarks.knn_bench import reweighted_scores
+    from ssn_edge.model.knn import KnnHead, Standardizer
+
+    rng = np.random.default_rng(5)
+    bank = rng.standard_normal((30, 6)).astype(np.float32)
+    feats = rng.standard_normal((3, 6, 2, 5)).astype(np.float32)
+    head = KnnHead(torch.from_numpy(bank), Standardizer(0.0, 1.0), Standardizer(0.0, 1.0))
+    b64 = bank.astype(np.float64)
+    for support in (3, 9):
+        expected = []
+        for f in feats:
+            q = f.reshape(6, -1).T.astype(np.float64)
+            d = np.sqrt(((q[:, None] - b64[None]) ** 2).sum(-1))
+            p = d.min(1).argmax()
+            m = d[p].argmin()
+            rows = np.argsort(((b64 - b64[m]) ** 2).sum(1))[:support]
+            e = np.exp(d[p, rows] - d[p, rows].max())
+            expected.append((1 - e[0] / e.sum()) * d[p].min())
+        np.testing.assert_allclose(reweighted_scores(head, torch.from_numpy(feats), support), expected, rtol=1e-4)
+    # a lone nearest bank row (its neighbours far from the patch) keeps nearly all of s*, a crowded one loses 1/b
+    lone = np.array([[0.0, 0.0], [30.0, 0.0], [0.0, 30.0]], np.float32)
+    crowd = np.array([[0.0, 0.0], [0.0, 0.01], [0.01, 0.0]], np.float32)
+    x = torch.tensor([[[[3.0]], [[4.0]]]])  # one patch at (3, 4): s* = 5 from the origin row, in both banks
+    unit = Standardizer(0.0, 1.0)
+    w_lone, w_crowd = (reweighted_scores(KnnHead(torch.from_numpy(b), unit, unit), x, 3)[0] / 5 for b in (lone, crowd))
+    assert w_lone > 0.99 and abs(w_crowd - 2 / 3) < 0.01
+
+
 def test_channel_pool_matrix_is_adaptive_average_pooling():
     from ssn_edge.model.knn.features import channel_pool_matrix
 
