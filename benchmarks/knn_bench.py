@@ -51,7 +51,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import RESULTS, command_line, peak_rss_mb, record_results  # noqa: E402
+from benchmarks.results import RESULTS, command_line, mean_sd, peak_rss_mb, record_results  # noqa: E402
 from benchmarks.runs import bench_recipe, bundle_rows  # noqa: E402
 from ssn_edge.config import parse_override  # noqa: E402
 from ssn_edge.runtime.schema import BIAS_CORRECTIONS  # noqa: E402
@@ -271,16 +271,24 @@ def tune(args) -> None:
         bank, held, fit = banks[key]
         t1 = time.perf_counter()
         metrics = _val_metrics(standardised_head(features, held, bank, cfg), val_f, split.val, sigma)
-        rec = {**_base(recipe, args, f"val_{variant}"), "runtime": "torch", "precision": "fp32",
-               "split": "train_heldout", "val_kind": split.val_kind, "val_images": int(len(split.val)),
-               "val_defective": int((split.val.labels == 1).sum()), **_rounded(metrics), "bank": fit.bank,
-               "pool": fit.candidates, "projection": cfg.projection, "channels": cfg.channels or int(fit_f.shape[1]),
-               "sampler": cfg.sampler, "neighbours": cfg.neighbours, "blur_sigma": 4.0 if sigma is None else sigma,
-               "coreset_s": round(fit.coreset_s, 1), "score_s": round(time.perf_counter() - t1, 1)}
+        rec = _tune_record(recipe, args, f"val_{variant}", split, metrics, fit, t1, projection=cfg.projection,
+                           channels=cfg.channels or int(fit_f.shape[1]), sampler=cfg.sampler,
+                           neighbours=cfg.neighbours, blur_sigma=4.0 if sigma is None else sigma)
         record_results("knn", [rec])
         print({k: rec[k] for k in ("variant", *METRICS, "bank", "pool", "neighbours", "blur_sigma", "coreset_s")})
     if args.grid == "map":
         _reweight(args, recipe, split, banks)
+
+
+def _tune_record(recipe, args, variant: str, split: TuneSplit, metrics: dict, fit, scored_from: float,
+                 **settings) -> dict:
+    """A tune record: the scored images, their metrics, the bank's fit, the settings measured, and the scoring time
+    since scored_from (a perf_counter reading)."""
+    return {**_base(recipe, args, variant), "runtime": "torch", "precision": "fp32", "split": "train_heldout",
+            "val_kind": split.val_kind, "val_images": int(len(split.val)),
+            "val_defective": int((split.val.labels == 1).sum()), **_rounded(metrics), "bank": fit.bank,
+            "pool": fit.candidates, **settings, "coreset_s": round(fit.coreset_s, 1),
+            "score_s": round(time.perf_counter() - scored_from, 1)}
 
 
 def _reweight(args, recipe, split, banks: dict) -> None:
@@ -301,13 +309,10 @@ def _reweight(args, recipe, split, banks: dict) -> None:
     for variant, support in (g for g in REWEIGHT_GRID if not args.only or g[0] in args.only):
         t1 = time.perf_counter()
         scores = reweighted_scores(head, val_f, support)
-        _, amaps = outputs_to_predictions(maps, scores, tuple(split.val.images.shape[-2:]))
-        metrics = metrics_from_predictions(split.val, scores, amaps)
-        rec = {**_base(recipe, args, f"val_{_grid_name(args)}_{variant}"), "runtime": "torch", "precision": "fp32",
-               "split": "train_heldout", "val_kind": split.val_kind, "val_images": int(len(split.val)),
-               "val_defective": int((split.val.labels == 1).sum()), **_rounded(metrics), "bank": fit.bank,
-               "pool": fit.candidates, "neighbours": 1, "reweight_support": support, "blur_sigma": 4.0,
-               "coreset_s": round(fit.coreset_s, 1), "score_s": round(time.perf_counter() - t1, 1)}
+        size = tuple(split.val.images.shape[-2:])
+        metrics = metrics_from_predictions(split.val, *outputs_to_predictions(maps, scores, size))
+        rec = _tune_record(recipe, args, f"val_{_grid_name(args)}_{variant}", split, metrics, fit, t1, neighbours=1,
+                           reweight_support=support, blur_sigma=4.0)
         record_results("knn", [rec])
         print({k: rec[k] for k in ("variant", *METRICS, "bank", "reweight_support")})
 
@@ -571,8 +576,7 @@ def _over_seeds(tested: list[dict]) -> list[str]:
     for (dataset, variant), rows in sorted(groups.items()):
         if len(rows) < 2:
             continue
-        values = {k: [r[k] for r in rows if isinstance(r.get(k), (int, float))] for k in (*METRICS, "train_s")}
-        cells = [f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "-" for v in values.values()]
+        cells = [mean_sd(r.get(k) for r in rows) for k in (*METRICS, "train_s")]
         lines.append(f"| {dataset} | {variant} | {len(rows)} | {int(np.mean([r.get('bank', 0) for r in rows]))} | "
                      + " | ".join(cells) + " |")
     return lines

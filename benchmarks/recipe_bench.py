@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import command_line, peak_rss_mb, record_results  # noqa: E402
+from benchmarks.results import command_line, mean_sd, peak_rss_mb, record_results  # noqa: E402
 from benchmarks.runs import bench_recipe, bundle_rows, train_once  # noqa: E402
 
 DATA = {"mvtec_bottle": "../shared/data/mvtec_ad_512/bottle", "magnetic_tile": "../shared/data/magnetic_tile/manifest.csv"}
@@ -310,11 +310,11 @@ def latency(args) -> None:
     bundles bundle_int8_full_bias and bundle_int8_full_bias_float_map)."""
     recipe = _recipe(args)
     run = ROOT / "runs" / "recipe" / f"{args.dataset}_{recipe.train.setting}_{args.variant}_s{args.seed}"
-    plain = run / ("bundle_int8" if args.base == "default" else f"bundle_int8_{args.base}")
-    floated = run / ("bundle_int8_float_map" if args.base == "default" else f"bundle_int8_{args.base}_float_map")
+    tag = "" if args.base == "default" else f"_{args.base}"  # the bundles' names: bundle_int8<tag>[_float_map]
+    plain, floated = run / f"bundle_int8{tag}", run / f"bundle_int8{tag}_float_map"
     ms = _alternating({"int8": (plain, "int8"), "int8_float_map": (floated, "int8"), "fp32": (plain, "fp32")},
                       args.rounds)
-    variant = "float_map" if args.base == "default" else f"{args.base}_float_map"
+    variant = f"{tag[1:]}_float_map" if tag else "float_map"
     base = {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
             "variant": args.variant, "seed": args.seed, "runtime": "openvino", "precision": "int8",
             "int8_variant": variant, "command": command_line()}
@@ -326,15 +326,6 @@ def latency(args) -> None:
     print(records)
 
 
-def _mean(values: list) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    m = sum(values) / len(values)
-    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return f"{m:.2f}" + (f" ± {sd:.2f}" if len(values) > 1 else "")
-
-
 def _rows(records: list[dict], splits: tuple[str, ...]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -342,12 +333,12 @@ def _rows(records: list[dict], splits: tuple[str, ...]) -> list[str]:
             groups.setdefault((r["setting"], r["dataset"], r["split"], r["variant"]), []).append(r)
     lines = []
     for (setting, dataset, split, variant), rs in sorted(groups.items()):
-        cells = [_mean([r.get(k) for r in rs]) for k in ("image_auroc", "pixel_aupro", "pixel_ap", "image_auroc_map_max")]
+        cells = [mean_sd([r.get(k) for r in rs]) for k in ("image_auroc", "pixel_aupro", "pixel_ap", "image_auroc_map_max")]
         lever = (FUSIONS.get(variant) or rs[0].get("lever")
                  or ", ".join(f"{k}={v}" for k, v in rs[0].get("overrides", {}).items())
                  or "the base recipe without its memory bank")
         lines.append(f"| {setting} | {dataset} | {split} | {variant} | {lever} | {len(rs)} | " + " | ".join(cells)
-                     + f" | {_mean([r.get('train_s') for r in rs])} |")
+                     + f" | {mean_sd([r.get('train_s') for r in rs])} |")
     return lines
 
 
@@ -360,9 +351,9 @@ def _reference_rows() -> list[str]:
     for dataset in sorted({r["dataset"] for r in knn}):
         rs = [r for r in knn if r["dataset"] == dataset]
         seeds = f"{len(rs)} seed" + ("s" if len(rs) > 1 else "")
-        parts.append(f"{dataset} ({seeds}) image AUROC {_mean([r['image_auroc'] for r in rs])}, AUPRO "
-                     f"{_mean([r['pixel_aupro'] for r in rs])}, pixel AP {_mean([r['pixel_ap'] for r in rs])}, fit "
-                     f"{_mean([r['train_s'] for r in rs])} s")
+        parts.append(f"{dataset} ({seeds}) image AUROC {mean_sd([r['image_auroc'] for r in rs])}, AUPRO "
+                     f"{mean_sd([r['pixel_aupro'] for r in rs])}, pixel AP {mean_sd([r['pixel_ap'] for r in rs])}, fit "
+                     f"{mean_sd([r['train_s'] for r in rs])} s")
     return ["Memory-bank reference on the same test split (`knn_bench.py accuracy`, results/knn.json, FP32): "
             + "; ".join(parts)]
 

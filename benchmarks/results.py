@@ -29,6 +29,16 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
+def mean_sd(values: Iterable[float | None]) -> str:
+    """A table cell: the mean ± sample sd of the values (None left out); the value alone for one, "-" for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{m:.2f}" + (f" ± {sd:.2f}" if len(values) > 1 else "")
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

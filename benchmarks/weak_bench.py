@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import RESULTS, command_line, record_results  # noqa: E402
+from benchmarks.results import RESULTS, command_line, mean_sd, record_results  # noqa: E402
 from benchmarks.runs import bench_recipe, train_once  # noqa: E402
 
 RUNS = ROOT / "runs" / "bench" / "weak"
@@ -250,8 +250,7 @@ def _groups(records: list[dict]) -> Groups:
 
 
 def _cell(rs: list[dict], m: str) -> str:
-    values = [r[m] for r in rs]
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+    return mean_sd(r[m] for r in rs)
 
 
 def _rows(groups: Groups, named: list[tuple[str, str]], first: str) -> list[str]:
