@@ -4,12 +4,17 @@
   python benchmarks/train_bench.py cache-ratio --recipe recipes/mvtec_resnet18_cpu.yaml --dataset mvtec_bottle
   python benchmarks/train_bench.py timing --recipe recipes/ssn_cpu_unsupervised.yaml --dataset magnetic_tile \
       --set data.path=../shared/data/magnetic_tile/manifest.csv --variant default_cpu
+  python benchmarks/train_bench.py crop-merge-ratio --recipe recipes/ssn_cpu_supervised.yaml --dataset magnetic_tile
 
 timing: what `ssn-edge train` costs a user, nothing else running: the whole job (reading and resizing the images,
 the backbone cache, the optimiser steps, the end-of-training decisions and the memory bank's fit, the checkpoint)
 without the test split's evaluation, and the machine's 1-minute load average when it started and ended (a job
 beside it would show there), so a budget claim can be checked. `images`: the training-split images the job reads
 (the held-out tenth of the normals aside; an unsupervised run reads the defective ones too and ignores them).
+
+crop-merge-ratio: one crop step (forward, backward, optimiser) that merges only its crop (FeatureExtractor.merge's
+window, what training does) against one that merges the whole map and cuts the crop out, alternating in one
+process; the features are random of the recipe's shapes (a step's time does not depend on their values).
 
 Writes records to benchmarks/results/training.json; checkpoints go to runs/bench/<dataset>_<setting>_<seed>/.
 Reads data from ../shared and says so (exit 0) when it is absent.
@@ -139,9 +144,61 @@ def cache_ratio(args) -> None:
     print(rec)
 
 
+def crop_merge_ratio(args) -> None:
+    """Median crop-step time merging the crop alone against merging the whole map, rounds alternating."""
+    import dataclasses
+    import statistics
+
+    import numpy as np
+    import torch
+
+    from ssn_edge.model.ssn import SuperSimpleNet
+    from ssn_edge.train import step as step_module
+    from ssn_edge.train.schedule import autocast, build_optimizer
+
+    recipe = _recipe(args)
+    model = SuperSimpleNet(dataclasses.replace(recipe.model, pretrained=False, weights=None))
+    model.heads.train()
+    optimizer, _ = build_optimizer(model, recipe.train)
+    batch, crop = recipe.train.batch_size, recipe.train.feature_crop
+    l2, l3 = (torch.randn(batch, *m.shape[1:]) for m in model.features.raw(torch.zeros(1, 3, *recipe.data.image_size)))
+    gt = torch.zeros(batch, 1, l2.shape[-2] * 2, l2.shape[-1] * 2)
+    rng = np.random.default_rng(0)
+    windowed = step_module.cropped_features
+
+    def whole_then_cut(model, l2, l3, gt, crop, rng):
+        y, x, h, w = step_module.random_window(tuple(gt.shape[-2:]), crop, rng)
+        return model.features.merge(l2, l3)[..., y : y + h, x : x + w], gt[..., y : y + h, x : x + w]
+
+    def step_s(cut) -> float:
+        step_module.cropped_features = cut
+        t0 = time.perf_counter()
+        with autocast(recipe.train):
+            loss, _ = step_module.train_step(model, recipe, l2, l3, gt, torch.zeros(batch, dtype=torch.bool), rng, crop)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {"window": [], "whole": []}
+    for i in range(2 * args.rounds + 2):
+        name, cut = ("window", windowed) if i % 2 == 0 else ("whole", whole_then_cut)
+        t = step_s(cut)
+        if i >= 2:  # the first of each: warm-up
+            times[name].append(t)
+    step_module.cropped_features = windowed
+    window_ms, whole_ms = (1000 * statistics.median(times[k]) for k in ("window", "whole"))
+    rec = {**_base(recipe, args), "variant": "crop_merge", "runtime": "torch", "train_precision": recipe.train.precision,
+           "ratio": round(whole_ms / window_ms, 3), "ratio_of": "whole_merge_vs_window_merge_crop_step",
+           "step_ms_window": round(window_ms, 1), "step_ms_whole": round(whole_ms, 1), "batch": batch, "crop": crop,
+           "image_size": list(recipe.data.image_size), "rounds": args.rounds, "threads": torch.get_num_threads()}
+    print(record_results("training", [rec]))
+    print(rec)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["accuracy", "cache-ratio", "timing"])
+    p.add_argument("what", choices=["accuracy", "cache-ratio", "timing", "crop-merge-ratio"])
     p.add_argument("--recipe", required=True)
     p.add_argument("--dataset", required=True, help="name for the records, e.g. mvtec_bottle, magnetic_tile")
     p.add_argument("--variant", default="paper_heads")
@@ -149,9 +206,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--rounds", type=int, default=20, help="crop-merge-ratio: timed steps of each kind")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    {"accuracy": accuracy, "cache-ratio": cache_ratio, "timing": timing}[args.what](args)
+    {"accuracy": accuracy, "cache-ratio": cache_ratio, "timing": timing, "crop-merge-ratio": crop_merge_ratio}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -141,3 +141,19 @@ def test_score_focal_gamma_reaches_the_classification_loss():
     bce = torch.nn.functional.binary_cross_entropy_with_logits(score, label).item()
     assert g0["cls_focal"] == pytest.approx(bce, rel=1e-5)
     assert g4["cls_focal"] == pytest.approx(bce * (1 - torch.sigmoid(torch.tensor(1.0)).item()) ** 4, rel=1e-4)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (6, 10)])
+def test_merged_window_is_the_crop_of_the_whole_merge(size):
+    # Training merges only its random crop (merge's window); a crop at an edge or a corner must see the 3x3 average's
+    # zero padding, and one inside the map its neighbours' rows, exactly as cutting the whole merged map does.
+    torch.manual_seed(0)
+    extractor = SuperSimpleNet(ModelConfig(pretrained=False)).features
+    h, w = size
+    l2, l3 = torch.randn(2, 128, h, w), torch.randn(2, 256, h // 2, w // 2)
+    whole = extractor.merge(l2, l3)
+    for y, x, ch, cw in [(0, 0, 4, 4), (2 * h - 5, 2 * w - 3, 5, 3), (3, 5, 6, 7), (0, 0, 2 * h, 2 * w)]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as in a training step: the merge stays fp32
+            part = extractor.merge(l2, l3, (y, x, ch, cw))
+        assert part.dtype == torch.float32 and part.shape == (2, 384, ch, cw)
+        torch.testing.assert_close(part, whole[..., y : y + ch, x : x + cw], rtol=1e-5, atol=1e-5)

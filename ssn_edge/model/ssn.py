@@ -32,6 +32,39 @@ def anchor_max(map_logits: Tensor, sigma: float) -> Tensor:
     return map_logits.amax(dim=(1, 2, 3))
 
 
+Window = tuple[int, int, int, int]  # (y, x, h, w) on the merged grid
+
+
+def upsample_rows(n_in: int, n_out: int, first: int, count: int) -> Tensor:
+    """Rows first .. first + count - 1 of the (n_out, n_in) matrix of align_corners bilinear resizing; a row outside
+    0 .. n_out - 1 is zero, as the 3x3 average's zero padding sees it."""
+    out = torch.zeros(count, n_in)
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    for r in range(count):
+        i = first + r
+        if not 0 <= i < n_out:
+            continue
+        src = i * scale
+        lo = min(int(math.floor(src)), n_in - 1)
+        hi = min(lo + 1, n_in - 1)
+        out[r, lo] += 1 - (src - lo)
+        out[r, hi] += src - lo
+    return out
+
+
+def merged_window(l2: Tensor, l3: Tensor, size: tuple[int, int], window: Window) -> Tensor:
+    """FeatureExtractor.merge on the window alone: both maps resized to the window and its one-pixel rim only (by
+    the resizing matrices' rows), then the 3x3 average without padding. In fp32 whatever the autocast, as merge."""
+    y, x, h, w = window
+    parts = []
+    with torch.autocast("cpu", enabled=False):
+        for m in (l2, l3):
+            rows = upsample_rows(m.shape[-2], size[0], y - 1, h + 2)
+            cols = upsample_rows(m.shape[-1], size[1], x - 1, w + 2)
+            parts.append(rows @ m.float() @ cols.T)
+        return F.avg_pool2d(torch.cat(parts, dim=1), kernel_size=3, stride=1)
+
+
 class FeatureExtractor(nn.Module):
     """Backbone layer2 + layer3, both resized to 2x layer2's size, concatenated, 3x3 average (local context)."""
 
@@ -50,8 +83,13 @@ class FeatureExtractor(nn.Module):
         with torch.no_grad():
             return self.trunk(x)
 
-    def merge(self, l2: Tensor, l3: Tensor) -> Tensor:
+    def merge(self, l2: Tensor, l3: Tensor, window: Window | None = None) -> Tensor:
+        """The merged map, or only its window (y, x, h, w): training's crops, where merging the whole map and
+        cutting the crop out made a step 1.29x slower (benchmarks/README.md). The same values up to float rounding
+        (tests/test_model.py)."""
         size = (l2.shape[-2] * 2, l2.shape[-1] * 2)
+        if window is not None:
+            return merged_window(l2, l3, size, window)
         # align_corners=True as in the official code.
         up2 = F.interpolate(l2, size=size, mode="bilinear", align_corners=True)
         up3 = F.interpolate(l3, size=size, mode="bilinear", align_corners=True)

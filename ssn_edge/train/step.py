@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ssn_edge.config import Recipe
-from ssn_edge.model.ssn import SuperSimpleNet
+from ssn_edge.model.ssn import SuperSimpleNet, Window
 from ssn_edge.train.generator import GeneratedNoise, NoiseGenerator
 from ssn_edge.train.losses import focal_loss, ssn_loss
 from ssn_edge.train.noise import apply_noise, sample_noise
@@ -36,15 +36,26 @@ def check_finite(loss: Tensor, what: str, epoch: int, step: int, steps: int) -> 
         )
 
 
-def random_crop(tensors: list[Tensor], crop: int | None, rng: np.random.Generator) -> list[Tensor]:
-    """The same random crop (at most crop x crop) of every tensor's last two dimensions; None: unchanged."""
+def random_window(size: tuple[int, int], crop: int | None, rng: np.random.Generator) -> Window | None:
+    """A random crop window (y, x, h, w), at most crop x crop, of a map of this size; None: the whole map."""
     if not crop:
-        return tensors
-    h, w = tensors[0].shape[-2:]
+        return None
+    h, w = size
     ch, cw = min(crop, h), min(crop, w)
     y = int(rng.integers(0, h - ch + 1))
     x = int(rng.integers(0, w - cw + 1))
-    return [t[..., y : y + ch, x : x + cw] for t in tensors]
+    return y, x, ch, cw
+
+
+def cropped_features(model: SuperSimpleNet, l2: Tensor, l3: Tensor, gt: Tensor, crop: int | None,
+                     rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """The merged features and the pixel truth of the same random crop (None: the whole map). The crop is merged
+    alone (FeatureExtractor.merge's window), not cut from the whole merged map."""
+    window = random_window(tuple(gt.shape[-2:]), crop, rng)
+    if window is None:
+        return model.features.merge(l2, l3), gt
+    y, x, h, w = window
+    return model.features.merge(l2, l3, window), gt[..., y : y + h, x : x + w]
 
 
 @dataclass
@@ -109,7 +120,7 @@ def train_step(
     it maximises the heads' loss under the magnitude penalty (parts gain ssn and mag).
     """
     n = recipe.noise
-    feats, gt = random_crop([model.features.merge(l2, l3), gt], crop, rng)
+    feats, gt = cropped_features(model, l2, l3, gt, crop, rng)
     adapted = model.heads.adaptor(feats)
     adapted = torch.cat([adapted, adapted])  # feature duplication (spec 2)
     targets = duplicated_targets(gt, mask_valid, n.perlin_threshold, rng)
