@@ -86,9 +86,9 @@ class FeatureExtractor(nn.Module):
     def merge(self, l2: Tensor, l3: Tensor, window: Window | None = None) -> Tensor:
         """The merged map, or only its window (y, x, h, w): training's crops, where merging the whole map and
         cutting the crop out made a step 1.29x slower (benchmarks/README.md). The same values up to float rounding
-        (tests/test_model.py)."""
+        (tests/test_model.py); a window as large as the map is the whole map, merged as inference merges it."""
         size = (l2.shape[-2] * 2, l2.shape[-1] * 2)
-        if window is not None:
+        if window is not None and tuple(window[2:]) != size:
             return merged_window(l2, l3, size, window)
         # align_corners=True as in the official code.
         up2 = F.interpolate(l2, size=size, mode="bilinear", align_corners=True)

@@ -50,10 +50,9 @@ def random_window(size: tuple[int, int], crop: int | None, rng: np.random.Genera
 def cropped_features(model: SuperSimpleNet, l2: Tensor, l3: Tensor, gt: Tensor, crop: int | None,
                      rng: np.random.Generator) -> tuple[Tensor, Tensor]:
     """The merged features and the pixel truth of the same random crop (None: the whole map). The crop is merged
-    alone (FeatureExtractor.merge's window), not cut from the whole merged map; a crop as large as the map is the
-    whole map, merged as inference merges it."""
+    alone (FeatureExtractor.merge's window), not cut from the whole merged map."""
     window = random_window(tuple(gt.shape[-2:]), crop, rng)
-    if window is None or window[2:] == tuple(gt.shape[-2:]):
+    if window is None:
         return model.features.merge(l2, l3), gt
     y, x, h, w = window
     return model.features.merge(l2, l3, window), gt[..., y : y + h, x : x + w]
