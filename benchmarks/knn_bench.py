@@ -77,6 +77,15 @@ TUNE_GRID = (
     # the default bank (2 % of the patches) with greedy distances on the projection or on the features themselves
     ("greedy_2pct", {"coreset": 0.02}),
     ("greedy_2pct_exact", {"coreset": 0.02, "projection": None}),
+    # the coreset plus a uniform draw (knn.density), against a larger coreset of the same total (bottle: shares of
+    # the patches; Magnetic tile: counts, with --set knn.pool=200000 as the records above)
+    ("greedy_2pct_dense_2pct", {"coreset": 0.02, "density": 0.02}),
+    ("greedy_2pct_dense_8pct", {"coreset": 0.02, "density": 0.08}),
+    ("greedy_4pct", {"coreset": 0.04}),
+    ("greedy_10pct", {"coreset": 0.10}),
+    ("greedy_10000_dense_10000", {"coreset": 10000, "density": 10000}),
+    ("greedy_10000_dense_40000", {"coreset": 10000, "density": 40000}),
+    ("greedy_50000", {"coreset": 50000}),
 )
 # tune --grid map: (variant, knn overrides, the map's blur sigma; None: runtime.postprocess's, 4). How many nearest
 # bank patches the map averages (knn.neighbours), and the blur after it. They leave the bank as it is: it is fitted
@@ -272,7 +281,7 @@ def tune(args) -> None:
         t1 = time.perf_counter()
         metrics = _val_metrics(standardised_head(features, held, bank, cfg), val_f, split.val, sigma)
         rec = _tune_record(recipe, args, f"val_{variant}", split, metrics, fit, t1, projection=cfg.projection,
-                           channels=cfg.channels or int(fit_f.shape[1]), sampler=cfg.sampler,
+                           channels=cfg.channels or int(fit_f.shape[1]), sampler=cfg.sampler, density=cfg.density,
                            neighbours=cfg.neighbours, blur_sigma=4.0 if sigma is None else sigma)
         record_results("knn", [rec])
         print({k: rec[k] for k in ("variant", *METRICS, "bank", "pool", "neighbours", "blur_sigma", "coreset_s")})
