@@ -26,8 +26,8 @@ f32, the graph's own post-processing) on the test split, its largest difference 
 of both. neighbours: the default run's bank with other knn.neighbours on the test split (PyTorch), what the map's
 averaging alone changes. bank: accuracy and latency at several bank sizes (knn.coreset counts). latency:
 every finished run's latency again, in one process (after the fits, on a quiet machine). int8: the default run's
-checkpoint exported with `--int8` (the distances kept float, ssn_edge/export/quantize.py) and, for the record,
-with everything quantized; FP32 and INT8 of each on the test split through the runtime (f32 hint), decision flips
+checkpoint (or --variant's) exported with `--int8` (the distances kept float, ssn_edge/export/quantize.py) and,
+for the default's, with everything quantized too; FP32 and INT8 of each on the test split through the runtime (f32 hint), decision flips
 at the bundle's image threshold, and the same checkpoint's PyTorch FP32 (torch_fp32_*). vs_ssn: batch-1 latency
 at 256x256 of the knn INT8 bundle beside SSN bundles' INT8 (full and light head), rounds alternating in one
 process, and ratio records. table:
@@ -77,15 +77,9 @@ TUNE_GRID = (
     # the default bank (2 % of the patches) with greedy distances on the projection or on the features themselves
     ("greedy_2pct", {"coreset": 0.02}),
     ("greedy_2pct_exact", {"coreset": 0.02, "projection": None}),
-    # the coreset plus a uniform draw (knn.density), against a larger coreset of the same total (bottle: shares of
-    # the patches; Magnetic tile: counts, with --set knn.pool=200000 as the records above)
-    ("greedy_2pct_dense_2pct", {"coreset": 0.02, "density": 0.02}),
-    ("greedy_2pct_dense_8pct", {"coreset": 0.02, "density": 0.08}),
+    # larger coresets of bottle's patches (the same totals as the coreset + uniform draw variants measured at dca6874)
     ("greedy_4pct", {"coreset": 0.04}),
     ("greedy_10pct", {"coreset": 0.10}),
-    ("greedy_10000_dense_10000", {"coreset": 10000, "density": 10000}),
-    ("greedy_10000_dense_40000", {"coreset": 10000, "density": 40000}),
-    ("greedy_50000", {"coreset": 50000}),
 )
 # tune --grid map: (variant, knn overrides, the map's blur sigma; None: runtime.postprocess's, 4). How many nearest
 # bank patches the map averages (knn.neighbours), and the blur after it. They leave the bank as it is: it is fitted
@@ -281,7 +275,7 @@ def tune(args) -> None:
         t1 = time.perf_counter()
         metrics = _val_metrics(standardised_head(features, held, bank, cfg), val_f, split.val, sigma)
         rec = _tune_record(recipe, args, f"val_{variant}", split, metrics, fit, t1, projection=cfg.projection,
-                           channels=cfg.channels or int(fit_f.shape[1]), sampler=cfg.sampler, density=cfg.density,
+                           channels=cfg.channels or int(fit_f.shape[1]), sampler=cfg.sampler,
                            neighbours=cfg.neighbours, blur_sigma=4.0 if sigma is None else sigma)
         record_results("knn", [rec])
         print({k: rec[k] for k in ("variant", *METRICS, "bank", "pool", "neighbours", "blur_sigma", "coreset_s")})
@@ -411,7 +405,7 @@ def neighbours(args) -> None:
     from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.model.load import load_model
 
-    run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_default_s{args.seed}"
+    run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_{args.variant}_s{args.seed}"  # an accuracy run's
     loaded = load_model(run / "checkpoint.pt")
     model, recipe = loaded.model, loaded.recipe
     test = split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False)
@@ -478,7 +472,7 @@ def int8(args) -> None:
     from ssn_edge.model.load import load_model
     from ssn_edge.runtime.bundle import sha256_file
 
-    run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_default_s{args.seed}"
+    run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_{args.variant}_s{args.seed}"  # an accuracy run's
     loaded = load_model(run / "checkpoint.pt")
     recipe = loaded.recipe
     test = split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False)
@@ -491,7 +485,9 @@ def int8(args) -> None:
     if args.bias_correction:  # the same export with this bias correction, its records beside the others
         base["int8_variant"] = f"{args.bias_correction}_bias"
     options = quantize.QuantizeOptions(**({"bias_correction": args.bias_correction} if args.bias_correction else {}))
-    variants = (("default", quantize.FLOAT_SCOPES),) + (() if args.bias_correction else (("int8_all_quantized", {}),))
+    # the run's own variant (the head kept float), and for the default run everything quantized too, for the record
+    variants = ((args.variant, quantize.FLOAT_SCOPES),) + (
+        () if args.bias_correction or args.variant != "default" else (("int8_all_quantized", {}),))
     records = []
     for variant, scopes in variants:
         saved, quantize.FLOAT_SCOPES = quantize.FLOAT_SCOPES, scopes
@@ -517,7 +513,7 @@ def float_head(args) -> None:
     from ssn_edge.runtime.bench import bench_bundle
     from ssn_edge.runtime.bundle import load_bundle
 
-    run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_default_s{args.seed}"
+    run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_{args.variant}_s{args.seed}"  # an accuracy run's
     loaded = {v: load_bundle(run / f"bundle_{v}_int8") for v in ("default", "int8_all_quantized")}
     times: dict[str, list[float]] = {v: [] for v in loaded}
     for _ in range(args.rounds):

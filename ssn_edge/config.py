@@ -198,10 +198,6 @@ class KnnConfig:
     # The bank: a fraction (<= 1) of all normal training patches, or a count (> 1) of them.
     coreset: float = 0.02
     sampler: str = "greedy"  # "greedy": k-center coreset (paper); "random": a uniform draw from the candidates
-    # Plus a uniform draw of this many more candidates (a fraction <= 1 of all the patches, or a count > 1; 0: none):
-    # the greedy coreset covers the rare normal patches (what the image score needs), a uniform draw is densest where
-    # normal patches are common (where most of the map's normal pixels lie).
-    density: float = 0.0
     # At most this many candidate patches are kept (drawn evenly over the images as they are extracted): the bound
     # on the fit's memory (pool x channels x 4 bytes: 614 MB for ResNet18, + 2 x pool x projection x 4 = 410 MB for
     # the projection) and on the greedy coreset's time, O(pool x bank x projection): 17 ms a step at 400k here.
@@ -555,8 +551,6 @@ def _check_memory_bank(recipe: Recipe) -> None:
 def _check_knn_section(k: KnnConfig) -> None:
     if not k.coreset > 0 or (k.coreset > 1 and k.coreset != int(k.coreset)):
         raise RecipeError(f"knn.coreset must be a fraction in (0, 1] or a whole count of patches > 1, got {k.coreset}")
-    if not k.density >= 0 or (k.density > 1 and k.density != int(k.density)):
-        raise RecipeError(f"knn.density must be 0, a fraction in (0, 1] or a whole count of patches > 1, got {k.density}")
     for name in ("pool", "batch", "projection", "channels", "neighbours"):
         if getattr(k, name) is not None and getattr(k, name) < 1:
             raise RecipeError(f"knn.{name} must be >= 1, got {getattr(k, name)}")

@@ -207,23 +207,6 @@ def test_bank_size_is_a_fraction_or_a_count_capped_by_the_pool(tiny_dataset):
     assert bank_size(knn_recipe(tiny_dataset, coreset=900).knn, patches=1000, candidates=500) == 500
 
 
-def test_density_adds_a_uniform_draw_to_the_coreset(tiny_dataset):
-    from ssn_edge.model.knn.bank import greedy_coreset
-    from ssn_edge.train.knn import density_size, select_bank
-
-    cfg = knn_recipe(tiny_dataset, coreset=8, density=30, projection=None).knn
-    candidates = torch.from_numpy(np.random.default_rng(4).standard_normal((200, 6)).astype(np.float32))
-    bank = select_bank(candidates, 8, cfg, seed=1, dense=30)
-    assert bank.shape == (38, 6)
-    assert torch.equal(bank[:8], candidates[greedy_coreset(candidates, 8, seed=1)])  # the coreset first, unchanged
-    rows = {tuple(r.tolist()) for r in bank}
-    assert len(rows) == 38  # the draw takes none of the coreset's rows again
-    assert density_size(cfg, patches=1000, room=192) == 30
-    assert density_size(cfg, patches=1000, room=20) == 20  # no more than the pool has left
-    assert density_size(knn_recipe(tiny_dataset, density=0.05).knn, patches=1000, room=500) == 50
-    assert density_size(knn_recipe(tiny_dataset).knn, patches=1000, room=500) == 0  # off by default
-
-
 def test_fit_ignores_defective_training_images(tiny_dataset, train_arrays):
     from ssn_edge.train.knn import fit_knn
 
@@ -369,7 +352,6 @@ def test_cli_train_fits_a_knn_recipe(tiny_dataset, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"knn": {"coreset": -1}}, "knn.coreset must be"),
     ({"knn": {"coreset": 2.5}}, "knn.coreset must be"),
-    ({"knn": {"density": -0.1}}, "knn.density must be"),
     ({"knn": {"pool": 0}}, "knn.pool must be >= 1"),
     ({"knn": {"neighbours": 0}}, "knn.neighbours must be >= 1"),
     ({"knn": {"sampler": "best"}}, "'knn.sampler': 'best' is not one of greedy, random"),

@@ -90,39 +90,22 @@ def candidate_patches(features: Features, indices: np.ndarray, cfg: KnnConfig, s
     return out, total
 
 
-def _count(share: float, patches: int) -> int:
-    return int(round(share * patches)) if share <= 1 else int(share)
-
-
 def bank_size(cfg: KnnConfig, patches: int, candidates: int) -> int:
     """knn.coreset as a count: a fraction of all the banked images' patches, or the count itself; at most the pool."""
-    k = _count(cfg.coreset, patches)
+    k = int(round(cfg.coreset * patches)) if cfg.coreset <= 1 else int(cfg.coreset)
     if k > candidates:
         log.warning("knn.coreset asks for %d patches, the pool holds %d (knn.pool): the bank is the whole pool", k, candidates)
     return max(1, min(k, candidates))
 
 
-def density_size(cfg: KnnConfig, patches: int, room: int) -> int:
-    """knn.density as a count (as knn.coreset), at most the room the coreset leaves in the pool."""
-    return max(0, min(_count(cfg.density, patches), room))
-
-
-def select_bank(candidates: torch.Tensor, k: int, cfg: KnnConfig, seed: int, progress: bool = False,
-                dense: int = 0) -> torch.Tensor:
-    """k candidates by knn.sampler, then `dense` more drawn uniformly from the rest (knn.density)."""
+def select_bank(candidates: torch.Tensor, k: int, cfg: KnnConfig, seed: int, progress: bool = False) -> torch.Tensor:
     if cfg.sampler == "random":
-        return candidates[random_subset(len(candidates), k + dense, seed)]
+        return candidates[random_subset(len(candidates), k, seed)]
     points = candidates
     if cfg.projection is not None and cfg.projection < candidates.shape[1]:
         proj = random_projection(candidates.shape[1], cfg.projection, seed)
         points = torch.cat([candidates[s : s + 65536] @ proj for s in range(0, len(candidates), 65536)])
-    chosen = greedy_coreset(points, k, seed, progress)
-    if dense:
-        rest = torch.ones(len(candidates), dtype=torch.bool)
-        rest[chosen] = False
-        rest = torch.nonzero(rest)[:, 0]
-        chosen = torch.cat([chosen, rest[random_subset(len(rest), dense, seed + 1)]])
-    return candidates[chosen]
+    return candidates[greedy_coreset(points, k, seed, progress)]
 
 
 def fit_bank(features: Features, labels: np.ndarray, cfg: KnnConfig, seed: int,
@@ -134,9 +117,8 @@ def fit_bank(features: Features, labels: np.ndarray, cfg: KnnConfig, seed: int,
     candidates, patches = candidate_patches(features, banked, cfg, seed, progress)
     t1 = time.perf_counter()
     k = bank_size(cfg, patches, len(candidates))
-    dense = density_size(cfg, patches, len(candidates) - k)
-    fit = KnnFit(int((labels == 0).sum()), len(held), patches, len(candidates), k + dense, cfg.sampler, t1 - t0)
-    bank = select_bank(candidates, k, cfg, seed, progress, dense).clone()
+    fit = KnnFit(int((labels == 0).sum()), len(held), patches, len(candidates), k, cfg.sampler, t1 - t0)
+    bank = select_bank(candidates, k, cfg, seed, progress).clone()
     del candidates
     fit.coreset_s = time.perf_counter() - t1
     return bank, held, fit

@@ -15,7 +15,7 @@ from ssn_edge.data import ArraySet
 from ssn_edge.model.knn.graph import Standardizer
 from ssn_edge.model.memory_bank import UNIT, MemoryBank
 from ssn_edge.model.ssn import SuperSimpleNet
-from ssn_edge.train.knn import bank_size, candidate_patches, density_size, select_bank
+from ssn_edge.train.knn import bank_size, candidate_patches, select_bank
 
 log = logging.getLogger("ssn_edge")
 
@@ -55,12 +55,11 @@ def fit_memory_bank(model: SuperSimpleNet, recipe: Recipe, arrays: ArraySet, nor
 
     candidates, total = candidate_patches(patches, np.flatnonzero(arrays.labels == 0), cfg, seed, progress)
     pool, k = len(candidates), bank_size(cfg, total, len(candidates))
-    dense = density_size(cfg, total, pool - k)
-    raw = MemoryBank(select_bank(candidates, k, cfg, seed, progress, dense).clone(), UNIT, UNIT, cfg.neighbours)
+    raw = MemoryBank(select_bank(candidates, k, cfg, seed, progress).clone(), UNIT, UNIT, cfg.neighbours)
     del candidates
     map_std, bank_std = _standardisers(model, raw, normals, cfg.batch)
     model.heads.memory_bank = MemoryBank(raw.head.bank, map_std, bank_std, cfg.neighbours,
                                          recipe.model.memory_bank_ssn_weight)
     model.train(was_training)
     log.info("model.memory_bank: %d of %d patches (%s, pool %d), scaled on %d held-out normal images, %.1f s",
-             k + dense, total, cfg.sampler, pool, len(normals), time.perf_counter() - t0)
+             k, total, cfg.sampler, pool, len(normals), time.perf_counter() - t0)
