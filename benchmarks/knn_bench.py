@@ -27,10 +27,10 @@ of both. neighbours: the default run's bank with other knn.neighbours on the tes
 averaging alone changes. bank: accuracy and latency at several bank sizes (knn.coreset counts). latency:
 every finished run's latency again, in one process (after the fits, on a quiet machine). int8: the default run's
 checkpoint (or --variant's) exported with `--int8` (the distances kept float, ssn_edge/export/quantize.py) and,
-for the default's, with everything quantized too; FP32 and INT8 of each on the test split through the runtime (f32 hint), decision flips
-at the bundle's image threshold, and the same checkpoint's PyTorch FP32 (torch_fp32_*). vs_ssn: batch-1 latency
-at 256x256 of the knn INT8 bundle beside SSN bundles' INT8 (full and light head), rounds alternating in one
-process, and ratio records. table:
+for the default's, with everything quantized too; FP32 and INT8 of each on the test split through the runtime (f32
+hint), decision flips at the bundle's image threshold, and the same checkpoint's PyTorch FP32 (torch_fp32_*).
+vs_ssn: batch-1 latency at 256x256 of the knn INT8 bundle beside SSN bundles' INT8 (full and light head), rounds
+alternating in one process, and ratio records. table:
 benchmarks/results/knn.md and knn_bank.png from knn.json. Records go to benchmarks/results/knn.json.
 """
 
@@ -98,6 +98,11 @@ MAP_GRID = (
 # tune --grid map, score variants on the same bank: PatchCore's re-weighted image score (paper eq. 7, anomalib's
 # compute_anomaly_score) with this many bank neighbours of the nearest bank patch (the paper's b; anomalib's 9).
 REWEIGHT_GRID = (("k1_reweight3", 3), ("k1_reweight9", 9))
+
+
+def knn_run(dataset: str, variant: str, seed: int) -> Path:
+    """Where `accuracy` (and `bank`) leave a fit: its checkpoint, bundles and records' runs."""
+    return ROOT / "runs" / "bench" / f"knn_{dataset}_{variant}_s{seed}"
 
 
 def _recipe(args, extra: dict | None = None):
@@ -393,7 +398,7 @@ def measure(recipe, args, variant: str, out: Path) -> list[dict]:
 
 def accuracy(args) -> None:
     recipe = _recipe(args)
-    out = ROOT / "runs" / "bench" / f"knn_{args.dataset}_{args.variant}_s{args.seed}"
+    out = knn_run(args.dataset, args.variant, args.seed)
     record_results("knn", measure(recipe, args, args.variant, out))
 
 
@@ -405,7 +410,7 @@ def neighbours(args) -> None:
     from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.model.load import load_model
 
-    run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_{args.variant}_s{args.seed}"  # an accuracy run's
+    run = knn_run(args.dataset, "default", args.seed)
     loaded = load_model(run / "checkpoint.pt")
     model, recipe = loaded.model, loaded.recipe
     test = split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False)
@@ -426,7 +431,7 @@ def bank(args) -> None:
     for size in args.sizes:
         recipe = _recipe(args, {"knn.coreset": size})
         variant = f"bank_{size}"
-        out = ROOT / "runs" / "bench" / f"knn_{args.dataset}_{variant}_s{args.seed}"
+        out = knn_run(args.dataset, variant, args.seed)
         record_results("knn", measure(recipe, args, variant, out))
 
 
@@ -443,7 +448,7 @@ def latency(args) -> None:
     records = [r for r in json.loads((RESULTS / "knn.json").read_text()) if r.get("split") != "train_heldout"]
     updated = []
     for r in records:
-        run = ROOT / "runs" / "bench" / f"knn_{r['dataset']}_{r['variant']}_s{r['seed']}"
+        run = knn_run(r["dataset"], r["variant"], r["seed"])
         if not (run / "checkpoint.pt").is_file() or (r["runtime"] == "openvino" and not (run / "bundle").is_dir()):
             print(f"skipped {run.name} {r['runtime']}: no checkpoint or bundle")
             continue
@@ -472,7 +477,7 @@ def int8(args) -> None:
     from ssn_edge.model.load import load_model
     from ssn_edge.runtime.bundle import sha256_file
 
-    run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_{args.variant}_s{args.seed}"  # an accuracy run's
+    run = knn_run(args.dataset, args.variant, args.seed)  # the accuracy run of --variant
     loaded = load_model(run / "checkpoint.pt")
     recipe = loaded.recipe
     test = split_arrays(recipe.data.path, "test", tuple(recipe.data.image_size), progress=False)
@@ -513,7 +518,7 @@ def float_head(args) -> None:
     from ssn_edge.runtime.bench import bench_bundle
     from ssn_edge.runtime.bundle import load_bundle
 
-    run = ROOT / "runs" / "bench" / f"knn_{args.dataset}_{args.variant}_s{args.seed}"  # an accuracy run's
+    run = knn_run(args.dataset, "default", args.seed)  # both INT8 bundles of the default run
     loaded = {v: load_bundle(run / f"bundle_{v}_int8") for v in ("default", "int8_all_quantized")}
     times: dict[str, list[float]] = {v: [] for v in loaded}
     for _ in range(args.rounds):
@@ -534,7 +539,7 @@ def vs_ssn(args) -> None:
     from ssn_edge.runtime.bench import bench_bundle
     from ssn_edge.runtime.bundle import load_bundle
 
-    bundles = {"knn": ROOT / "runs" / "bench" / f"knn_{args.dataset}_default_s{args.seed}" / "bundle_default_int8",
+    bundles = {"knn": knn_run(args.dataset, "default", args.seed) / "bundle_default_int8",
                "ssn_full": Path(args.ssn_full), "ssn_light": Path(args.ssn_light)}
     loaded = {k: load_bundle(p) for k, p in bundles.items()}
     times: dict[str, list[float]] = {k: [] for k in bundles}
@@ -689,7 +694,7 @@ def main() -> None:
     p.add_argument("--ssn-light", help="vs_ssn: an SSN bundle (light classification head) with an INT8 model")
     p.add_argument("--rounds", type=int, default=5, help="vs_ssn: alternating rounds")
     args = p.parse_args()
-    on_a_run = ("int8", "float_head", "vs_ssn", "neighbours")  # commands on the default run of --dataset
+    on_a_run = ("int8", "float_head", "vs_ssn", "neighbours")  # commands on a finished run of --dataset
     if args.what in on_a_run and not args.dataset:
         p.error(f"{args.what} needs --dataset")
     if args.what not in ("latency", "table", *on_a_run) and not (args.recipe and args.dataset):
