@@ -23,9 +23,13 @@ TRAINED = "trained.json"
 
 
 def bench_recipe(path: str | Path, overrides: dict[str, Any]):
-    """The recipe at ROOT/path with overrides, its data and weights paths made absolute; exits (skipped) when the
-    shared data folder is not beside this checkout."""
+    """The recipe at ROOT/path with overrides, its data and weights paths made absolute and its training precision
+    the one this CPU trains in (bf16 becomes fp32 without native bf16, as training itself resolves it), so records
+    and run comparisons say what ran; exits (skipped) when the shared data folder is not beside this checkout."""
+    import dataclasses
+
     from ssn_edge.config import load_recipe
+    from ssn_edge.train.schedule import resolve_precision
 
     recipe = load_recipe(ROOT / path, overrides)
     data = (ROOT / recipe.data.path).resolve()
@@ -35,7 +39,9 @@ def bench_recipe(path: str | Path, overrides: dict[str, Any]):
     recipe.data.path = str(data)
     if recipe.model.weights:  # None: the torch hub cache or a download (ssn_edge.model.backbones)
         recipe.model.weights = str((ROOT / recipe.model.weights).resolve())
-    return recipe
+    if recipe.model.kind == "knn":  # nothing trains
+        return recipe
+    return dataclasses.replace(recipe, train=resolve_precision(recipe.train))
 
 
 def adopt(src: Path, out: Path, recipe) -> None:

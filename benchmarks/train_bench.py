@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -41,8 +43,7 @@ def _recipe(args):
     if args.epochs is not None:
         overrides["train.epochs"] = args.epochs
     overrides["train.seed"] = args.seed
-    recipe = bench_recipe(args.recipe, overrides)
-    return recipe
+    return bench_recipe(args.recipe, overrides)
 
 
 def _base(recipe, args) -> dict:
@@ -51,6 +52,7 @@ def _base(recipe, args) -> dict:
         "backbone": recipe.model.backbone,
         "setting": recipe.train.setting,
         "seed": recipe.train.seed,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX512 / AVX2: times differ by machine
         "command": command_line(),
     }
 
@@ -98,8 +100,14 @@ def timing(args) -> None:
            "epochs_s": round(sum(h["epoch_s"] for h in trained), 1), "images": int(len(_train_images(recipe))),
            "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2),
            "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if args.test:  # after the clock: what this machine's run scores, FP32 PyTorch on the test split
+        from ssn_edge.evaluation.job import eval_job
+
+        rec["precision"] = "fp32"
+        rec.update({k: round(v, 3) for k, v in eval_job(result.checkpoint, None).items() if k != "image_threshold"})
     print(record_results("training", [rec]))
-    print({k: rec[k] for k in ("train_s", "epochs_s", "epochs", "images", "load_avg_start", "load_avg_end")})
+    print({k: rec[k] for k in ("train_s", "epochs_s", "epochs", "images", "load_avg_start", "load_avg_end",
+                               "image_auroc", "pixel_aupro") if k in rec})
 
 
 def _train_images(recipe) -> list:
@@ -111,8 +119,6 @@ def _train_images(recipe) -> list:
 
 def cache_ratio(args) -> None:
     """One epoch without and one with the cache, same process, same recipe: the ratio is the speed-up."""
-    import torch
-
     from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.train.loop import train
 
@@ -150,7 +156,6 @@ def crop_merge_ratio(args) -> None:
     import statistics
 
     import numpy as np
-    import torch
 
     from ssn_edge.model.ssn import SuperSimpleNet
     from ssn_edge.train import step as step_module
@@ -206,6 +211,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--test", action="store_true", help="timing: then score the test split (outside the time)")
     p.add_argument("--rounds", type=int, default=20, help="crop-merge-ratio: timed steps of each kind")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

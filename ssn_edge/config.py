@@ -109,7 +109,8 @@ class TrainConfig:
     lr_milestones: tuple[float, ...] = (0.8, 0.9)  # fractions of the epochs
     lr_gamma: float = 0.4
     seed: int = 0
-    precision: str = "bf16"  # autocast for the heads: ~2x fp32 on AVX512-BF16 (the backbone and eval stay fp32)
+    precision: str = "bf16"  # autocast for the heads: ~2x fp32 on AVX512-BF16 (the backbone and eval stay fp32);
+    # fp32 where the CPU has no native bf16 (train.schedule.resolve_precision: emulated, it ran >30x slower)
     cache_features: bool = True  # backbone features computed once (false: every step, for sets that do not fit)
     feature_crop: int | None = 32  # train the heads on random crops of the feature map (4x cheaper; None: full map)
     # Crops only in the first N epochs, whole maps after (None: crops throughout), so the classification head's

@@ -204,7 +204,7 @@ def test_openvino_bias_free_conv_issue_still_present(monkeypatch):
 
 
 @pytest.mark.slow
-def test_metadata_schema(bundle, tiny_checkpoint, test_arrays):
+def test_metadata_schema(bundle, tiny_checkpoint, test_arrays, tiny_dataset, recipe):
     meta = json.loads((bundle.path / "metadata.json").read_text())
     assert meta["schema"] == "ssn-edge-bundle" and meta["schema_version"] == 2
     assert meta["input"] == {
@@ -237,7 +237,9 @@ def test_metadata_schema(bundle, tiny_checkpoint, test_arrays):
     _, scores = infer(ov.Core().compile_model(bundle.model_path("fp32"), "CPU", F32), test_arrays.images)
     assert isinstance(th["pixel"], float) and th["pixel_method"] == "false_alarm"
     assert meta["score_range"] == {"min": pytest.approx(float(scores.min())), "max": pytest.approx(float(scores.max()))}
-    assert th["image"] <= meta["score_range"]["max"]
+    check = _check_arrays(tiny_dataset, recipe)
+    _, normal = infer(ov.Core().compile_model(bundle.model_path("fp32"), "CPU", F32), check.images[check.labels == 0])
+    assert len(normal) == 4 and th["image"] == pytest.approx(float(normal.max()), abs=1e-5)  # just above the highest
     assert meta["map_range"]["min"] < meta["map_range"]["max"]
     for precision, entry in meta["models"].items():
         assert {"xml", "bin", "weights_precision", "metrics", "metrics_hint"} <= set(entry)

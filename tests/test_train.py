@@ -316,3 +316,17 @@ def test_a_step_budget_sets_the_epochs_by_the_data_size_and_is_recorded(tmp_path
     recorded = load_checkpoint(result.checkpoint).recipe["train"]
     assert (recorded["epochs"], recorded["crop_epochs"], recorded["steps"]) == (3, 2, 9)
 
+
+
+def test_bf16_resolves_to_fp32_without_native_bf16(monkeypatch, caplog):
+    from ssn_edge.config import TrainConfig
+    from ssn_edge.train import schedule
+
+    t = TrainConfig(precision="bf16")
+    monkeypatch.setattr(schedule, "native_bf16", lambda: True)
+    assert schedule.resolve_precision(t) is t
+    monkeypatch.setattr(schedule, "native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="ssn_edge"):
+        resolved = schedule.resolve_precision(t)
+    assert resolved.precision == "fp32" and "no native bf16" in caplog.text
+    assert schedule.resolve_precision(TrainConfig(precision="fp32")).precision == "fp32"

@@ -15,6 +15,7 @@ neither is possible the demo still runs, on a RANDOM backbone, and says so plain
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -160,6 +161,7 @@ def run_demo(
     from ssn_edge.config import recipe_from_dict
     from ssn_edge.export.exporter import ExportOptions, export_bundle
     from ssn_edge.train.job import train_job
+    from ssn_edge.train.schedule import resolve_precision
     from ssn_edge.report.build import build_report
 
     out = Path(out_dir)
@@ -175,6 +177,7 @@ def run_demo(
     recipe = recipe_from_dict(
         demo_recipe_dict(data, epochs, backbone, spec.size, model_overrides, train_overrides)
     )
+    recipe = dataclasses.replace(recipe, train=resolve_precision(recipe.train))  # fp32 where bf16 is emulated
     echo(f"[2/4] training ResNet18 SSN, {recipe.train.epochs} epochs ({recipe.train.precision}) -> {out / 'train'}")
     result = train_job(recipe, out / "train", progress=progress)
     train_s = time.perf_counter() - t0

@@ -32,7 +32,7 @@ from ssn_edge.train.features import FeatureSource, SharedFeatures
 from ssn_edge.train.learned import LearnedNoise
 from ssn_edge.train.pseudo import PseudoMaskConfig, with_pseudo_masks
 from ssn_edge.train.schedule import (Optimizer, Scheduler, autocast, batches_per_epoch, build_optimizer, epochs_for_steps,
-                                     restart_schedule, seed_everything)
+                                     resolve_precision, restart_schedule, seed_everything)
 from ssn_edge.train.step import check_finite, train_step
 
 log = logging.getLogger("ssn_edge")
@@ -252,6 +252,7 @@ def train(
     recipe, as_given, supervision = resolve_supervision(recipe, train_arrays)
     items = make_items(as_given, recipe.train.setting)
     recipe = resolve_epochs(recipe, items)
+    recipe = dataclasses.replace(recipe, train=resolve_precision(recipe.train))
     run = new_run(recipe)
     if resume is not None:
         restore(run, Path(resume), recipe.train.epochs)

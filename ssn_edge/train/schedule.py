@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import random
 
@@ -12,6 +13,8 @@ import torch
 
 from ssn_edge.config import TrainConfig
 from ssn_edge.model.ssn import SuperSimpleNet
+
+log = logging.getLogger("ssn_edge")
 
 Optimizer = torch.optim.Optimizer
 Scheduler = torch.optim.lr_scheduler.MultiStepLR
@@ -66,6 +69,21 @@ def restart_schedule(optimizer: Optimizer, scheduler: Scheduler, epoch: int) -> 
         group["lr"] = group["initial_lr"] * scheduler.gamma**passed
     scheduler.last_epoch = epoch
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def native_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN emulates it, and
+    the heads' bf16 convolutions ran more than 30x slower than fp32 (an AVX2 EPYC, spec 2's head)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(t: TrainConfig) -> TrainConfig:
+    """t with precision bf16 turned into fp32, said in one line, where the CPU has no native bf16: the
+    checkpoint then records the precision that actually trained."""
+    if t.precision != "bf16" or native_bf16():
+        return t
+    log.warning("train.precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so the heads train in fp32")
+    return dataclasses.replace(t, precision="fp32")
 
 
 def autocast(t: TrainConfig):
