@@ -317,7 +317,6 @@ def test_a_step_budget_sets_the_epochs_by_the_data_size_and_is_recorded(tmp_path
     assert (recorded["epochs"], recorded["crop_epochs"], recorded["steps"]) == (3, 2, 9)
 
 
-
 def test_bf16_resolves_to_fp32_without_native_bf16(monkeypatch, caplog):
     from ssn_edge.config import TrainConfig
     from ssn_edge.train import schedule
@@ -330,3 +329,15 @@ def test_bf16_resolves_to_fp32_without_native_bf16(monkeypatch, caplog):
         resolved = schedule.resolve_precision(t)
     assert resolved.precision == "fp32" and "no native bf16" in caplog.text
     assert schedule.resolve_precision(TrainConfig(precision="fp32")).precision == "fp32"
+
+
+def test_the_checkpoint_records_the_precision_that_trained(monkeypatch, tmp_path):
+    from ssn_edge.train import schedule
+
+    monkeypatch.setattr(schedule, "native_bf16", lambda: False)
+    seen = []
+    original = schedule.autocast
+    monkeypatch.setattr("ssn_edge.train.loop.autocast", lambda t: seen.append(t.precision) or original(t))
+    result = train(_recipe(precision="bf16"), _arrays(), tmp_path / "run", progress=False)
+    assert load_checkpoint(result.checkpoint).recipe["train"]["precision"] == "fp32"
+    assert seen and set(seen) == {"fp32"}  # and every step ran without autocast
