@@ -232,13 +232,12 @@ def test_metadata_schema(bundle, tiny_checkpoint, test_arrays, tiny_dataset, rec
     # at most half), with 4 x 1 % < 1 alarm allowed: just above the highest held-out score.
     assert th["source"] == "held_out_normal" and th["method"] == "false_alarm" and th["count"] == 4
     assert th["held_out"] == 4 and th["false_alarm"] == 0.0 and th["max_false_alarm"] == 0.01
-    import openvino as ov
-
-    _, scores = infer(ov.Core().compile_model(bundle.model_path("fp32"), "CPU", F32), test_arrays.images)
+    fp32 = compile_f32(bundle.model_path("fp32"))
+    _, scores = infer(fp32, test_arrays.images)
     assert isinstance(th["pixel"], float) and th["pixel_method"] == "false_alarm"
     assert meta["score_range"] == {"min": pytest.approx(float(scores.min())), "max": pytest.approx(float(scores.max()))}
     check = _check_arrays(tiny_dataset, recipe)
-    _, normal = infer(ov.Core().compile_model(bundle.model_path("fp32"), "CPU", F32), check.images[check.labels == 0])
+    _, normal = infer(fp32, check.images[check.labels == 0])
     assert len(normal) == 4 and th["image"] == pytest.approx(float(normal.max()), abs=1e-5)  # just above the highest
     assert meta["map_range"]["min"] < meta["map_range"]["max"]
     for precision, entry in meta["models"].items():
