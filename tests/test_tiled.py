@@ -256,6 +256,22 @@ def test_a_tiled_checkpoint_records_its_supervision_as_a_plain_one_does(ensemble
     assert auto.supervision["setting"] == "unsupervised" and auto.supervision["source"] == "data"
 
 
+def test_a_tiled_checkpoint_records_the_precision_that_trained_and_says_it_once(tiny_dataset, tmp_path, monkeypatch,
+                                                                                  caplog):
+    from ssn_edge.model.checkpoint import load_checkpoint
+    from ssn_edge.train import schedule
+
+    monkeypatch.setattr(schedule, "native_bf16", lambda: False)
+    d = tiny_recipe_dict(tiny_dataset)
+    d["tiling"] = {"tile": [32, 32], "stride": [32, 32], "shared_backbone": False}
+    with caplog.at_level("WARNING", logger="ssn_edge"):
+        result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False)
+    assert load_checkpoint(result.checkpoint).recipe["train"]["precision"] == "fp32"
+    locations = sorted((tmp_path / "run").glob("*/checkpoint.pt"))
+    assert locations and {load_checkpoint(c).recipe["train"]["precision"] for c in locations} == {"fp32"}
+    assert caplog.text.count("no native bf16") == 1
+
+
 def test_bench_frame_times_a_tiled_bundle_beside_its_tile_model(single_run, tmp_path):
     """`ssn-edge bench BUNDLE --frame WxH`: frame latency, MP/s, the tile model's images/s and the overhead
     ratio (tiles / images/s / latency) in one run; refused for a plain bundle or a malformed size."""

@@ -33,6 +33,7 @@ from ssn_edge.runtime.atomic import atomic_write
 from ssn_edge.runtime.tiling import TileGrid, tile
 from ssn_edge.train.features import SharedFeatures
 from ssn_edge.train.loop import TrainResult, resolve_supervision, train
+from ssn_edge.train.schedule import resolve_precision
 
 log = logging.getLogger("ssn_edge")
 
@@ -131,6 +132,8 @@ def train_tiled(
     grid = cfg.grid(cfg.image_size)
     if tuple(train_arrays.images.shape[-2:]) != cfg.image_size:
         raise ValueError(f"training images are {train_arrays.images.shape[-2:]}, the tiling expects {cfg.image_size}")
+    # Once for every location, so the record says it and the warning is said once.
+    recipe = dataclasses.replace(recipe, train=resolve_precision(recipe.train))
     # What the whole images give, for the record; each location resolves the recipe's setting on its own tiles.
     resolved, _, supervision = resolve_supervision(recipe, train_arrays)
     sub = _tile_recipe(recipe)
