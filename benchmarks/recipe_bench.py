@@ -61,6 +61,14 @@ VARIANTS: dict[str, dict] = {
     "memory_bank_steps_150": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 1.0, "train.steps": 150},
     # the supervised recipe with crops in every epoch: its last, whole-map epoch took 529 of the 1021 s of steps
     "memory_bank_all_crops": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 1.0, "train.crop_epochs": None},
+    # the unsupervised recipe on a third of its steps: where the end-of-training choice falls on the map's maximum,
+    # the heads' steps change nothing the model outputs (SSN's map weighs 0), so they are only the head's chance
+    "bank_ssn_0_steps_50": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 0.0, "train.steps": 50},
+    # ... and at most 12 steps in its whole-map epoch (a whole-map step costs about 4 crop steps): Magnetic tile's
+    # 37-batch whole-map epoch was 625 of its 778 s of steps at 50 steps on an AVX2 CPU; bottle's has 12 batches,
+    # so there the cap changes nothing and the bank_ssn_0_steps_50 runs are this variant's
+    "bank_ssn_0_steps_50_whole_12": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 0.0, "train.steps": 50,
+                                     "train.whole_map_steps": 12},
 }
 # Levers that are not recipe overrides: SSN's map fused with the memory-bank map (fusion_bench.py), no retraining.
 FUSIONS = {
@@ -84,10 +92,16 @@ def _overrides(args) -> dict:
 BANK_OFF = {"model.memory_bank": False, "model.memory_bank_ssn_weight": 1.0}
 
 
+# Likewise every unsupervised lever before bank_ssn_0_steps_50 was measured on the earlier budget of 150 steps with
+# whole-map epochs uncapped: they keep it (the variants that change it say so).
+STEPS_150 = {"train.steps": 150, "train.whole_map_steps": None}
+
+
 def _recipe(args):
     bank = {} if VARIANTS[args.variant].get("model.memory_bank") else BANK_OFF
+    steps = STEPS_150 if args.setting == "unsupervised" else {}
     return bench_recipe(BASE[args.setting], {"data.path": DATA[args.dataset], "train.seed": args.seed, **bank,
-                                             **_overrides(args)})
+                                             **steps, **_overrides(args)})
 
 
 def _scores(loaded, arrays) -> dict:

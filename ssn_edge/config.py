@@ -124,6 +124,9 @@ class TrainConfig:
     # crop_epochs scaled with them (ssn_edge.train.schedule.epochs_for_steps); the resolved epochs are recorded.
     # None: train.epochs as given, so training time grows with the number of images.
     steps: int | None = None
+    # At most this many optimiser steps in each whole-map epoch (the first ones of its shuffled batches; None: all).
+    # A whole-map step costs about 4 crop steps, so on a large data set the last epoch is most of the time.
+    whole_map_steps: int | None = None
     # What training does when the collapse check (ssn_edge.train.collapse; whole-image SSN with held-out normals)
     # finds the image score or the map collapsed on the held-out images and their painted copies: "warn" logs one
     # line and keeps the model, "anchor" makes the score the map's maximum logit (when only the score collapsed),
@@ -496,6 +499,8 @@ def _check_train(t: TrainConfig) -> None:
         raise RecipeError(f"train.batch_size must be >= 1, got {t.batch_size}")
     if t.steps is not None and t.steps < 1:
         raise RecipeError(f"train.steps must be >= 1 (or null: train.epochs as given), got {t.steps}")
+    if t.whole_map_steps is not None and t.whole_map_steps < 1:
+        raise RecipeError(f"train.whole_map_steps must be >= 1 (or null: every batch), got {t.whole_map_steps}")
     if t.feature_crop is not None and t.feature_crop < 1:
         raise RecipeError(f"train.feature_crop must be >= 1 (or null: whole maps), got {t.feature_crop}")
 

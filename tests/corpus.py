@@ -995,6 +995,8 @@ train_refused("milestone_word", ("--set", "train.lr_milestones=[high]"), r"recip
 train_refused("milestone_above_one", ("--set", "train.lr_milestones=[2]"), r"train\.lr_milestones must be fractions of the epochs")
 train_refused("crop_epochs_negative", ("--set", "train.crop_epochs=-1"), r"train\.crop_epochs must be >= 0")
 train_refused("feature_crop_zero", ("--set", "train.feature_crop=0"), r"train\.feature_crop must be >= 1")
+train_refused("whole_map_steps_zero", ("--set", "train.whole_map_steps=0"), r"recipe\.yaml: train\.whole_map_steps must be >= 1 \(or null: every batch\), got 0")
+train_refused("whole_map_steps_word", ("--set", "train.whole_map_steps=few"), r"recipe key 'train\.whole_map_steps': expected an integer, got 'few'")
 train_refused("focal_gamma_negative", ("--set", "train.cls_focal_gamma=-1"), r"train\.cls_focal_gamma must be >= 0")
 train_refused("precision_unknown", ("--set", "train.precision=fp8"), r"recipe key 'train\.precision': 'fp8' is not one of fp32, bf16")
 train_refused("image_size_zero", ("--set", "data.image_size=[0,0]"), r"data\.image_size must be two sizes >= 32")

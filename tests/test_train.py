@@ -341,3 +341,23 @@ def test_the_checkpoint_records_the_precision_that_trained(monkeypatch, tmp_path
     result = train(_recipe(precision="bf16"), _arrays(), tmp_path / "run", progress=False)
     assert load_checkpoint(result.checkpoint).recipe["train"]["precision"] == "fp32"
     assert seen and set(seen) == {"fp32"}  # and every step ran without autocast
+
+
+@pytest.mark.parametrize("cap, whole_steps", [(None, 4), (1, 1), (9, 4)])
+def test_whole_map_steps_caps_only_the_whole_map_epochs(monkeypatch, tmp_path, cap, whole_steps):
+    from ssn_edge.train import loop
+
+    calls = []
+    original = loop.heads_step
+    monkeypatch.setattr(loop, "heads_step", lambda run, recipe, batch, crop, where: calls.append((where[0], crop))
+                        or original(run, recipe, batch, crop, where))
+    # 8 images, batches of 2: 4 batches an epoch; the first epoch on crops, the second on whole maps
+    train(_recipe(epochs=2, crop_epochs=1, batch_size=2, whole_map_steps=cap), _arrays(n=8), tmp_path / "run",
+          progress=False)
+    assert [c for e, c in calls if e == 0] == [32] * 4  # crop epochs keep every batch
+    assert [c for e, c in calls if e == 1] == [None] * whole_steps
+
+
+def test_whole_map_steps_must_be_positive():
+    with pytest.raises(RecipeError, match="train.whole_map_steps must be >= 1"):
+        _recipe(whole_map_steps=0)

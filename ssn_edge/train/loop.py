@@ -74,8 +74,9 @@ def resolve_epochs(recipe: Recipe, items: TrainItems) -> Recipe:
     batches = batches_per_epoch(t, len(items.normal), bool(len(items.defective)))
     resolved = epochs_for_steps(t, batches)
     if resolved is not t:
-        log.info("train.steps %d: %d epochs of %d batches (%d on crops)", t.steps, resolved.epochs, batches,
-                 resolved.crop_epochs or 0)
+        cap = "" if t.whole_map_steps is None else f", at most {t.whole_map_steps} in each whole-map epoch"
+        log.info("train.steps %d: %d epochs of %d batches (%d on crops)%s", t.steps, resolved.epochs, batches,
+                 resolved.crop_epochs or 0, cap)
     return dataclasses.replace(recipe, train=resolved)
 
 
@@ -159,6 +160,8 @@ def run_epoch(run: RunState, recipe: Recipe, source: FeatureSource, batches: lis
     # Crops make early epochs 4x cheaper; the last ones see whole maps, so the classification head's global
     # max/avg pooling is tuned on the statistics it meets at inference.
     crop = t.feature_crop if (t.crop_epochs is None or epoch < t.crop_epochs) else None
+    if crop is None and t.whole_map_steps is not None:
+        batches = batches[: t.whole_map_steps]
     losses, eps_parts, gen_losses = [], [], []
     for step, chunk in enumerate(batches):
         l2, l3 = source.get(chunk)
