@@ -406,8 +406,10 @@ def table(args) -> None:  # noqa: ARG001
     text = ["# SSN CPU recipe levers (written by `python benchmarks/recipe_bench.py table`)", "",
             "FP32, PyTorch, mean ± sd over seeds. Base recipes: recipes/ssn_cpu_unsupervised.yaml and "
             "ssn_cpu_supervised.yaml, data path set per data set; every variant but `memory_bank` (the bank, SSN's map "
-            "weighing 1: the shipped supervised recipe) and `bank_ssn_<w>` (SSN's map weighing w; `bank_ssn_0`: the "
-            "shipped unsupervised recipe) without their memory bank (`default`: the base recipes so); `bank_weight_<w>`: "
+            "weighing 1: the shipped supervised recipe) and `bank_ssn_<w>*` (SSN's map weighing w; `bank_ssn_0`: the "
+            "unsupervised recipe at its earlier 150 steps; `bank_ssn_0_steps_50_whole_12`: the shipped one, whose cap "
+            "does not bind on bottle, so there `bank_ssn_0_steps_50` is it) without their memory bank (`default`: the "
+            "base recipes so; every unsupervised variant at 150 steps unless it says otherwise); `bank_weight_<w>`: "
             "the memory_bank runs' maps reweighed offline (fusion_bench.py). `heldout_synthetic`: the normal training images "
             "held out of training and their painted copies; `heldout_real`: the held-out normals and the training "
             "split's defective images (Magnetic tile; unsupervised training never sees them). Choices were made on "
