@@ -414,7 +414,8 @@ def table(args) -> None:  # noqa: ARG001
     text = ["# SSN CPU recipe levers (written by `python benchmarks/recipe_bench.py table`)", "",
             "FP32, PyTorch, mean ± sd over seeds. Base recipes: recipes/ssn_cpu_unsupervised.yaml and "
             "ssn_cpu_supervised.yaml, data path set per data set; every variant but `memory_bank` (the bank, SSN's map "
-            "weighing 1: the supervised recipe on its earlier full heads; `memory_bank_light_whole_24`: the shipped one) and `bank_ssn_<w>*` (SSN's map weighing w; `bank_ssn_0`: the "
+            "weighing 1: the supervised recipe on its earlier full heads; `memory_bank_light_whole_24`: the shipped "
+            "one) and `bank_ssn_<w>*` (SSN's map weighing w; `bank_ssn_0`: the "
             "unsupervised recipe at its earlier 150 steps; `bank_ssn_0_steps_50_whole_12`: the shipped one, whose cap "
             "does not bind on bottle, so there `bank_ssn_0_steps_50` is it) without their memory bank (`default`: the "
             "base recipes so; every unsupervised variant at 150 steps, every supervised one on the full heads, unless it "
