@@ -15,7 +15,8 @@ set per data set, plus the variant's overrides. The run holds out a tenth of the
   - split `heldout_synthetic`: those held-out normals and the same images with a faint painted defect
     (ssn_edge.data.heldout.check_set): what any user has, and what the choice is made on;
   - split `heldout_real` (data sets with defective training images, e.g. Magnetic tile): the held-out normals and
-    the training split's defective images, which unsupervised training never sees;
+    the training split's defective images, which unsupervised training never sees (its end-of-training score choice
+    scores the normals, the painted copies and these images together: ssn_edge.train.job.collapse_check_set);
   - split `test`: the test split, recorded for the final table only, never used to choose.
 Records go to benchmarks/results/recipe.json; checkpoints to runs/recipe/<dataset>_<setting>_<variant>_s<seed>/.
 --adopt-from takes over a finished run whose training was the same (it differs only in what is decided after the
@@ -72,6 +73,11 @@ VARIANTS: dict[str, dict] = {
     # the supervised recipe cheaper per step, for a 2-core AVX2-only CPU (no native bf16; there its whole job took
     # 2630 s on Magnetic tile, the whole-map epoch 1290 s of it): the separable classification head, a 256-wide
     # segmentation head (a whole-map step 15.4 -> 5.7 s, a crop step 3.9 -> 1.2 s there) and 24 whole-map steps
+    # the unsupervised recipe whose score auto may also take the mean of the blurred map's top 4 % of cells
+    # (model.anchor_top): on Magnetic tile's held-out real defects that fraction ranked best among 1-16 % (fusion_bench
+    # --score-tops), on bottle's painted copies every fraction ranked below the maximum, so auto chooses per data set
+    "bank_ssn_0_steps_50_whole_12_top_0.04": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 0.0,
+                                              "train.steps": 50, "train.whole_map_steps": 12, "model.anchor_top": 0.04},
     "memory_bank_light_whole_24": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 1.0,
                                    "model.cls_head": "light_separable", "model.seg_hidden": 256,
                                    "train.whole_map_steps": 24},
@@ -103,13 +109,16 @@ BANK_OFF = {"model.memory_bank": False, "model.memory_bank_ssn_weight": 1.0}
 STEPS_150 = {"train.steps": 150, "train.whole_map_steps": None}
 # ... and every supervised lever before memory_bank_light_whole_24 on the full-width heads, whole-map epochs uncapped.
 FULL_HEADS = {"model.cls_head": "full", "model.seg_hidden": 1024, "train.whole_map_steps": None}
+# ... and every lever before bank_ssn_0_steps_50_whole_12_top_0.04 chose its score from the head's and the map's
+# maximum only.
+TOP_OFF = {"model.anchor_top": 0.0}
 
 
 def _recipe(args):
     bank = {} if VARIANTS[args.variant].get("model.memory_bank") else BANK_OFF
     before = STEPS_150 if args.setting == "unsupervised" else FULL_HEADS
     return bench_recipe(BASE[args.setting], {"data.path": DATA[args.dataset], "train.seed": args.seed, **bank,
-                                             **before, **_overrides(args)})
+                                             **before, **TOP_OFF, **_overrides(args)})
 
 
 def _scores(loaded, arrays) -> dict:
@@ -138,8 +147,8 @@ def _check_sets(recipe) -> dict:
 
 # What the end of training decides or fits (the score, the collapse check, the memory bank) and how long it trains (a
 # step budget resolves to epochs): a run that differs from another only in these trained exactly the same heads.
-_DECIDED_AFTER = ("model.score_anchor", "model.anchor_blur", "train.steps", "train.on_collapse", "model.memory_bank",
-                  "model.memory_bank_ssn_weight")
+_DECIDED_AFTER = ("model.score_anchor", "model.anchor_blur", "model.anchor_top", "train.steps", "train.on_collapse",
+                  "model.memory_bank", "model.memory_bank_ssn_weight")
 
 
 def _resolved(recipe, split):
@@ -152,6 +161,8 @@ def _resolved(recipe, split):
     t = recipe.train
     defects = t.setting != "unsupervised" and any(x.label == 1 for x in split.train)
     batches = batches_per_epoch(t, sum(1 for x in split.train if x.label == 0), with_defects=defects)
+    if t.whole_map_steps is not None and t.whole_map_steps >= batches:
+        t = dataclasses.replace(t, whole_map_steps=None)  # a cap no epoch reaches trains the same heads as none
     return dataclasses.replace(recipe, train=epochs_for_steps(t, batches))
 
 
@@ -170,12 +181,12 @@ def adopt(src: Path, out: Path, recipe) -> None:
     import dataclasses
 
     from ssn_edge.data import load_dataset, split_validation
-    from ssn_edge.data.heldout import check_set
     from ssn_edge.evaluation.evaluate import evaluate_model
     from ssn_edge.evaluation.job import split_arrays
     from ssn_edge.model.checkpoint import load_checkpoint, save_checkpoint
     from ssn_edge.model.load import load_model
-    from ssn_edge.train.collapse import check_model, decide
+    from ssn_edge.train.collapse import decide
+    from ssn_edge.train.job import collapse_check_set
     from ssn_edge.train.loop import choose_score
 
     d = recipe.data
@@ -190,8 +201,8 @@ def adopt(src: Path, out: Path, recipe) -> None:
         # The source's auto already replaced the head's score by the map's maximum (its fc zeroed): the head's own
         # score is gone, so auto chooses between a constant and this variant's map maximum.
         heads.score_anchor = "none"
-    heads.anchor_blur = ours.model.anchor_blur
-    checks = check_set(split.held_out, tuple(d.image_size))
+    heads.anchor_blur, heads.anchor_top = ours.model.anchor_blur, ours.model.anchor_top
+    checks = collapse_check_set(split, tuple(d.image_size), ours.train.setting)
     t0 = time.perf_counter()
     bank = heads.memory_bank
     if ours.model.memory_bank and bank is not None and loaded.recipe.knn == ours.knn:
@@ -203,7 +214,7 @@ def adopt(src: Path, out: Path, recipe) -> None:
         fit_memory_bank(loaded.model, ours, load_arrays(split.train, tuple(d.image_size), progress=False),
                         held_out_normals(checks), progress=False)
     fit_s = time.perf_counter() - t0
-    chosen, check = choose_score(loaded.model, ours, check_model(loaded.model, checks), checks)
+    chosen, check = choose_score(loaded.model, ours, checks)
     check = decide(check, chosen.train.on_collapse, True, out / "checkpoint.pt")
     record = dataclasses.replace(load_checkpoint(src / "checkpoint.pt"), recipe=chosen.to_dict(),
                                  heads=loaded.model.heads.state_dict(), collapse=check)
@@ -416,10 +427,12 @@ def table(args) -> None:  # noqa: ARG001
             "ssn_cpu_supervised.yaml, data path set per data set; every variant but `memory_bank` (the bank, SSN's map "
             "weighing 1: the supervised recipe on its earlier full heads; `memory_bank_light_whole_24`: the shipped "
             "one) and `bank_ssn_<w>*` (SSN's map weighing w; `bank_ssn_0`: the "
-            "unsupervised recipe at its earlier 150 steps; `bank_ssn_0_steps_50_whole_12`: the shipped one, whose cap "
-            "does not bind on bottle, so there `bank_ssn_0_steps_50` is it) without their memory bank (`default`: the "
-            "base recipes so; every unsupervised variant at 150 steps, every supervised one on the full heads, unless it "
-            "says otherwise); `bank_weight_<w>`: "
+            "unsupervised recipe at its earlier 150 steps; `bank_ssn_0_steps_50_whole_12`: at 50, whose cap does not "
+            "bind on bottle, so there `bank_ssn_0_steps_50` is it; `bank_ssn_0_steps_50_whole_12_top_0.04`: the "
+            "shipped one, its score also chosen from the map's top 4 %) without their memory bank (`default`: the "
+            "base recipes so; every unsupervised variant at 150 steps, every supervised one on the full heads, every "
+            "one choosing its score from the head's and the map's maximum only, unless it says otherwise); "
+            "`bank_weight_<w>`: "
             "the memory_bank runs' maps reweighed offline (fusion_bench.py). `heldout_synthetic`: the normal training images "
             "held out of training and their painted copies; `heldout_real`: the held-out normals and the training "
             "split's defective images (Magnetic tile; unsupervised training never sees them). Choices were made on "

@@ -50,12 +50,17 @@ class ModelConfig:
     # "none": the score is the classification head's logit (paper). "map_max": the head's logit is added to the
     # map's max logit (SimpleNet's score) and its fc starts at zero, so the head learns a correction to the map
     # instead of a score from scratch; for light heads, whose pooled features alone score worse than the map.
-    # "auto": trained as "none", then the score is made the map's maximum logit if that ranks the held-out check set
-    # (held-out normals and their painted copies, ssn_edge.data.heldout) better; the checkpoint records the choice.
+    # "map_top": the same with the mean of the map's top anchor_top cells in place of its maximum.
+    # "auto": trained as "none", then the score is whichever of the head's logit, the map's maximum and (anchor_top
+    # > 0) the top cells' mean ranks the held-out check set best (ssn_edge.data.heldout: held-out normals, their
+    # painted copies and, unsupervised, the training split's defective images); ties keep the earlier of the three.
+    # The checkpoint records the choice.
     score_anchor: str = "none"
     # The anchored score's map maximum is taken after a Gaussian blur of this sigma, in map pixels (1.0: the map as
     # post-processed; 0: the raw maximum logit, what recipes recorded before this option). Chosen on held-out data.
     anchor_blur: float = 1.0
+    # The fraction of the (blurred) map's cells that map_top averages; 0: map_top is not offered to auto.
+    anchor_top: float = 0.0
     # "none": the map output is the segmentation head's logits (paper). "score": the inference graph outputs
     # log P(pixel defective) = log sigmoid(map) + log sigmoid(score), the pixel's probability given a defect times
     # the image's: one image-wide shift, so each map's ranking is unchanged while the maps of images the classifier
@@ -241,7 +246,7 @@ MAP_GATES = ("none", "score")  # model.map_gate (ssn_edge/model/ssn.py, score_ga
 _CHOICES = {
     "model.cls_input": ("adapted", "backbone"),
     "model.cls_head": CLS_HEADS,
-    "model.score_anchor": ("none", "map_max", "auto"),
+    "model.score_anchor": ("none", "map_max", "map_top", "auto"),
     "model.map_gate": MAP_GATES,
     "model.kind": ("ssn", "knn"),
     "knn.sampler": ("greedy", "random"),
@@ -509,6 +514,12 @@ def _check_collapse(r: Recipe) -> None:
     """train.on_collapse other than warn only where the check runs and can act (knn recipes: _check_knn)."""
     if r.model.anchor_blur < 0:
         raise RecipeError(f"model.anchor_blur must be >= 0 (0: the raw maximum logit), got {r.model.anchor_blur}")
+    if not 0 <= r.model.anchor_top < 1:
+        raise RecipeError(f"model.anchor_top must be a fraction in [0, 1) of the map's cells (0: off), "
+                          f"got {r.model.anchor_top}")
+    if r.model.score_anchor == "map_top" and r.model.anchor_top == 0:
+        raise RecipeError("model.score_anchor map_top averages the map's top model.anchor_top cells; set anchor_top "
+                          "(e.g. 0.04) or use map_max")
     if r.model.score_anchor == "auto" and r.tiling is not None:
         raise RecipeError("model.score_anchor auto: chosen on the held-out check set of whole-image models only, not "
                           "tiled ones; use none or map_max")

@@ -55,7 +55,7 @@ def test_a_near_constant_score_is_flagged_whatever_it_ranks():
     score = np.r_[np.full(10, -5.5), np.full(10, -5.5 + 1e-4)]
     check = judge(score, _separated(rng), LABELS)
     assert check.collapsed_score and not check.collapsed_map and check.score_auroc == 1.0
-    assert check.message.startswith("collapse check on 10 held-out normal images and their painted copies: "
+    assert check.message.startswith("collapse check on 10 held-out normal images and 10 defective ones: "
                                     "the image score is near-constant")
     assert "map max" in check.message and "\n" not in check.message
 
@@ -355,36 +355,94 @@ def test_the_record_round_trips():
     assert CollapseCheck.from_dict({**record, "later_field": 1}).to_dict() == record
 
 
-@pytest.mark.parametrize("map_better", [True, False])
-def test_score_anchor_auto_takes_whichever_ranks_the_check_set_better_and_records_it(tiny_dataset, tmp_path,
-                                                                                      monkeypatch, map_better):
+def test_score_candidates_rank_the_heads_score_the_maps_maximum_and_its_top_cells_mean():
+    from ssn_edge.train.collapse import score_candidates
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(6, np.int64), np.ones(6, np.int64)]
+    maps = rng.normal(0, 0.1, (12, 20, 20)).astype(np.float32)
+    # the defective half: a wide faint patch (its top cells' mean lifts it); every image: one bright stray cell, its
+    # height unrelated to the label, so the maximum ranks the halves poorly
+    maps[6:, 5:15, 5:15] += 1.0
+    maps[np.arange(12), 2, 2] += np.r_[9.0, 3.0, 8.0, 2.5, 7.0, 3.5, 2.0, 8.5, 3.0, 9.5, 2.5, 7.5] + 20.0
+    logits = np.r_[np.linspace(0, 1, 6), np.linspace(0.5, 1.5, 6)]
+    got = score_candidates(maps, logits, labels, sigma=0.0, top=0.1)
+    assert list(got) == ["none", "map_max", "map_top"]
+    assert got["map_top"] == 1.0 and got["map_max"] < 0.7
+    assert got["none"] == pytest.approx(_auroc_of(labels, logits))
+    assert list(score_candidates(maps, logits, labels, sigma=1.0, top=0.0)) == ["none", "map_max"]  # top 0: not offered
+    nan = score_candidates(np.full_like(maps, np.nan), np.full(12, np.nan), labels, sigma=1.0, top=0.1)
+    assert set(nan.values()) == {0.5}  # NaN outputs read as the constant 0, as judge() reads them
+
+
+def _auroc_of(labels, values) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, values))
+
+
+@pytest.mark.parametrize("best", ["none", "map_max", "map_top", "tie"])
+def test_score_anchor_auto_takes_whichever_ranks_the_check_set_best_and_records_it(tiny_dataset, tmp_path,
+                                                                                   monkeypatch, best):
     import ssn_edge.train.loop as loop
     from ssn_edge.evaluation.evaluate import predict_raw
     from ssn_edge.model.load import load_model
+    from ssn_edge.model.ssn import anchor_max, anchor_top
     from ssn_edge.train.job import train_job
 
-    real = loop.check_model
-    calls = []
+    rigged = {"none": {"none": 0.9, "map_max": 0.6, "map_top": 0.7}, "map_max": {"none": 0.6, "map_max": 0.9,
+              "map_top": 0.7}, "map_top": {"none": 0.6, "map_max": 0.7, "map_top": 0.9},
+              "tie": {"none": 0.6, "map_max": 0.9, "map_top": 0.9}}[best]
+    seen = {}
 
-    def rigged(model, arrays):  # the first check says which ranks better; any later one is the real thing
-        calls.append(1)
-        check = real(model, arrays)
-        if len(calls) > 1:
-            return check
-        better, worse = (0.9, 0.6) if map_better else (0.6, 0.9)
-        return dataclasses.replace(check, map_max_auroc=better, score_auroc=worse)
+    def candidates(raw_maps, logits, labels, sigma, top):
+        seen.update(n=len(labels), sigma=sigma, top=top)
+        return dict(rigged)
 
-    monkeypatch.setattr(loop, "check_model", rigged)
+    monkeypatch.setattr(loop, "score_candidates", candidates)
     d = tiny_recipe_dict(tiny_dataset)
-    d["model"]["score_anchor"] = "auto"
+    d["model"].update(score_anchor="auto", anchor_top=0.05)
     result = train_job(recipe_from_dict(d), tmp_path / "run", progress=False, evaluate=False)
+    assert seen == {"n": result.collapse.normal + result.collapse.defective, "sigma": 1.0, "top": 0.05}
+    chosen = "map_max" if best == "tie" else best  # a tie keeps the earlier, simpler score
     loaded = load_model(result.checkpoint)
-    assert loaded.recipe.model.score_anchor == ("map_max" if map_better else "none")
-    assert len(calls) == (2 if map_better else 1)  # anchoring re-checks the model as it now scores
+    assert loaded.recipe.model.score_anchor == chosen
     images = np.random.default_rng(0).normal(0, 1, (4, 3, 64, 64)).astype(np.float32)
     maps, scores = predict_raw(loaded.model, images)
-    same = np.allclose(scores, blurred_max(maps, loaded.recipe.model.anchor_blur), rtol=0, atol=1e-5)
-    assert same == map_better
+    maps_t = torch.from_numpy(maps)[:, None]
+    as_max = np.allclose(scores, anchor_max(maps_t, 1.0).numpy(), rtol=0, atol=1e-5)
+    as_top = np.allclose(scores, anchor_top(maps_t, 1.0, 0.05).numpy(), rtol=0, atol=1e-5)
+    assert (as_max, as_top) == (chosen == "map_max", chosen == "map_top")
+    # the record judges the score chosen, as the saved model gives it (anchored, read off the maps already scored)
+    from ssn_edge.data import load_dataset, split_validation
+    from ssn_edge.train.collapse import check_model
+    from ssn_edge.train.job import collapse_check_set
+
+    r = loaded.recipe
+    split = split_validation(load_dataset(tiny_dataset), r.data.val_fraction, r.data.val_min, r.data.val_seed)
+    again = check_model(loaded.model, collapse_check_set(split, (64, 64), r.train.setting))
+    for field in ("score_auroc", "score_spread", "map_max_auroc", "map_spread"):
+        assert getattr(result.collapse, field) == pytest.approx(getattr(again, field), abs=1e-4), field
+
+
+def test_the_unsupervised_check_set_adds_the_defective_training_images_it_does_not_train_on(tiny_dataset):
+    import dataclasses as dc
+
+    from ssn_edge.data import ValidationSplit, load_dataset, select, split_validation
+    from ssn_edge.train.job import collapse_check_set
+
+    samples = load_dataset(tiny_dataset)
+    split = split_validation(samples, 0.1, 10, 0)
+    defects = [dc.replace(s, split="train") for s in select(samples, "test") if s.label == 1][:3]
+    with_defects = ValidationSplit(split.train + defects, split.held_out)
+    n = len(split.held_out)
+    unsup = collapse_check_set(with_defects, (64, 64), "unsupervised")
+    assert len(unsup) == 2 * n + 3 and unsup.labels.tolist() == [0] * n + [1] * (n + 3)
+    assert unsup.paths[-3:] == [str(s.image) for s in defects] and unsup.masks[-3:].any((1, 2)).all()
+    # settings that train on the defective images leave them out: a check on what was trained on says nothing
+    for setting in ("supervised", "weak", "mixed", "auto"):
+        assert len(collapse_check_set(with_defects, (64, 64), setting)) == 2 * n
+    assert collapse_check_set(ValidationSplit(split.train, []), (64, 64), "unsupervised") is None
 
 
 def test_score_anchor_auto_without_held_out_images_keeps_the_heads_score(tiny_dataset, tmp_path):

@@ -19,7 +19,8 @@ from ssn_edge.model.complexity import head_macs
 from ssn_edge.train.generator import NoiseGenerator
 from ssn_edge.train.noise import apply_noise
 from ssn_edge.train.perlin import perlin_masks
-from ssn_edge.model.ssn import ClassificationHead, LightClassificationHead, SSNHeads, SuperSimpleNet, anchor_max
+from ssn_edge.model.ssn import (ClassificationHead, LightClassificationHead, SSNHeads, SuperSimpleNet, anchor_max,
+                                anchor_top)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -150,6 +151,43 @@ def test_anchor_max_is_the_maximum_of_the_map_blurred_as_opencv_blurs_it(sigma):
     spike[..., 6, 6] = 3.0
     patch[..., 5:8, 5:8] = 3.0
     assert sigma == 0 or anchor_max(spike, sigma) < anchor_max(patch, sigma)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_anchor_top_is_the_mean_of_the_blurred_maps_largest_cells(sigma):
+    import cv2
+
+    maps = torch.randn(2, 1, 10, 10)
+    k = 2 * int(np.ceil(3 * sigma)) + 1
+    blurred = [cv2.GaussianBlur(m[0].numpy(), (k, k), sigma, borderType=cv2.BORDER_REFLECT_101) if sigma else
+               m[0].numpy() for m in maps]
+    want = [np.sort(b.ravel())[-5:].mean() for b in blurred]  # 5 % of 100 cells
+    np.testing.assert_allclose(anchor_top(maps, sigma, 0.05).numpy(), want, rtol=0, atol=1e-5)
+    # a defect's extent counts: one spike scores below a patch of the same height, even unblurred
+    spike, patch = torch.zeros(1, 1, 10, 10), torch.zeros(1, 1, 10, 10)
+    spike[..., 5, 5] = 3.0
+    patch[..., 4:7, 4:7] = 3.0
+    assert anchor_top(spike, sigma, 0.05) < anchor_top(patch, sigma, 0.05)
+    assert anchor_top(maps, sigma, 0.001).tolist() == pytest.approx(anchor_max(maps, sigma).tolist())  # 1 cell: max
+
+
+def test_map_top_anchor_scores_with_the_top_cells_mean_and_is_validated():
+    heads = SSNHeads(384, _cfg(score_anchor="map_top", anchor_top=0.05)).eval()
+    with torch.no_grad():
+        m, s = heads(torch.randn(2, 384, 10, 10))
+    assert torch.allclose(s, anchor_top(m, 1.0, 0.05), atol=1e-6)  # the fc starts at zero, as map_max's
+    heads = SSNHeads(384, _cfg(score_anchor="none", anchor_top=0.05)).eval()
+    heads.anchor_to_map("map_top")
+    with torch.no_grad():
+        m, s = heads(torch.randn(2, 384, 10, 10))
+    assert heads.score_anchor == "map_top" and torch.allclose(s, anchor_top(m, 1.0, 0.05), atol=1e-6)
+    with pytest.raises(ValueError, match="anchor 'mean'"):
+        heads.anchor_to_map("mean")
+    for bad in (-0.1, 1.0):
+        with pytest.raises(RecipeError, match="model.anchor_top"):
+            _recipe(model={"anchor_top": bad})
+    with pytest.raises(RecipeError, match="map_top averages"):
+        _recipe(model={"score_anchor": "map_top"})
 
 
 def test_recorded_recipes_without_anchor_blur_keep_the_raw_maximum():

@@ -89,8 +89,10 @@ def test_fp32_matches_pytorch(bundle, tiny_checkpoint, test_arrays):
 
 
 @pytest.mark.slow
-def test_anchored_light_head_exports_its_score(tiny_dataset, tmp_path):
-    """model.score_anchor adds the map's max to the score inside the graph: the IR must compute the same score."""
+@pytest.mark.parametrize("anchor", ["map_max", "map_top"])
+def test_anchored_light_head_exports_its_score(tiny_dataset, tmp_path, anchor):
+    """model.score_anchor adds the map's max (or its top cells' mean) to the score inside the graph: the IR must
+    compute the same score."""
     import openvino as ov
 
     from conftest import tiny_recipe_dict
@@ -101,7 +103,7 @@ def test_anchored_light_head_exports_its_score(tiny_dataset, tmp_path):
     from ssn_edge.model.load import model_from_checkpoint
 
     d = tiny_recipe_dict(tiny_dataset)
-    d["model"].update(cls_head="light", score_anchor="map_max")
+    d["model"].update(cls_head="light", score_anchor=anchor, anchor_top=0.05)
     ckpt = train_job(recipe_from_dict(d), tmp_path / "run", progress=False).checkpoint
     b = export_bundle(ckpt, tmp_path / "bundle")
     model, _, _ = model_from_checkpoint(ckpt)
@@ -113,7 +115,7 @@ def test_anchored_light_head_exports_its_score(tiny_dataset, tmp_path):
     compiled = ov.Core().compile_model(b.model_path("fp32"), "CPU", F32)
     scores = np.array([compiled(x[i : i + 1])["pred_score"][0] for i in range(len(x))])
     assert np.abs(scores - sigmoid(ref_scores)).max() < 1e-3
-    assert b.metadata.provenance.recipe["model"]["score_anchor"] == "map_max"
+    assert b.metadata.provenance.recipe["model"]["score_anchor"] == anchor
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ A user who trains on their own parts has normal images and, at most, a few defec
 held out of training (data.val_fraction, `samples.split_validation`) are scored twice: as they are, and each with
 one synthetic defect painted in (`synthetic.paint_defect`: scratch, spot, crack, in turn). A model whose score
 cannot tell those apart has collapsed, and recipe levers are compared on it (benchmarks/recipe_bench.py) instead of
-on a test split. Defective training images, where a data set has them, can be added as they are.
+on a test split. Defective training images, where a data set has them and the setting does not train on them
+(unsupervised), are added as they are: real defects of this data (`ssn_edge.train.job.collapse_check_set`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ def painted_copies(held_out: Sequence[Sample], size: tuple[int, int], spec: Chec
             images[j] = normalize(painted)
             paths.append(f"{sample.image}#{kind}")
     return ArraySet(images=images, masks=masks, labels=np.ones(n, np.int64), mask_valid=np.ones(n, bool), paths=paths)
+
+
+def unseen_defects(samples: Sequence[Sample], setting: str) -> list[Sample]:
+    """The training split's defective images where training does not use them (setting unsupervised): real defects
+    of this data for the check set, which painted ones only stand in for."""
+    if setting != "unsupervised":
+        return []
+    return [s for s in samples if s.split == "train" and s.label == 1]
 
 
 def check_set(held_out: Sequence[Sample], size: tuple[int, int], spec: CheckSetSpec = CheckSetSpec(),

@@ -315,11 +315,10 @@ def _threshold_data(checkpoint: Path, loaded: LoadedModel, options: ExportOption
 
 
 def _unseen_defects(loaded: LoadedModel, samples: list[Sample]) -> list[Sample]:
-    """The training split's defective images when training never used them (an unsupervised model: SSN trained
-    unsupervised, or knn): real defects for the check set, which painted ones only stand in for."""
-    if loaded.kind != "knn" and loaded.recipe.train.setting != "unsupervised":
-        return []
-    return [s for s in select(samples, "train") if s.label == 1]
+    """data.heldout.unseen_defects of the model's training (a knn fit is unsupervised whatever its recipe says)."""
+    from ssn_edge.data.heldout import unseen_defects
+
+    return unseen_defects(samples, "unsupervised" if loaded.kind == "knn" else loaded.recipe.train.setting)
 
 
 def _held_out(checkpoint: Path, loaded: LoadedModel, samples: list[Sample], path: str | Path,

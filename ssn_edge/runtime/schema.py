@@ -240,14 +240,15 @@ class Supervision:
 
 @dataclass(frozen=True)
 class CollapseCheck:
-    """Training's collapse check (ssn_edge.train.collapse) on the held-out normal images and their painted copies:
+    """Training's collapse check (ssn_edge.train.collapse) on the held-out check set (normal images, their painted
+    copies and, unsupervised, the training split's defective images):
     whether the image score or the map's maximum collapsed, and what training did (COLLAPSE_ACTIONS). The one
     record for the checkpoint, the bundle and the report; defined here because the bundle reader is torch-free."""
 
     normal: int  # held-out normal images
-    defective: int  # their painted copies
+    defective: int  # painted copies and defective training images
     score_spread: float  # interquartile range of the score logits (ssn_edge.train.collapse.MIN_SPREAD)
-    score_auroc: float  # 0..1, painted vs normal, by the score
+    score_auroc: float  # 0..1, defective vs normal, by the score
     map_max_auroc: float  # 0..1, by each image's maximum map logit (what an anchored score would be)
     map_spread: float  # interquartile range of those maxima, logits
     collapsed_score: bool

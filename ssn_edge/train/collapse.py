@@ -1,8 +1,9 @@
 """The collapse check (issue 28, no silent collapse): does a trained SSN's image score, and its map, still tell
-the held-out check set's painted copies from the normals?
+the held-out check set's defective images from the normals?
 
 The check set is `ssn_edge.data.heldout.check_set`: the normal training images held out of training, each again
-with one faint painted defect. On some data the classification head collapses (every image scored ~0.004), so the
+with one faint painted defect, and in the unsupervised setting the training split's defective images (which it
+does not train on). On some data the classification head collapses (every image scored ~0.004), so the
 image AUROC is poor although the map's maximum separates the images; nothing said so before. Training runs this
 check once at the end (`ssn_edge.train.loop.train`), logs one line and does what `train.on_collapse` says; the
 record goes into the checkpoint, the bundle's metadata and the report.
@@ -18,7 +19,7 @@ import torch
 
 from ssn_edge.data import ArraySet
 from ssn_edge.evaluation.evaluate import predict_raw
-from ssn_edge.model.ssn import anchor_max
+from ssn_edge.model.ssn import anchor_max, anchor_top
 from ssn_edge.runtime.postprocess import sigmoid
 from ssn_edge.runtime.schema import CollapseCheck
 
@@ -34,7 +35,7 @@ MIN_SPREAD = 0.05
 CHANCE_AUROC = 0.55
 MAP_WORKS_AUROC = 0.65
 # train.on_collapse: "warn" logs and keeps the model; "anchor" makes the score the map's max logit when only the
-# score collapsed (SSNHeads.anchor_to_map_max); "error" stops with a one-line error, the checkpoint kept.
+# score collapsed (SSNHeads.anchor_to_map); "error" stops with a one-line error, the checkpoint kept.
 POLICIES = ("warn", "anchor", "error")
 
 
@@ -73,10 +74,27 @@ def judge(score_logits: np.ndarray, map_max: np.ndarray, labels: np.ndarray) -> 
 def check_model(model: torch.nn.Module, arrays: ArraySet) -> CollapseCheck:
     """Score the check set with the model as exported (FP32, eval mode) and judge it. The map's maximum is taken
     as model.score_anchor map_max adds it to the score (model.anchor_blur)."""
-    raw_maps, logits = predict_raw(model, arrays.images)
+    return judge_outputs(model, *predict_raw(model, arrays.images), arrays.labels)
+
+
+def judge_outputs(model: torch.nn.Module, raw_maps: np.ndarray, logits: np.ndarray,
+                  labels: np.ndarray) -> CollapseCheck:
+    """judge() on the model's raw outputs: maps (N, h, w) and score logits (N,)."""
     sigma = getattr(getattr(model, "heads", None), "anchor_blur", 0.0)
-    map_max = anchor_max(torch.from_numpy(raw_maps)[:, None], sigma).numpy()
-    return judge(logits, map_max, arrays.labels)
+    return judge(logits, anchor_max(torch.from_numpy(raw_maps)[:, None], sigma).numpy(), labels)
+
+
+def score_candidates(raw_maps: np.ndarray, logits: np.ndarray, labels: np.ndarray, sigma: float,
+                     top: float) -> dict[str, float]:
+    """AUROC (0..1) of each score model.score_anchor auto chooses from, on the check set's raw outputs: the head's
+    logit ("none"), the blurred map's maximum ("map_max") and, with top > 0, its top cells' mean ("map_top"). In
+    that order, so a tie keeps the earlier. A NaN output counts as 0, as judge() reads it."""
+    maps = torch.from_numpy(np.nan_to_num(raw_maps, nan=0.0, posinf=0.0, neginf=0.0))[:, None]
+    values = {"none": np.nan_to_num(np.asarray(logits, np.float64), nan=0.0, posinf=0.0, neginf=0.0),
+              "map_max": anchor_max(maps, sigma).numpy()}
+    if top > 0:
+        values["map_top"] = anchor_top(maps, sigma, top).numpy()
+    return {name: _auroc(labels, v) for name, v in values.items()}
 
 
 def _finding(c: CollapseCheck, scores: np.ndarray) -> str:
@@ -85,11 +103,11 @@ def _finding(c: CollapseCheck, scores: np.ndarray) -> str:
     if c.collapsed_score and c.score_spread < MIN_SPREAD:
         what.append("the image score is near-constant")
     elif c.collapsed_score:
-        what.append("the image score ranks the painted copies no better than chance while the map's maximum does")
+        what.append("the image score ranks the defective images no better than chance while the map's maximum does")
     if c.collapsed_map:
         what.append("the map's maximum is near-constant")
     verdict = " and ".join(what) or "no collapse"
-    return (f"collapse check on {c.normal} held-out normal images and their painted copies: {verdict} "
+    return (f"collapse check on {c.normal} held-out normal images and {c.defective} defective ones: {verdict} "
             f"(scores {scores.min():.4g}..{scores.max():.4g}, spread {c.score_spread:.2g} logits, "
             f"AUROC {c.score_auroc:.2f}; map max spread {c.map_spread:.2g} logits, AUROC {c.map_max_auroc:.2f})")
 

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ssn_edge.config import Recipe
-from ssn_edge.data import (ArraySet, Sample, load_arrays, load_dataset, require_nonempty, select,
+from ssn_edge.data import (ArraySet, ValidationSplit, load_arrays, load_dataset, require_nonempty, select,
                            split_validation, summary)
 
 log = logging.getLogger("ssn_edge")
@@ -60,17 +60,22 @@ def train_job(recipe: Recipe, out_dir: Path, resume: Path | None = None, progres
     from ssn_edge.train.loop import train  # here: a knn fit never loads SSN's training loop
 
     return train(recipe, train_arrays, out_dir, test_arrays=test_arrays, resume=resume, progress=progress,
-                 check_arrays=collapse_check_set(split.held_out, size))
+                 check_arrays=collapse_check_set(split, size, recipe.train.setting))
 
 
-def collapse_check_set(held_out: list[Sample], size: tuple[int, int]) -> ArraySet | None:
-    """The held-out normals and their painted copies (ssn_edge.data.heldout) that the collapse check scores;
-    None, said in one line, when no normal image was held out."""
-    if not held_out:
+def collapse_check_set(split: ValidationSplit, size: tuple[int, int], setting: str) -> ArraySet | None:
+    """What the collapse check and model.score_anchor auto score (ssn_edge.data.heldout): the held-out normals,
+    their painted copies and, in the unsupervised setting, the training split's defective images, which it does not
+    train on but which are real defects of this data. None, said in one line, when no normal image was held out."""
+    if not split.held_out:
         log.info("collapse check: not run, no normal training image is held out (data.val_fraction)")
         return None
-    from ssn_edge.data.heldout import check_set
+    from ssn_edge.data.heldout import check_set, unseen_defects
 
-    return check_set(held_out, size)
+    defective = unseen_defects(split.train, setting)
+    if defective:
+        log.info("check set: the %d held-out normal images, their painted copies and the %d defective training "
+                 "images (the unsupervised setting does not train on them)", len(split.held_out), len(defective))
+    return check_set(split.held_out, size, defective=defective)
 
 
