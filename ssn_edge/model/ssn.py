@@ -4,6 +4,7 @@ classification heads. The inference graph is exactly this module; noise and loss
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,8 +42,10 @@ def anchor_top(map_logits: Tensor, sigma: float, fraction: float) -> Tensor:
     """Each map's mean over its largest `fraction` of cells (B, 1, h, w) -> (B,), blurred as anchor_max: a defect's
     extent counts, not only its peak (Magnetic tile's real defects, which are wide and faint, rank better by it;
     bottle's painted copies worse, so score_anchor auto chooses, benchmarks/README.md)."""
-    h, w = (int(n) for n in map_logits.shape[-2:])  # int(): a constant k when the export traces the graph
-    k = max(1, round(fraction * h * w))
+    with warnings.catch_warnings():
+        # The export traces at a fixed input size, so the map's cell count, and k, are constants of the graph.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        k = max(1, round(fraction * int(map_logits.shape[-2]) * int(map_logits.shape[-1])))
     return gaussian_blur(map_logits, sigma).flatten(1).topk(k, dim=1).values.mean(dim=1)
 
 
