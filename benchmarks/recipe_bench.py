@@ -70,14 +70,14 @@ VARIANTS: dict[str, dict] = {
     # so there the cap changes nothing and the bank_ssn_0_steps_50 runs are this variant's
     "bank_ssn_0_steps_50_whole_12": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 0.0, "train.steps": 50,
                                      "train.whole_map_steps": 12},
-    # the supervised recipe cheaper per step, for a 2-core AVX2-only CPU (no native bf16; there its whole job took
-    # 2630 s on Magnetic tile, the whole-map epoch 1290 s of it): the separable classification head, a 256-wide
-    # segmentation head (a whole-map step 15.4 -> 5.7 s, a crop step 3.9 -> 1.2 s there) and 24 whole-map steps
     # the unsupervised recipe whose score auto may also take the mean of the blurred map's top 4 % of cells
     # (model.anchor_top): on Magnetic tile's held-out real defects that fraction ranked best among 1-16 % (fusion_bench
     # --score-tops), on bottle's painted copies every fraction ranked below the maximum, so auto chooses per data set
     "bank_ssn_0_steps_50_whole_12_top_0.04": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 0.0,
                                               "train.steps": 50, "train.whole_map_steps": 12, "model.anchor_top": 0.04},
+    # the supervised recipe cheaper per step, for a 2-core AVX2-only CPU (no native bf16; there its whole job took
+    # 2630 s on Magnetic tile, the whole-map epoch 1290 s of it): the separable classification head, a 256-wide
+    # segmentation head (a whole-map step 15.4 -> 5.7 s, a crop step 3.9 -> 1.2 s there) and 24 whole-map steps
     "memory_bank_light_whole_24": {"model.memory_bank": True, "model.memory_bank_ssn_weight": 1.0,
                                    "model.cls_head": "light_separable", "model.seg_hidden": 256,
                                    "train.whole_map_steps": 24},
@@ -129,18 +129,16 @@ def _scores(loaded, arrays) -> dict:
 
 def _check_sets(recipe) -> dict:
     """The held-out check sets of this run's recipe: synthetic defects, and real training defects where any."""
-    from ssn_edge.data import load_dataset, select, split_validation
-    from ssn_edge.data.heldout import check_set
+    from ssn_edge.data import load_arrays, load_dataset, split_validation
+    from ssn_edge.data.heldout import check_set, unseen_defects
 
     d = recipe.data
     samples = load_dataset(d.path)
     split = split_validation(samples, d.val_fraction, d.val_min, d.val_seed)
     size = tuple(d.image_size)
     sets = {"heldout_synthetic": check_set(split.held_out, size)}
-    defective = [s for s in select(samples, "train") if s.label == 1]
-    if defective and recipe.train.setting == "unsupervised":
-        from ssn_edge.data import load_arrays
-
+    defective = unseen_defects(samples, recipe.train.setting)
+    if defective:
         sets["heldout_real"] = load_arrays(split.held_out + defective, size)
     return sets
 
