@@ -7,6 +7,8 @@
       --adopt-from memory_bank
   python benchmarks/recipe_bench.py int8 --dataset magnetic_tile --variant bank_ssn_0 --seed 0
   python benchmarks/recipe_bench.py bank_latency --dataset magnetic_tile --setting supervised --seed 0
+  python benchmarks/recipe_bench.py heads_latency --dataset magnetic_tile --variant bank_ssn_0_steps_50_whole_12_top_0.04 \
+      --seed 0
   python benchmarks/recipe_bench.py table
 
 Every variant trains from recipes/ssn_cpu_unsupervised.yaml (or ssn_cpu_supervised.yaml) with only the data path
@@ -360,6 +362,34 @@ def latency(args) -> None:
     print(records)
 
 
+def heads_latency(args) -> None:
+    """Batch-1 latency of a run's INT8 bundle (from `int8`) against the same checkpoint exported with SSN's adaptor
+    and heads in the graph although its outputs are the memory bank's alone (SSNHeads.bank_alone forced off: the
+    graph every export made before it skipped them), INT8 and FP32, in one run. The outputs are the same."""
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
+    from ssn_edge.model.ssn import SSNHeads
+
+    recipe = _recipe(args)
+    run = ROOT / "runs" / "recipe" / f"{args.dataset}_{recipe.train.setting}_{args.variant}_s{args.seed}"
+    skipped, kept = run / "bundle_int8", run / "bundle_int8_all_heads"
+    if not (args.reuse_bundle and (kept / "metadata.json").is_file()):
+        bank_alone = SSNHeads.bank_alone
+        SSNHeads.bank_alone = lambda self: False  # type: ignore[method-assign]
+        try:
+            export_bundle(run / "checkpoint.pt", kept, ExportOptions(int8=True, overwrite=True))
+        finally:
+            SSNHeads.bank_alone = bank_alone  # type: ignore[method-assign]
+    ms = _alternating({f"{p}{tag}": (path, p) for p in ("int8", "fp32")
+                       for tag, path in (("", skipped), ("_all_heads", kept))}, args.rounds)
+    base = {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
+            "variant": args.variant, "seed": args.seed, "runtime": "openvino", "command": command_line(),
+            "details": {k: round(v, 2) for k, v in ms.items()}}
+    records = [{**base, "precision": p, "ratio_of": f"bank_alone_vs_all_heads_{p}_latency",
+                "ratio": round(ms[p] / ms[f"{p}_all_heads"], 3)} for p in ("int8", "fp32")]
+    record_results("recipe", records)
+    print(records)
+
+
 def _rows(records: list[dict], splits: tuple[str, ...]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -497,6 +527,12 @@ def main() -> None:
         bl._add_action(next(x for x in p._actions if a in x.option_strings))
     bl.add_argument("--rounds", type=int, default=5)
     bl.set_defaults(func=bank_latency, variant="memory_bank", set=[])
+    hl = sub.add_parser("heads_latency", help="latency of a bank-alone run's bundle against its graph with SSN's heads")
+    for a in ("--dataset", "--setting", "--variant", "--seed", "--set"):
+        hl._add_action(next(x for x in p._actions if a in x.option_strings))
+    hl.add_argument("--rounds", type=int, default=5)
+    hl.add_argument("--reuse-bundle", action="store_true", help="time the all-heads bundle an earlier run exported")
+    hl.set_defaults(func=heads_latency)
     t = sub.add_parser("table", help="write benchmarks/results/recipe.md from the records")
     t.set_defaults(func=table)
     args = parser.parse_args()

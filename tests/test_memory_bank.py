@@ -196,3 +196,69 @@ def test_export_equals_torch_and_int8_keeps_the_distances_float(bank_run, test_a
     assert matmul and all(i.get_element_type() == ov.Type.f32 for op in matmul for i in op.inputs())
     # SSN's map weighs 1 beside the bank: the export kept its segmentation head float by default, and says so
     assert bundle.metadata.models["int8"].quantization.float_map is True
+
+
+def bank_alone_checkpoint(bank_run, path, head_weight: float):
+    """bank_run's checkpoint with SSN's map weighing 0 and the score anchored to the map's top cells, its
+    classification head's fc set to head_weight everywhere (0: as score_anchor auto leaves it when it anchors)."""
+    import dataclasses
+
+    from ssn_edge.model.checkpoint import load_checkpoint, save_checkpoint
+
+    record = load_checkpoint(bank_run.checkpoint)
+    values = dict(record.recipe)
+    values["model"] = {**values["model"], "memory_bank_ssn_weight": 0.0, "score_anchor": "map_top", "anchor_top": 0.1}
+    heads = {k: torch.full_like(v, head_weight) if k.startswith("classification.fc.") else v
+             for k, v in record.heads.items()}
+    save_checkpoint(path, dataclasses.replace(record, recipe=values, heads=heads))
+    return path
+
+
+@pytest.mark.parametrize("head_weight", [0.0, 0.01])
+def test_a_bank_alone_model_skips_ssn_heads_and_gives_the_same_outputs(bank_run, test_arrays, tmp_path, monkeypatch,
+                                                                       head_weight):
+    from ssn_edge.model.load import load_model
+    from ssn_edge.model.ssn import SSNHeads
+
+    model = load_model(bank_alone_checkpoint(bank_run, tmp_path / "c.pt", head_weight)).model
+    assert model.heads.bank_alone() is (head_weight == 0.0)  # a head with a learned logit is still needed
+    adaptor_runs = []
+    model.heads.adaptor.register_forward_hook(lambda *_: adaptor_runs.append(1))
+    x = torch.from_numpy(test_arrays.images[:3])
+    with torch.no_grad():
+        skipped = model(x)
+        monkeypatch.setattr(SSNHeads, "bank_alone", lambda self: False)
+        full = model(x)
+    assert len(adaptor_runs) == (1 if head_weight == 0.0 else 2)
+    torch.testing.assert_close(skipped[0], full[0], atol=0, rtol=0)
+    torch.testing.assert_close(skipped[1], full[1], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_bank_alone_export_holds_no_ssn_heads_and_equals_torch(bank_run, test_arrays, tmp_path):
+    import openvino as ov
+
+    from ssn_edge.evaluation.evaluate import predict_raw
+    from ssn_edge.export.calibration import CalibrationSpec
+    from ssn_edge.export.exporter import ExportOptions, export_bundle
+    from ssn_edge.export.quantize import QuantizeOptions
+    from ssn_edge.model.load import load_model
+    from ssn_edge.runtime.postprocess import anomaly_map, sigmoid
+
+    ckpt = bank_alone_checkpoint(bank_run, tmp_path / "c.pt", 0.0)
+    bundle = export_bundle(ckpt, tmp_path / "b", ExportOptions(int8=True, calibration=CalibrationSpec(size=4)))
+    core = ov.Core()
+    for precision in ("fp32", "int8"):
+        names = [op.get_friendly_name() for op in core.read_model(bundle.path / f"model_{precision}.xml").get_ops()]
+        assert any(".memory_bank" in n for n in names)
+        assert not [n for n in names if any(f"heads.{m}" in n for m in ("adaptor", "segmentation", "classification"))]
+    compiled = core.compile_model(str(bundle.path / "model_fp32.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    maps, scores = predict_raw(load_model(ckpt).model, test_arrays.images[:4])
+    maps, scores = anomaly_map(maps, (64, 64)), sigmoid(scores)
+    for i, x in enumerate(test_arrays.images[:4]):
+        out = compiled(x[None])
+        np.testing.assert_allclose(out["anomaly_map"][0, 0], maps[i], atol=1e-3, rtol=0)
+        np.testing.assert_allclose(out["pred_score"], scores[i : i + 1], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="outputs are its memory bank's alone"):
+        export_bundle(ckpt, tmp_path / "f", ExportOptions(int8=True, quantize=QuantizeOptions(float_map=True)))
+    assert not (tmp_path / "f").exists()

@@ -274,6 +274,10 @@ def _load(checkpoint: Path, options: ExportOptions) -> LoadedModel:
             check_float_map(loaded.kind)
         except ValueError as exc:
             raise ValueError(f"{checkpoint}: {exc}") from None
+        if loaded.model.heads.bank_alone():
+            raise ValueError(f"{checkpoint}: --float-map keeps SSN's segmentation head in float, but this model's "
+                             "outputs are its memory bank's alone (SSN's map weighs 0, the score is the map's), so "
+                             "its graph has no segmentation head; export without --float-map")
     return loaded
 
 

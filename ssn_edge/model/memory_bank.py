@@ -50,11 +50,14 @@ class MemoryBank(nn.Module):
         d, _ = self.head(self.patches(features))
         return F.interpolate(d, size=features.shape[-2:], mode="bilinear", align_corners=False)
 
+    def bank_term(self, features: Tensor) -> Tensor:
+        """The nearest-bank distances standardised on the held-out normals: the sum's own term, and the whole map
+        where SSN's weighs 0."""
+        return (self.distances(features.float()) - self.bank_std[0]) / self.bank_std[1]
+
     def terms(self, features: Tensor, map_logits: Tensor) -> tuple[Tensor, Tensor]:
         """SSN's map and the nearest-bank distances, each standardised on the held-out normals: the sum's two terms."""
-        ssn = (map_logits.float() - self.map_std[0]) / self.map_std[1]
-        bank = (self.distances(features.float()) - self.bank_std[0]) / self.bank_std[1]
-        return ssn, bank
+        return (map_logits.float() - self.map_std[0]) / self.map_std[1], self.bank_term(features)
 
     def forward(self, features: Tensor, map_logits: Tensor) -> Tensor:
         ssn, bank = self.terms(features, map_logits)

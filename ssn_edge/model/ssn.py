@@ -352,11 +352,29 @@ class SSNHeads(nn.Module):
             score = score + anchor_score(cls_map, self.score_anchor, self.anchor_blur, self.anchor_top).to(score.dtype)
         return map_logits, score
 
+    def bank_alone(self) -> bool:
+        """Whether the outputs are the memory bank's alone: SSN's map weighs 0 in the map and the score is the map's
+        anchor with the head's logit zeroed (what score_anchor auto leaves when it chooses the map's score). The
+        adaptor and both heads would then only add zeros, at over half the graph's work outside the bank (5 GMAC of
+        classification head at 256 px), so they are not run, and the exported graph does not hold them."""
+        bank = self.memory_bank
+        if bank is None or bank.ssn_weight != 0 or self.score_anchor not in ANCHORS:
+            return False
+        fc = self.classification.fc
+        with warnings.catch_warnings():
+            # The export traces a trained model: its weights, and so this answer, are constants of the graph.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return not (bool(fc.weight.detach().any()) or (fc.bias is not None and bool(fc.bias.detach().any())))
+
     def forward(self, features: Tensor, gated: bool = True) -> tuple[Tensor, Tensor]:
         """The inference outputs; gated=False: the segmentation logits whatever model.map_gate says."""
-        adapted = self.adaptor(features)
-        cls_features = features if self.cls_input == "backbone" else adapted
-        map_logits, score = self.decide(adapted, cls_features, features=features)
+        if self.bank_alone():
+            map_logits = self.memory_bank.bank_term(features)
+            score = anchor_score(map_logits, self.score_anchor, self.anchor_blur, self.anchor_top)
+        else:
+            adapted = self.adaptor(features)
+            cls_features = features if self.cls_input == "backbone" else adapted
+            map_logits, score = self.decide(adapted, cls_features, features=features)
         if gated and self.map_gate == "score":
             map_logits = score_gated_map(map_logits, score)
         return map_logits, score
