@@ -426,7 +426,8 @@ def _int8_rows(records: list[dict]) -> list[str]:
     def key(r: dict) -> tuple:
         return r["setting"], r["dataset"], r["variant"], r.get("int8_variant") or "default", r["seed"]
 
-    fp32 = {key(r): r for r in records if r.get("runtime") == "openvino" and r.get("precision") == "fp32"}
+    fp32 = {key(r): r for r in records if r.get("runtime") == "openvino" and r.get("precision") == "fp32"
+            and not r.get("ratio_of")}  # a latency ratio's record names a precision too, not a measurement of it
     lines = []
     for r in sorted((r for r in records if r.get("runtime") == "openvino" and r.get("precision") in ("int8", "int8_acc")
                      and not r.get("ratio_of")), key=key):
