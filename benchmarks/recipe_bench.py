@@ -321,6 +321,13 @@ def _alternating(bundles: dict[str, tuple[Path, str]], rounds: int) -> dict[str,
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def _latency_base(args, recipe, variant: str, ms: dict[str, float]) -> dict:
+    """The fields every latency-ratio record of one run shares; details: each model's median ms."""
+    return {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
+            "variant": variant, "seed": args.seed, "runtime": "openvino", "command": command_line(),
+            "details": {k: round(v, 2) for k, v in ms.items()}}
+
+
 def bank_latency(args) -> None:
     """Batch-1 latency of a memory_bank run's bundle (INT8 and FP32) against the same seed's run without the bank
     (variant default), in one run: what the bank's distances cost."""
@@ -330,9 +337,7 @@ def bank_latency(args) -> None:
     plain = runs / f"{args.dataset}_{recipe.train.setting}_default_s{args.seed}" / "bundle_int8"
     ms = _alternating({"int8_bank": (bank, "int8"), "int8": (plain, "int8"), "fp32_bank": (bank, "fp32"),
                        "fp32": (plain, "fp32")}, args.rounds)
-    base = {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
-            "variant": "memory_bank", "seed": args.seed, "runtime": "openvino", "command": command_line(),
-            "details": {k: round(v, 2) for k, v in ms.items()}}
+    base = _latency_base(args, recipe, "memory_bank", ms)
     records = [{**base, "precision": p, "ratio_of": f"memory_bank_vs_default_{p}_latency",
                 "ratio": round(ms[f"{p}_bank"] / ms[p], 3)} for p in ("int8", "fp32")]
     record_results("recipe", records)
@@ -351,13 +356,9 @@ def latency(args) -> None:
     ms = _alternating({"int8": (plain, "int8"), "int8_float_map": (floated, "int8"), "fp32": (plain, "fp32")},
                       args.rounds)
     variant = f"{tag[1:]}_float_map" if tag else "float_map"
-    base = {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
-            "variant": args.variant, "seed": args.seed, "runtime": "openvino", "precision": "int8",
-            "int8_variant": variant, "command": command_line()}
-    records = [{**base, "ratio_of": "float_map_vs_default_int8_latency", "ratio": round(ms["int8_float_map"] / ms["int8"], 3),
-                "details": {k: round(v, 2) for k, v in ms.items()}},
-               {**base, "ratio_of": "float_map_int8_vs_fp32_latency", "ratio": round(ms["int8_float_map"] / ms["fp32"], 3),
-                "details": {k: round(v, 2) for k, v in ms.items()}}]
+    base = {**_latency_base(args, recipe, args.variant, ms), "precision": "int8", "int8_variant": variant}
+    records = [{**base, "ratio_of": "float_map_vs_default_int8_latency", "ratio": round(ms["int8_float_map"] / ms["int8"], 3)},
+               {**base, "ratio_of": "float_map_int8_vs_fp32_latency", "ratio": round(ms["int8_float_map"] / ms["fp32"], 3)}]
     record_results("recipe", records)
     print(records)
 
@@ -381,9 +382,7 @@ def heads_latency(args) -> None:
             SSNHeads.bank_alone = bank_alone  # type: ignore[method-assign]
     ms = _alternating({f"{p}{tag}": (path, p) for p in ("int8", "fp32")
                        for tag, path in (("", skipped), ("_all_heads", kept))}, args.rounds)
-    base = {"model": "ssn", "dataset": args.dataset, "backbone": recipe.model.backbone, "setting": recipe.train.setting,
-            "variant": args.variant, "seed": args.seed, "runtime": "openvino", "command": command_line(),
-            "details": {k: round(v, 2) for k, v in ms.items()}}
+    base = _latency_base(args, recipe, args.variant, ms)
     records = [{**base, "precision": p, "ratio_of": f"bank_alone_vs_all_heads_{p}_latency",
                 "ratio": round(ms[p] / ms[f"{p}_all_heads"], 3)} for p in ("int8", "fp32")]
     record_results("recipe", records)
